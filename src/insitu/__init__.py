@@ -1,0 +1,1 @@
+"""insitu: federated learning for PyTorch."""
