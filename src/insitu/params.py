@@ -1,0 +1,161 @@
+"""Parameters: the named, ordered arrays a federation exchanges.
+
+Aggregators work on one flat float32 vector; only the edges (clients, model I/O) know about
+``nn.Module``. Each array keeps its own dtype and shape, so a round trip through a module is exact
+(integer buffers such as BatchNorm's ``num_batches_tracked`` included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Name, shape and dtype of one array: what a peer must send back for the same slot."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class Parameters:
+    """An ordered list of named numpy arrays with a flat float32 view.
+
+    Build one with :meth:`from_module`, :meth:`from_state_dict`, :meth:`from_arrays` or
+    :meth:`from_flat`; write it back with :meth:`to_module`.
+    """
+
+    __slots__ = ("_names", "_arrays")
+
+    def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+        if len(names) != len(arrays):
+            raise ValueError(f"Parameters: {len(names)} names but {len(arrays)} arrays")
+        if len(set(names)) != len(names):
+            raise ValueError("Parameters: names must be unique")
+        self._names = tuple(names)
+        self._arrays = tuple(np.asarray(a) for a in arrays)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> Parameters:
+        """Copy a torch state_dict (parameters and buffers) into numpy arrays."""
+        names = list(state.keys())
+        arrays = [t.detach().cpu().numpy().copy() for t in state.values()]
+        return cls(names, arrays)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> Parameters:
+        """Snapshot every parameter and buffer of ``module`` (its full state_dict)."""
+        return cls.from_state_dict(module.state_dict())
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> Parameters:
+        """From a name->array mapping, or a plain list (named ``"0"``, ``"1"``, ...)."""
+        if isinstance(arrays, Mapping):
+            return cls(list(arrays.keys()), list(arrays.values()))
+        return cls([str(i) for i in range(len(arrays))], list(arrays))
+
+    @classmethod
+    def from_flat(cls, vector: np.ndarray | torch.Tensor, specs: Sequence[ParamSpec]) -> Parameters:
+        """Cut a flat vector back into arrays of ``specs``' shapes, cast to their dtypes."""
+        if isinstance(vector, torch.Tensor):
+            vector = vector.detach().cpu().numpy()
+        vector = np.asarray(vector).reshape(-1)
+        total = sum(s.size for s in specs)
+        if vector.size != total:
+            raise ValueError(f"flat vector has {vector.size} values, specs need {total}")
+        arrays, offset = [], 0
+        for spec in specs:
+            chunk = vector[offset : offset + spec.size].reshape(spec.shape)
+            if np.issubdtype(spec.dtype, np.integer):
+                chunk = np.rint(chunk)
+            arrays.append(chunk.astype(spec.dtype, copy=True))
+            offset += spec.size
+        return cls([s.name for s in specs], arrays)
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self._arrays
+
+    @property
+    def specs(self) -> tuple[ParamSpec, ...]:
+        return tuple(ParamSpec(n, tuple(a.shape), a.dtype) for n, a in zip(self._names, self._arrays))
+
+    @property
+    def num_values(self) -> int:
+        return sum(int(a.size) for a in self._arrays)
+
+    def flat(self) -> np.ndarray:
+        """All arrays concatenated into one new float32 vector (the aggregators' currency)."""
+        out = np.empty(self.num_values, dtype=np.float32)
+        offset = 0
+        for a in self._arrays:
+            out[offset : offset + a.size] = a.reshape(-1)
+            offset += a.size
+        return out
+
+    def to_state_dict(self) -> dict[str, torch.Tensor]:
+        """Fresh tensors (one copy), usable with ``load_state_dict`` or ``torch.save``."""
+        return {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(self._names, self._arrays)}
+
+    def to_module(self, module: nn.Module) -> None:
+        """Copy values into ``module`` in place; names, shapes and dtypes must match exactly."""
+        state = module.state_dict()
+        expected = [ParamSpec(k, tuple(v.shape), _np_dtype(v.dtype)) for k, v in state.items()]
+        problem = describe_mismatch(self.specs, expected)
+        if problem:
+            raise IncompatibleParametersError(f"cannot load into {type(module).__name__}: {problem}")
+        with torch.no_grad():
+            for name, array in zip(self._names, self._arrays):
+                state[name].copy_(torch.from_numpy(array))
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(zip(self._names, self._arrays))
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Parameters):
+            return NotImplemented
+        return self.specs == other.specs and all(np.array_equal(a, b) for a, b in zip(self._arrays, other._arrays))
+
+    def __repr__(self) -> str:
+        return f"Parameters({len(self)} arrays, {self.num_values} values)"
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+class IncompatibleParametersError(ValueError):
+    """A set of arrays does not match the expected names, shapes or dtypes."""
+
+
+def describe_mismatch(got: Sequence[ParamSpec], expected: Sequence[ParamSpec]) -> str | None:
+    """Say in words how ``got`` differs from ``expected`` (first difference), or None if equal."""
+    if len(got) != len(expected):
+        return f"{len(got)} arrays where {len(expected)} were expected"
+    for g, e in zip(got, expected):
+        if g.name != e.name:
+            return f"array named {g.name!r} where {e.name!r} was expected"
+        if g.shape != e.shape:
+            return f"array {e.name!r} has shape {g.shape}, expected {e.shape}"
+        if np.dtype(g.dtype) != np.dtype(e.dtype):
+            return f"array {e.name!r} has dtype {np.dtype(g.dtype)}, expected {np.dtype(e.dtype)}"
+    return None

@@ -1,0 +1,200 @@
+"""The round loop: one transport-agnostic coordinator for every engine.
+
+Each round: wait for enough clients, let the strategy pick some and their config, stream their
+results through validation into the strategy's aggregation, evaluate, record. Bad results are
+rejected and logged by client; a round with too few usable results fails on its own (recorded,
+global model unchanged) without stopping the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from insitu.client.api import EvalResult, FitResult
+from insitu.engines.base import ClientPool, Task
+from insitu.params import Parameters
+from insitu.run.history import Evaluation, History, RoundRecord
+from insitu.run.validation import check_eval_result, check_fit_result
+from insitu.strategies.strategy import Strategy
+
+log = logging.getLogger("insitu")
+
+RoundCallback = Callable[[RoundRecord, Parameters, Any], None]
+
+
+@dataclass
+class RunResult:
+    """Final global parameters, the server optimizer's state and the per-round history."""
+
+    parameters: Parameters
+    history: History
+    optimizer_state: Any = None
+
+
+def client_seed(seed: int, server_round: int, client_id: str) -> int:
+    """A 31-bit seed for one client in one round, stable across engines and processes."""
+    entropy = [seed, server_round, zlib.crc32(client_id.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class Coordinator:
+    """Drives ``num_rounds`` rounds of ``strategy`` over ``pool``.
+
+    ``start_round``/``history``/``optimizer_state`` let a restarted server continue a run;
+    ``on_round`` is called after every round (persistence, progress output).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        pool: ClientPool,
+        *,
+        num_rounds: int,
+        seed: int = 0,
+        wait_timeout: float | None = None,
+        on_round: RoundCallback | None = None,
+        evaluate_initial: bool = True,
+    ) -> None:
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        self.strategy = strategy
+        self.pool = pool
+        self.num_rounds = num_rounds
+        self.seed = seed
+        self.wait_timeout = wait_timeout
+        self.on_round = on_round
+        self.evaluate_initial = evaluate_initial
+
+    def run(
+        self,
+        parameters: Parameters,
+        *,
+        start_round: int = 1,
+        history: History | None = None,
+        optimizer_state: Any = None,
+    ) -> RunResult:
+        history = history if history is not None else History()
+        if optimizer_state is None:
+            optimizer_state = self.strategy.init_optimizer(parameters)
+        if start_round == 1 and self.evaluate_initial and history.initial is None:
+            central = self.strategy.evaluate(0, parameters)
+            if central is not None:
+                history.initial = Evaluation(central[0], dict(central[1]))
+        for server_round in range(start_round, self.num_rounds + 1):
+            record, parameters, optimizer_state = self.run_round(server_round, parameters, optimizer_state)
+            history.rounds.append(record)
+            if self.on_round is not None:
+                self.on_round(record, parameters, optimizer_state)
+        return RunResult(parameters, history, optimizer_state)
+
+    # -- one round ---------------------------------------------------------------------------
+    def run_round(self, server_round: int, parameters: Parameters, optimizer_state: Any) -> tuple[RoundRecord, Parameters, Any]:
+        strategy = self.strategy
+        record = RoundRecord(round=server_round)
+        started = time.perf_counter()
+        available = self.pool.wait_for(strategy.min_available_clients, self.wait_timeout)
+        rng = np.random.default_rng([self.seed, server_round])
+        record.selected = strategy.sample_fit(available, rng)
+        base_config = strategy.fit_config_for(server_round)
+        tasks = [self._task(cid, server_round, base_config) for cid in record.selected]
+
+        outcome = strategy.aggregate_fit(
+            parameters, optimizer_state, self._accepted_fit(server_round, parameters, tasks, record)
+        )
+        record.timings["fit_s"] = time.perf_counter() - started
+        record.num_results = outcome.num_results
+        if outcome.num_results < strategy.min_fit_clients or outcome.parameters is None:
+            record.status = "failed"
+            record.error = (
+                f"round {server_round}: only {outcome.num_results} usable results of {len(tasks)} "
+                f"(min_fit_clients={strategy.min_fit_clients}); global model left unchanged"
+                + _failure_summary(record)
+            )
+            log.error(record.error)
+        else:
+            parameters, optimizer_state = outcome.parameters, outcome.optimizer_state
+            record.fit_metrics = outcome.metrics
+
+        eval_started = time.perf_counter()
+        self._evaluate(server_round, parameters, available, record)
+        record.timings["evaluate_s"] = time.perf_counter() - eval_started
+        record.timings["total_s"] = time.perf_counter() - started
+        return record, parameters, optimizer_state
+
+    def _task(self, client_id: str, server_round: int, base_config: dict[str, Any]) -> Task:
+        config = dict(base_config)
+        config.setdefault("round", server_round)
+        config.setdefault("seed", client_seed(self.seed, server_round, client_id))
+        return Task(client_id, config)
+
+    def _accepted_fit(
+        self, server_round: int, parameters: Parameters, tasks: list[Task], record: RoundRecord
+    ) -> Iterator[tuple[str, FitResult]]:
+        """Validated results, streamed to the aggregator as they arrive; rejections are recorded."""
+        expected = parameters.specs
+        for client_id, result in self.pool.fit(parameters, tasks):
+            if isinstance(result, BaseException):
+                reason = f"fit failed: {type(result).__name__}: {result}"
+            else:
+                reason = check_fit_result(result, expected)
+            if reason is not None:
+                self._reject(server_round, client_id, "fit", reason, record)
+                continue
+            assert isinstance(result, FitResult)
+            record.clients[client_id] = {"num_examples": result.num_examples, **_numeric(result.metrics)}
+            yield client_id, result
+
+    def _evaluate(self, server_round: int, parameters: Parameters, available: list[str], record: RoundRecord) -> None:
+        strategy = self.strategy
+        rng = np.random.default_rng([self.seed, server_round, 1])
+        chosen = strategy.sample_evaluate(available, rng)
+        if chosen:
+            base_config = strategy.evaluate_config_for(server_round)
+            tasks = [self._task(cid, server_round, base_config) for cid in chosen]
+            results: list[tuple[str, EvalResult]] = []
+            for client_id, result in self.pool.evaluate(parameters, tasks):
+                if isinstance(result, BaseException):
+                    reason = f"evaluate failed: {type(result).__name__}: {result}"
+                else:
+                    reason = check_eval_result(result)
+                if reason is not None:
+                    self._reject(server_round, client_id, "evaluate", reason, record)
+                    continue
+                assert isinstance(result, EvalResult)
+                results.append((client_id, result))
+                if result.num_examples > 0:
+                    entry = record.clients.setdefault(client_id, {})
+                    entry["eval_loss"] = float(result.loss)
+                    entry["eval_examples"] = result.num_examples
+                    entry.update({f"eval_{k}": v for k, v in _numeric(result.metrics).items()})
+            loss, metrics = strategy.aggregate_evaluate(results)
+            if loss is not None:
+                examples = sum(r.num_examples for _, r in results)
+                record.federated = Evaluation(loss, metrics, examples)
+        central = strategy.evaluate(server_round, parameters)
+        if central is not None:
+            record.centralized = Evaluation(float(central[0]), dict(central[1]))
+
+    @staticmethod
+    def _reject(server_round: int, client_id: str, stage: str, reason: str, record: RoundRecord) -> None:
+        log.warning("round %d: rejected %s result from client %s: %s", server_round, stage, client_id, reason)
+        record.failures.append({"client": client_id, "stage": stage, "reason": reason})
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
+def _failure_summary(record: RoundRecord) -> str:
+    if not record.failures:
+        return ""
+    shown = "; ".join(f"client {f['client']}: {f['reason']}" for f in record.failures[:3])
+    more = f" (+{len(record.failures) - 3} more)" if len(record.failures) > 3 else ""
+    return f". Rejected: {shown}{more}"

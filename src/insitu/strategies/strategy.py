@@ -1,0 +1,153 @@
+"""Strategy: the server side of a federated algorithm, built by composition.
+
+A strategy picks clients, says what config they get, and folds their results into new global
+parameters through a reducer and a server optimizer. It does no I/O and owns no loop, so the same
+strategy runs in simulation and in deployment. Variants are factory functions (``fedavg``,
+``fedsgd``), not subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
+from insitu.client.api import Config, EvalResult, FitResult, Metrics
+from insitu.params import Parameters
+from insitu.strategies.server_optimizers import ServerOptimizer, sgd
+
+ConfigSource = Union[Config, Callable[[int], Config]]
+CentralEvaluator = Callable[[int, Parameters], tuple[float, Metrics]]
+
+
+@dataclass
+class Aggregate:
+    """The outcome of folding one round's results: new parameters (None if none arrived)."""
+
+    parameters: Parameters | None
+    optimizer_state: Any
+    metrics: Metrics
+    num_results: int
+
+
+@dataclass
+class Strategy:
+    """Client sampling + reducer + server optimizer + per-round configs (see ``fedavg``)."""
+
+    name: str = "fedavg"
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 2
+    min_available_clients: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_clients: int = 1
+    reducer: Reducer = field(default_factory=weighted_mean)
+    server_optimizer: ServerOptimizer = field(default_factory=sgd)
+    fit_config: ConfigSource = field(default_factory=dict)
+    evaluate_config: ConfigSource = field(default_factory=dict)
+    evaluate_fn: CentralEvaluator | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction_fit <= 1.0:
+            raise ValueError(f"fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if self.min_fit_clients < 1 or self.min_evaluate_clients < 0:
+            raise ValueError("min_fit_clients must be >= 1 and min_evaluate_clients >= 0")
+        if self.min_available_clients < self.min_fit_clients:
+            raise ValueError(
+                f"min_available_clients ({self.min_available_clients}) must be >= min_fit_clients "
+                f"({self.min_fit_clients}): a round can never start otherwise"
+            )
+
+    # -- selection and configs --------------------------------------------------------------
+    def num_fit_clients(self, num_available: int) -> int:
+        """max(fraction_fit x available, min_fit_clients), capped at what is available."""
+        wanted = max(math.ceil(self.fraction_fit * num_available - 1e-9), self.min_fit_clients)
+        return min(wanted, num_available)
+
+    def num_evaluate_clients(self, num_available: int) -> int:
+        if self.fraction_evaluate == 0.0:
+            return 0
+        wanted = max(math.ceil(self.fraction_evaluate * num_available - 1e-9), self.min_evaluate_clients)
+        return min(wanted, num_available)
+
+    def sample_fit(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        return _sample(available, self.num_fit_clients(len(available)), rng)
+
+    def sample_evaluate(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        return _sample(available, self.num_evaluate_clients(len(available)), rng)
+
+    def fit_config_for(self, server_round: int) -> Config:
+        return _resolve(self.fit_config, server_round)
+
+    def evaluate_config_for(self, server_round: int) -> Config:
+        return _resolve(self.evaluate_config, server_round)
+
+    # -- aggregation -------------------------------------------------------------------------
+    def init_optimizer(self, parameters: Parameters) -> Any:
+        return self.server_optimizer.init(parameters.flat())
+
+    def aggregate_fit(
+        self, parameters: Parameters, optimizer_state: Any, results: Iterable[tuple[str, FitResult]]
+    ) -> Aggregate:
+        """Fold results one by one (streaming) into new global parameters."""
+        global_flat = parameters.flat()
+        acc = self.reducer.start(global_flat.size)
+        metric_entries: list[tuple[int, Metrics]] = []
+        for _cid, result in results:
+            acc = self.reducer.add(acc, result.parameters.flat() - global_flat, result.num_examples)
+            metric_entries.append((result.num_examples, result.metrics))
+        if not metric_entries:
+            return Aggregate(None, optimizer_state, {}, 0)
+        delta = self.reducer.finish(acc)
+        new_flat, optimizer_state = self.server_optimizer.update(global_flat, delta, optimizer_state)
+        new_params = Parameters.from_flat(new_flat, parameters.specs)
+        return Aggregate(new_params, optimizer_state, weighted_average_metrics(metric_entries), len(metric_entries))
+
+    def aggregate_evaluate(self, results: Sequence[tuple[str, EvalResult]]) -> tuple[float | None, Metrics]:
+        """Example-weighted mean loss and metrics; clients with no examples are left out."""
+        usable = [r for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
+        if not usable:
+            return None, {}
+        total = sum(r.num_examples for r in usable)
+        loss = sum(r.loss * r.num_examples for r in usable) / total
+        return loss, weighted_average_metrics([(r.num_examples, r.metrics) for r in usable])
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, Metrics] | None:
+        """Centralized evaluation on a server-side set, if an ``evaluate_fn`` was given."""
+        return None if self.evaluate_fn is None else self.evaluate_fn(server_round, parameters)
+
+
+def _sample(available: Sequence[str], k: int, rng: np.random.Generator) -> list[str]:
+    if k >= len(available):
+        return list(available)
+    chosen = rng.choice(len(available), size=k, replace=False)
+    return [available[i] for i in sorted(chosen)]
+
+
+def _resolve(source: ConfigSource, server_round: int) -> Config:
+    return dict(source(server_round)) if callable(source) else dict(source)
+
+
+def fedavg(**kwargs: Any) -> Strategy:
+    """FedAvg (McMahan et al. 2017): example-weighted average of the clients' models."""
+    kwargs.setdefault("name", "fedavg")
+    return Strategy(**kwargs)
+
+
+def fedsgd(**kwargs: Any) -> Strategy:
+    """FedSGD: each client takes one full-batch gradient step; averaging the models then equals one
+    SGD step on the example-weighted average gradient. Extra fit config keys may be given."""
+    base = kwargs.pop("fit_config", {})
+
+    def config(server_round: int) -> Config:
+        cfg = _resolve(base, server_round)
+        cfg.update(local_epochs=1, batch_size=0)
+        return cfg
+
+    kwargs.setdefault("name", "fedsgd")
+    return Strategy(fit_config=config, **kwargs)
