@@ -149,6 +149,7 @@ class TorchClient:
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.detach())
+        optimizer.zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
         return n, float(torch.stack(losses).mean())
 
 
