@@ -32,26 +32,39 @@ class Parameters:
     """An ordered list of named numpy arrays with a flat float32 view.
 
     Build one with :meth:`from_module`, :meth:`from_state_dict`, :meth:`from_arrays` or
-    :meth:`from_flat`; write it back with :meth:`to_module`.
+    :meth:`from_flat`; write it back with :meth:`to_module`. A Parameters value is treated as
+    immutable: its flat view is computed once (or is the very buffer the arrays live in) and shared,
+    so neither the arrays nor ``flat()`` may be modified in place.
     """
 
-    __slots__ = ("_names", "_arrays")
+    __slots__ = ("_names", "_arrays", "_flat")
 
-    def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+    def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray], _flat: np.ndarray | None = None) -> None:
         if len(names) != len(arrays):
             raise ValueError(f"Parameters: {len(names)} names but {len(arrays)} arrays")
         if len(set(names)) != len(names):
             raise ValueError("Parameters: names must be unique")
         self._names = tuple(names)
         self._arrays = tuple(np.asarray(a) for a in arrays)
+        self._flat = _flat
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> Parameters:
         """Copy a torch state_dict (parameters and buffers) into numpy arrays."""
         names = list(state.keys())
-        arrays = [t.detach().cpu().numpy().copy() for t in state.values()]
-        return cls(names, arrays)
+        tensors = [t.detach() for t in state.values()]
+        if all(t.dtype == torch.float32 for t in tensors):
+            # One copy into one buffer; the arrays are views of it, so flat() costs nothing.
+            flat = np.empty(sum(t.numel() for t in tensors), dtype=np.float32)
+            arrays, offset = [], 0
+            for t in tensors:
+                view = flat[offset : offset + t.numel()].reshape(tuple(t.shape))
+                torch.from_numpy(view).copy_(t)
+                arrays.append(view)
+                offset += t.numel()
+            return cls(names, arrays, _flat=flat)
+        return cls(names, [t.cpu().numpy().copy() for t in tensors])
 
     @classmethod
     def from_module(cls, module: nn.Module) -> Parameters:
@@ -74,6 +87,13 @@ class Parameters:
         total = sum(s.size for s in specs)
         if vector.size != total:
             raise ValueError(f"flat vector has {vector.size} values, specs need {total}")
+        if all(np.dtype(s.dtype) == np.float32 for s in specs):
+            flat = vector.astype(np.float32, copy=True)
+            views, offset = [], 0
+            for spec in specs:
+                views.append(flat[offset : offset + spec.size].reshape(spec.shape))
+                offset += spec.size
+            return cls([s.name for s in specs], views, _flat=flat)
         arrays, offset = [], 0
         for spec in specs:
             chunk = vector[offset : offset + spec.size].reshape(spec.shape)
@@ -101,13 +121,15 @@ class Parameters:
         return sum(int(a.size) for a in self._arrays)
 
     def flat(self) -> np.ndarray:
-        """All arrays concatenated into one new float32 vector (the aggregators' currency)."""
-        out = np.empty(self.num_values, dtype=np.float32)
-        offset = 0
-        for a in self._arrays:
-            out[offset : offset + a.size] = a.reshape(-1)
-            offset += a.size
-        return out
+        """All arrays as one float32 vector (the aggregators' currency). Shared: do not modify."""
+        if self._flat is None:
+            out = np.empty(self.num_values, dtype=np.float32)
+            offset = 0
+            for a in self._arrays:
+                out[offset : offset + a.size] = a.reshape(-1)
+                offset += a.size
+            self._flat = out
+        return self._flat
 
     def to_state_dict(self) -> dict[str, torch.Tensor]:
         """Fresh tensors (one copy), usable with ``load_state_dict`` or ``torch.save``."""

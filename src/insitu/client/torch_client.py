@@ -7,6 +7,7 @@ share one model object; each call loads the global parameters into it first.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -115,10 +116,7 @@ class TorchClient:
         return self.loss_fn if self.loss_fn is not None else LOSSES[settings.loss]()
 
     def _optimizer(self, settings: TrainSettings) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if settings.optimizer == "adam":
-            return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        return fresh_optimizer(self.model, settings)
 
     def _train(self, settings: TrainSettings, seed: int) -> tuple[int, float]:
         """Run the local epochs; returns (examples in the local dataset, mean training loss)."""
@@ -151,6 +149,36 @@ class TorchClient:
                 losses.append(loss.detach())
         optimizer.zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
         return n, float(torch.stack(losses).mean())
+
+
+_OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()
+
+
+def fresh_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """An optimizer for ``model`` with no state (as if new), reused across calls on the same model.
+
+    Building a torch optimizer costs far more than a small client's training step, and virtual
+    clients share one model, so the engine keeps one optimizer per model and resets it per fit.
+    """
+    kind = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.SGD
+    hyper: dict[str, Any] = {"lr": settings.lr, "weight_decay": settings.weight_decay}
+    if kind is torch.optim.SGD:
+        hyper["momentum"] = settings.momentum
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _OPTIMIZERS.get(model)
+    if (
+        optimizer is None
+        or type(optimizer) is not kind
+        or len(optimizer.param_groups) != 1
+        or len(optimizer.param_groups[0]["params"]) != len(params)
+        or any(a is not b for a, b in zip(optimizer.param_groups[0]["params"], params))
+    ):
+        optimizer = kind(params, **hyper)
+        _OPTIMIZERS[model] = optimizer
+        return optimizer
+    optimizer.state.clear()
+    optimizer.param_groups[0].update(hyper)
+    return optimizer
 
 
 def _as_index(indices: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:

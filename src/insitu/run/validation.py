@@ -23,9 +23,10 @@ def check_fit_result(result: object, expected: Sequence[ParamSpec]) -> str | Non
     problem = describe_mismatch(result.parameters.specs, expected)
     if problem:
         return f"parameters do not match the global model: {problem}"
-    for name, array in result.parameters:
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            return f"array {name!r} contains NaN or Inf"
+    if not np.isfinite(result.parameters.flat()).all():  # one pass; name the array only on failure
+        for name, array in result.parameters:
+            if not np.isfinite(array.astype(np.float32)).all():
+                return f"array {name!r} contains NaN or Inf" + ("" if np.issubdtype(array.dtype, np.floating) else " as float32")
     return None
 
 

@@ -96,14 +96,20 @@ class Strategy:
     ) -> Aggregate:
         """Fold results one by one (streaming) into new global parameters."""
         global_flat = parameters.flat()
+        # A shift-equivariant reducer (the mean) takes the client models as they are and the delta
+        # is formed once at the end, instead of one subtraction per client.
+        on_models = getattr(self.reducer, "shift_equivariant", False)
         acc = self.reducer.start(global_flat.size)
         metric_entries: list[tuple[int, Metrics]] = []
         for _cid, result in results:
-            acc = self.reducer.add(acc, result.parameters.flat() - global_flat, result.num_examples)
+            update = result.parameters.flat() if on_models else result.parameters.flat() - global_flat
+            acc = self.reducer.add(acc, update, result.num_examples)
             metric_entries.append((result.num_examples, result.metrics))
         if not metric_entries:
             return Aggregate(None, optimizer_state, {}, 0)
         delta = self.reducer.finish(acc)
+        if on_models:
+            delta = delta - global_flat
         new_flat, optimizer_state = self.server_optimizer.update(global_flat, delta, optimizer_state)
         new_params = Parameters.from_flat(new_flat, parameters.specs)
         return Aggregate(new_params, optimizer_state, weighted_average_metrics(metric_entries), len(metric_entries))

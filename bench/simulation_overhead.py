@@ -1,0 +1,125 @@
+"""Benchmark (not a test): insitu's simulation time over the plain-PyTorch compute floor.
+
+FedAvg on MNIST, 100 clients (Dirichlet alpha 0.5), 10 sampled per round, 1 local epoch, batch 32,
+for the 2NN and the SimpleCNN. The floor runs exactly the same SGD steps (same clients, same
+shuffles, same batches) in one hand-written PyTorch loop with no federation machinery: no
+parameter loading, no results, no aggregation. Both run in this process, interleaved, several
+times; the ratio of medians is printed. Evaluation is off in both, since the floor has none.
+
+    python bench/simulation_overhead.py --data-dir ../shared/data/mnist [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from insitu.engines import InProcessPool
+from insitu.run import Coordinator, client_seed
+from insitu.simulation import SimulationConfig, build_experiment
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+def floor_round(experiment, optimizer, parts, server_round: int, chosen: list[str], seed: int) -> None:
+    """The same SGD steps as one federated round, in a plain loop over one model."""
+    cfg, model = experiment.config, experiment.model
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = experiment.train.x, experiment.train.y
+    model.train()
+    for cid in chosen:
+        index = parts[int(cid)]
+        generator = torch.Generator().manual_seed(client_seed(seed, server_round, cid))
+        order = index[torch.randperm(len(index), generator=generator)]
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x.index_select(0, rows)), y.index_select(0, rows))
+            loss.backward()
+            optimizer.step()
+
+
+def interleaved_run(experiment, rounds: int, seed: int) -> tuple[float, float, int]:
+    """Alternate one insitu round and the floor's same round, so machine noise hits both alike.
+
+    Returns (insitu seconds, floor seconds, SGD steps). insitu's side is the real thing: the round
+    loop, the in-process pool, TorchClient, validation and streaming FedAvg.
+    """
+    experiment.strategy.evaluate_fn = None
+    pool = InProcessPool(experiment.client_fn, experiment.config.num_clients)
+    coordinator = Coordinator(experiment.strategy, pool, num_rounds=rounds, seed=seed, evaluate_initial=False)
+    parameters, state = experiment.initial_parameters, None
+    state = experiment.strategy.init_optimizer(parameters)
+    floor_model = experiment.model
+    floor_optimizer_params = None
+    ours = floor = 0.0
+    steps = 0
+    parts = [torch.as_tensor(p) for p in experiment.train_parts]
+    floor_state = None
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+        record, parameters, state = coordinator.run_round(server_round, parameters, state)
+        ours += time.perf_counter() - started
+        # the floor keeps its own weights between rounds (it never averages): save/restore them
+        insitu_state = {k: v.clone() for k, v in floor_model.state_dict().items()}
+        if floor_state is None:
+            experiment.initial_parameters.to_module(floor_model)
+            floor_optimizer_params = torch.optim.SGD(floor_model.parameters(), lr=experiment.config.lr)
+        else:
+            floor_model.load_state_dict(floor_state)
+        started = time.perf_counter()
+        floor_round(experiment, floor_optimizer_params, parts, server_round, record.selected, seed)
+        floor += time.perf_counter() - started
+        floor_state = {k: v.clone() for k, v in floor_model.state_dict().items()}
+        floor_model.load_state_dict(insitu_state)
+        steps += sum(-(-len(experiment.train_parts[int(c)]) // experiment.config.batch_size) for c in record.selected)
+    return ours, floor, steps
+
+
+def bench_model(model: str, data_dir: str, rounds: int, repeats: int, seed: int) -> float:
+    config = SimulationConfig(dataset="mnist", data_dir=data_dir, model=model, num_clients=100,
+                              partition="dirichlet", alpha=0.5, fraction_fit=0.1, min_fit_clients=1,
+                              fraction_evaluate=0.0, rounds=rounds, local_epochs=1, batch_size=32, lr=0.01,
+                              seed=seed)
+    experiment = build_experiment(config)
+    interleaved_run(experiment, 1, seed)  # warm-up (allocator, kernels)
+    ours, floor = [], []
+    for _ in range(repeats):
+        a, b, steps = interleaved_run(experiment, rounds, seed)
+        ours.append(a)
+        floor.append(b)
+    per_repeat = [a / b for a, b in zip(ours, floor)]
+    ratio = statistics.median(per_repeat)
+    print(f"{model:>10}: {rounds} rounds x 10 clients, {steps} SGD steps per repeat | insitu {statistics.median(ours):.3f} s "
+          f"| floor {statistics.median(floor):.3f} s (medians) | insitu/floor median {ratio:.3f} "
+          f"(per repeat: {', '.join(f'{r:.3f}' for r in per_repeat)}; ratio of sums {sum(ours) / sum(floor):.3f})")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds-2nn", type=int, default=20)
+    parser.add_argument("--rounds-cnn", type=int, default=3)
+    parser.add_argument("--models", default="2nn,simple-cnn")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}")
+    target = 1.05
+    for model in args.models.split(","):
+        rounds = args.rounds_2nn if model == "2nn" else args.rounds_cnn
+        ratio = bench_model(model, args.data_dir, rounds, args.repeats, args.seed)
+        print(f"{'':>10}  target <= {target}: {'met' if ratio <= target else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
