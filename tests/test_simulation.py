@@ -57,3 +57,25 @@ def test_impossible_settings_fail_before_training(changes, error, message):
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match="unknown setting.*colour"):
         SimulationConfig.from_dict({"colour": "red"})
+
+
+def test_virtual_clients_are_not_kept_alive_between_calls():
+    import gc
+
+    from insitu.client.torch_client import TorchClient
+
+    built = []
+    experiment = build_experiment(SimulationConfig(**{**SMALL, "num_clients": 1000, "fraction_fit": 0.01, "rounds": 2}))
+    base_fn = experiment.client_fn
+
+    def counting_fn(cid):
+        built.append(cid)
+        return base_fn(cid)
+
+    from insitu.simulation import simulate
+
+    simulate(counting_fn, num_clients=1000, strategy=experiment.strategy, num_rounds=2,
+             initial_parameters=experiment.initial_parameters, seed=0)
+    assert len(built) == 20  # only the sampled clients were ever built
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, TorchClient)]
