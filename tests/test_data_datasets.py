@@ -316,7 +316,9 @@ def test_labels_numpy_and_validation() -> None:
         TensorDataset(x=torch.zeros(4, 2), y=torch.zeros(5, dtype=torch.int64), num_classes=2, name="bad")
     with pytest.raises(TypeError, match="int64"):
         TensorDataset(x=torch.zeros(5, 2), y=torch.zeros(5, dtype=torch.int32), num_classes=2, name="bad")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ds.name = "renamed"  # frozen
 
 

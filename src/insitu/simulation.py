@@ -7,8 +7,6 @@ settings, which is what the CLI and the benchmarks use.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,6 @@ from insitu.params import Parameters
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.strategies import STRATEGY_NAMES, Strategy, fedavg, fedsgd
 from insitu.strategies.strategy import CentralEvaluator
-
-log = logging.getLogger("insitu")
-
 
 def simulate(
     client_fn: ClientFn,
@@ -163,16 +158,12 @@ def build_experiment(config: SimulationConfig) -> Experiment:
                       Parameters.from_module(model))
 
 
-def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = None,
-                   pool_wrapper: Callable[[ClientPool], ClientPool] | None = None) -> tuple[Experiment, RunResult]:
-    """Build and run an experiment; ``pool_wrapper`` may decorate the pool (e.g. progress bars)."""
+def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = None) -> tuple[Experiment, RunResult]:
+    """Build and run an experiment; the final global parameters are left in ``experiment.model``."""
     experiment = build_experiment(config)
-    pool: ClientPool = InProcessPool(experiment.client_fn, config.num_clients)
-    if pool_wrapper is not None:
-        pool = pool_wrapper(pool)
     result = simulate(experiment.client_fn, num_clients=config.num_clients, strategy=experiment.strategy,
                       num_rounds=config.rounds, initial_parameters=experiment.initial_parameters,
-                      seed=config.seed, on_round=on_round, pool=pool)
+                      seed=config.seed, on_round=on_round)
     result.parameters.to_module(experiment.model)
     return experiment, result
 
