@@ -146,16 +146,21 @@ def build_experiment(config: SimulationConfig) -> Experiment:
         return TorchClient(model, train, test if test_parts else None, train_indices=train_parts[i],
                            test_indices=test_parts[i] if test_parts else None, settings=settings)
 
+    strategy = make_strategy(config, central_evaluator(model, test))
+    return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn,
+                      Parameters.from_module(model))
+
+
+def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None) -> Strategy:
+    """The strategy named in ``config`` with its sampling settings; clients get the training settings."""
     factory = fedsgd if config.strategy == "fedsgd" else fedavg
-    strategy = factory(
+    return factory(
         fraction_fit=config.fraction_fit,
         min_fit_clients=config.min_fit_clients,
         min_available_clients=max(config.min_fit_clients, 1),
         fraction_evaluate=config.fraction_evaluate,
-        evaluate_fn=central_evaluator(model, test),
+        evaluate_fn=evaluate_fn,
     )
-    return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn,
-                      Parameters.from_module(model))
 
 
 def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = None) -> tuple[Experiment, RunResult]:

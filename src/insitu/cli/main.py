@@ -167,6 +167,13 @@ def show_partition(
     console.print(f"label skew (mean total-variation distance to the global mix): {skew_score(parts, labels, data.num_classes):.3f}")
 
 
+from insitu.cli import deploy  # noqa: E402
+
+app.command("keygen")(deploy.keygen)
+app.command("server")(deploy.server)
+app.command("client")(deploy.client)
+
+
 def _default_output_dir() -> Path:
     from datetime import datetime
 

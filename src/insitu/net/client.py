@@ -1,0 +1,222 @@
+"""The client side of a deployment: connect a ``Client`` to a federation server and serve it.
+
+``connect`` handshakes (protocol version, then an Ed25519 signature over the server's challenge),
+keeps a heartbeat going, pulls tasks, runs ``client.fit``/``client.evaluate`` and pushes results
+back in chunks. Network trouble and server restarts lead to reconnection with exponential backoff;
+a refusal (bad key, incompatible version) is final and raised with the server's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from insitu import serde
+from insitu.client.api import Client, EvalResult, FitResult
+from insitu.net import security
+from insitu.net.proto import federation_pb2 as pb
+from insitu.net.proto import federation_pb2_grpc as pb_grpc
+from insitu.net.servicer import CHUNK_SIZE, PROTOCOL_VERSIONS
+
+log = logging.getLogger("insitu.client")
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", CHUNK_SIZE + (64 << 10)),
+    ("grpc.max_receive_message_length", CHUNK_SIZE + (64 << 10)),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.INTERNAL}
+
+
+class ConnectionRefused(RuntimeError):
+    """The server refused this client for good (bad key, unknown id, incompatible protocol)."""
+
+
+@dataclass
+class ClientTLS:
+    """Where a client finds the CA that signed the server, and optionally its own TLS pair (mTLS)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter between reconnection attempts."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_s
+        while True:
+            yield delay * random.uniform(0.5, 1.0)
+            delay = min(self.max_s, delay * self.factor)
+
+
+def connect(
+    client: Client,
+    address: str,
+    *,
+    client_id: str,
+    signing_key: Ed25519PrivateKey | Path | str | None = None,
+    tls: ClientTLS | None = None,
+    backoff: Backoff | None = None,
+    give_up_after_s: float | None = 600.0,
+    poll_wait_s: float = 10.0,
+) -> int:
+    """Serve ``client`` to the server at ``address`` until it says the federation is over.
+
+    Returns the number of tasks completed. Raises :class:`ConnectionRefused` if the server refuses
+    this client, and ``TimeoutError`` if it stays unreachable for ``give_up_after_s`` seconds.
+    """
+    if isinstance(signing_key, (str, Path)):
+        signing_key = security.load_signing_key(Path(signing_key))
+    backoff = backoff or Backoff()
+    done = 0
+    delays = backoff.delays()
+    unreachable_since: float | None = None
+    while True:
+        channel = _channel(address, tls)
+        try:
+            stub = pb_grpc.FederationStub(channel)
+            token, interval = _handshake(stub, client_id, signing_key)
+            log.info("connected to %s as %s", address, client_id)
+            delays, unreachable_since = backoff.delays(), None
+            beat = _Heartbeat(stub, token, interval)
+            try:
+                while True:
+                    outcome = _serve_one(stub, token, client, poll_wait_s)
+                    if outcome == "shutdown":
+                        log.info("server finished the federation after %d tasks", done)
+                        _leave(stub, token)
+                        return done
+                    if outcome == "done":
+                        done += 1
+            finally:
+                beat.stop()
+        except grpc.RpcError as error:
+            code = error.code()
+            if code not in RETRYABLE:
+                raise ConnectionRefused(f"server at {address} refused {client_id}: {error.details()}") from None
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if give_up_after_s is not None and now - unreachable_since > give_up_after_s:
+                raise TimeoutError(f"server at {address} unreachable for {give_up_after_s:.0f} s ({error.details()})") from None
+            delay = next(delays)
+            log.warning("connection to %s lost (%s: %s); retrying in %.1f s", address, code.name, error.details(), delay)
+            time.sleep(delay)
+        finally:
+            channel.close()
+
+
+def _channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    creds = security.channel_credentials(tls.ca, tls.cert, tls.key)
+    return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
+
+
+def _handshake(stub: pb_grpc.FederationStub, client_id: str, key: Ed25519PrivateKey | None) -> tuple[str, float]:
+    hello = stub.Hello(pb.HelloRequest(protocol_versions=list(PROTOCOL_VERSIONS), client_id=client_id), timeout=30)
+    signature = b""
+    if hello.auth_required:
+        if key is None:
+            raise ConnectionRefused("the server requires authentication: pass the client's signing key (--key)")
+        signature = security.sign_challenge(key, hello.nonce, client_id, hello.server_name)
+    reply = stub.Authenticate(pb.AuthRequest(client_id=client_id, nonce=hello.nonce, signature=signature), timeout=30)
+    return reply.session_token, reply.heartbeat_interval_s or 3.0
+
+
+def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, wait_s: float) -> str:
+    """Pull one task and answer it: returns "done", "idle" or "shutdown"."""
+    stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60)
+    first = next(stream, None)
+    if first is None or first.WhichOneof("body") == "idle":
+        return "idle"
+    if first.WhichOneof("body") == "shutdown":
+        return "shutdown"
+    header = first.header
+    decoder = serde.StreamDecoder(max_bytes=max(header.payload_bytes, 1))
+    for message in stream:
+        decoder.feed(message.chunk)
+    parameters = decoder.finish()
+    config = json.loads(header.config_json or "{}")
+    log.info("round %d: %s task received", header.round, header.kind)
+    try:
+        if header.kind == "fit":
+            result: FitResult | EvalResult = client.fit(parameters, config)
+        else:
+            result = client.evaluate(parameters, config)
+    except Exception as error:  # report the failure to the server; keep serving
+        log.exception("round %d: %s failed", header.round, header.kind)
+        _push(stub, pb.ResultHeader(session_token=token, task_id=header.task_id, error=f"{type(error).__name__}: {error}"))
+        return "done"
+    del parameters
+    _push_result(stub, token, header.task_id, result)
+    return "done"
+
+
+def _push_result(stub: pb_grpc.FederationStub, token: str, task_id: str, result: FitResult | EvalResult) -> None:
+    metrics = json.dumps({k: float(v) for k, v in result.metrics.items()})
+    if isinstance(result, FitResult):
+        head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
+                               metrics_json=metrics, payload_bytes=serde.encoded_size(result.parameters))
+        chunks = serde.iter_chunks(result.parameters, CHUNK_SIZE)
+    else:
+        head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
+                               loss=float(result.loss), metrics_json=metrics)
+        chunks = iter(())
+    _push(stub, head, chunks)
+
+
+def _push(stub: pb_grpc.FederationStub, head: pb.ResultHeader, chunks: Iterator[bytes] = iter(())) -> None:
+    def messages() -> Iterator[pb.ResultMessage]:
+        yield pb.ResultMessage(header=head)
+        for chunk in chunks:
+            yield pb.ResultMessage(chunk=bytes(chunk))
+
+    reply = stub.PushResult(messages(), timeout=3600)
+    if not reply.accepted:
+        log.warning("server did not accept the result: %s", reply.message)
+
+
+def _leave(stub: pb_grpc.FederationStub, token: str) -> None:
+    try:
+        stub.Leave(pb.LeaveRequest(session_token=token), timeout=5)
+    except grpc.RpcError:
+        pass
+
+
+class _Heartbeat:
+    """Tells the server every ``interval`` seconds that this client is alive (also while training)."""
+
+    def __init__(self, stub: pb_grpc.FederationStub, token: str, interval: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(stub, token, interval), daemon=True)
+        self._thread.start()
+
+    def _run(self, stub: pb_grpc.FederationStub, token: str, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                stub.Heartbeat(pb.HeartbeatRequest(session_token=token), timeout=max(interval, 5.0))
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()

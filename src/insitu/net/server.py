@@ -1,0 +1,159 @@
+"""``serve``: run the round loop over real remote clients, persisting every round.
+
+The same ``Coordinator`` and ``Strategy`` as in simulation; only the pool differs. After every round
+the global parameters, the round record and the client registry are committed to SQLite, so a server
+killed at any moment resumes from its last completed round with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from insitu.engines.grpc_pool import GrpcClientPool
+from insitu.net import security
+from insitu.net.client import GRPC_OPTIONS
+from insitu.net.proto import federation_pb2_grpc as pb_grpc
+from insitu.net.servicer import FederationServicer
+from insitu.params import Parameters, describe_mismatch
+from insitu.run.history import History, RoundRecord
+from insitu.run.loop import Coordinator, RoundCallback, RunResult
+from insitu.run.store import RunStore
+from insitu.strategies.strategy import Strategy
+
+log = logging.getLogger("insitu.server")
+
+
+@dataclass
+class ServerTLS:
+    """The server's certificate and key; with ``client_ca``, clients must present a certificate (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+class ResumeError(RuntimeError):
+    """The store cannot be resumed (or would be overwritten without --resume)."""
+
+
+@dataclass
+class ServerSettings:
+    """Network, security and fault-tolerance settings of a federation server."""
+
+    address: str = "127.0.0.1:8080"
+    tls: ServerTLS | None = None
+    allow_list: dict[str, Ed25519PublicKey] | None = None
+    insecure: bool = False
+    store_path: Path | None = None
+    resume: bool = False
+    round_timeout_s: float | None = 600.0
+    wait_timeout_s: float | None = None
+    heartbeat_interval_s: float = 3.0
+    heartbeat_timeout_s: float = 15.0
+    max_update_bytes: int = 4 << 30
+    max_clients: int = 1000
+    server_name: str = "insitu"
+
+
+class FederationServer:
+    """A started gRPC server plus its pool; use ``run`` then ``stop`` (or the context manager)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        security.check_bind_allowed(settings.address, settings.tls is not None, settings.insecure)
+        if settings.allow_list is None and not settings.insecure:
+            raise ValueError("client authentication is required: give the allow-list of client keys "
+                             "(--allow FILE, made by `insitu keygen`) or --insecure for a test federation")
+        self.settings = settings
+        self.pool = GrpcClientPool(round_timeout=settings.round_timeout_s,
+                                   heartbeat_timeout=settings.heartbeat_timeout_s, max_clients=settings.max_clients)
+        self.servicer = FederationServicer(self.pool, allow_list=settings.allow_list, server_name=settings.server_name,
+                                           max_update_bytes=settings.max_update_bytes,
+                                           heartbeat_interval_s=settings.heartbeat_interval_s)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=min(settings.max_clients, 200) * 2 + 8),
+                                   options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
+        pb_grpc.add_FederationServicer_to_server(self.servicer, self._server)
+        if settings.tls is not None:
+            creds = security.server_credentials(settings.tls.cert, settings.tls.key, settings.tls.client_ca)
+            self.port = self._server.add_secure_port(settings.address, creds)
+        else:
+            self.port = self._server.add_insecure_port(settings.address)
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.address} (address in use?); choose another --address")
+        self._server.start()
+        mode = "TLS" + (" + client certificates" if settings.tls and settings.tls.client_ca else "") if settings.tls else "plaintext"
+        auth = f"{len(settings.allow_list)} allowed client keys" if settings.allow_list is not None else "no authentication"
+        log.info("server listening on %s (port %d, %s, %s)", settings.address, self.port, mode, auth)
+
+    def run(self, strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, seed: int = 0,
+            on_round: RoundCallback | None = None) -> RunResult:
+        """Run (or resume) ``num_rounds`` rounds; every finished round is committed before the next."""
+        store = RunStore(self.settings.store_path) if self.settings.store_path else None
+        start_round, parameters, history, state = 1, initial_parameters, History(), None
+        listener = None
+        if store is not None:
+            start_round, parameters, history, state = self._restore(store, initial_parameters)
+            listener = lambda event, cid, detail: store.record_client(cid, event, detail)  # noqa: E731
+            self.pool.listeners.append(listener)
+        if start_round > num_rounds:
+            log.info("all %d rounds are already done in %s", num_rounds, self.settings.store_path)
+            return RunResult(parameters, history, state)
+
+        def after_round(record: RoundRecord, params: Parameters, opt_state: Any) -> None:
+            if store is not None:
+                store.save_round(record, params, opt_state, history.initial)
+            if on_round is not None:
+                on_round(record, params, opt_state)
+
+        coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed,
+                                  wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
+        try:
+            return coordinator.run(parameters, start_round=start_round, history=history, optimizer_state=state)
+        finally:
+            if store is not None:
+                self.pool.listeners.remove(listener)
+                store.close()
+
+    def _restore(self, store: RunStore, initial: Parameters) -> tuple[int, Parameters, History, Any]:
+        loaded = store.load()
+        if loaded is None:
+            if self.settings.resume:
+                log.info("nothing to resume in %s: starting at round 1", self.settings.store_path)
+            return 1, initial, History(), None
+        last, parameters, history, state = loaded
+        if not self.settings.resume:
+            raise ResumeError(f"{self.settings.store_path} already holds rounds 1-{last} of a run: pass --resume to "
+                              "continue it, or choose another --store")
+        problem = describe_mismatch(parameters.specs, initial.specs)
+        if problem:
+            raise ResumeError(f"{self.settings.store_path} holds another model ({problem}); resume with the same model")
+        log.info("resuming after round %d from %s", last, self.settings.store_path)
+        return last + 1, parameters, history, state
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Tell clients the federation is over (they receive it at their next pull), then stop."""
+        self.pool.close()
+        deadline = time.monotonic() + grace_s
+        while self.pool.connected() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._server.stop(grace=1.0).wait(5.0)
+
+    def __enter__(self) -> FederationServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, settings: ServerSettings,
+          seed: int = 0, on_round: RoundCallback | None = None) -> RunResult:
+    """Start a server, run the federation to the end, tell the clients, stop."""
+    with FederationServer(settings) as server:
+        return server.run(strategy, initial_parameters, num_rounds=num_rounds, seed=seed, on_round=on_round)
