@@ -79,8 +79,11 @@ class Parameters:
         return cls([str(i) for i in range(len(arrays))], list(arrays))
 
     @classmethod
-    def from_flat(cls, vector: np.ndarray | torch.Tensor, specs: Sequence[ParamSpec]) -> Parameters:
-        """Cut a flat vector back into arrays of ``specs``' shapes, cast to their dtypes."""
+    def from_flat(cls, vector: np.ndarray | torch.Tensor, specs: Sequence[ParamSpec], *, copy: bool = True) -> Parameters:
+        """Cut a flat vector back into arrays of ``specs``' shapes, cast to their dtypes.
+
+        With ``copy=False`` an all-float32 result shares ``vector``'s memory (hand it over).
+        """
         if isinstance(vector, torch.Tensor):
             vector = vector.detach().cpu().numpy()
         vector = np.asarray(vector).reshape(-1)
@@ -88,7 +91,7 @@ class Parameters:
         if vector.size != total:
             raise ValueError(f"flat vector has {vector.size} values, specs need {total}")
         if all(np.dtype(s.dtype) == np.float32 for s in specs):
-            flat = vector.astype(np.float32, copy=True)
+            flat = vector.astype(np.float32, copy=copy)
             views, offset = [], 0
             for spec in specs:
                 views.append(flat[offset : offset + spec.size].reshape(spec.shape))

@@ -286,7 +286,7 @@ class StreamDecoder:
         except SerdeError as exc:
             self._fail(exc)
             raise
-        result = Parameters([s.name for s in self._specs], self._arrays)
+        result = Parameters([s.name for s in self._specs], self._arrays, _flat=getattr(self, "_flat", None))
         self._state = _FINISHED
         self._release()
         return result
@@ -370,7 +370,22 @@ class StreamDecoder:
                     raise _truncated(max(remaining, 0), spec, nbytes)
                 remaining -= nbytes
         arrays: list[np.ndarray] = []
-        for spec in specs:
+        self._flat = None
+        if specs and all(np.dtype(s.dtype) == np.float32 for s in specs):
+            # One buffer for everything: the arrays are views of it and Parameters.flat() is free.
+            try:
+                self._flat = np.empty(total // 4, dtype=np.float32)
+            except (MemoryError, ValueError, OverflowError) as exc:
+                raise SerdeError(f"cannot allocate {total} bytes for the parameters: {exc}") from None
+            offset = 0
+            for spec in specs:
+                count = _nbytes(spec) // 4
+                try:
+                    arrays.append(self._flat[offset : offset + count].reshape(spec.shape))
+                except (ValueError, OverflowError) as exc:
+                    raise SerdeError(f"cannot allocate array {spec.name!r} of shape {spec.shape}: {exc}") from None
+                offset += count
+        for spec in specs[len(arrays):]:
             try:
                 arrays.append(np.empty(spec.shape, dtype=spec.dtype))
             except (MemoryError, ValueError, OverflowError) as exc:

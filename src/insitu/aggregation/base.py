@@ -28,4 +28,4 @@ class Reducer(Protocol):
         """Fold one update (float32, length ``dim``) with a positive weight into ``acc``."""
 
     def finish(self, acc: Any) -> np.ndarray:
-        """The aggregate (float32, length ``dim``)."""
+        """The aggregate (float32, length ``dim``), a new array the caller owns; ``acc`` is spent."""

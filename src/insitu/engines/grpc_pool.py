@@ -235,10 +235,13 @@ class GrpcClientPool:
             if waiting.pop(delivery.task.task_id, None) is None:
                 delivery.consumed.set()
                 continue
+            outcome, delivery.outcome = delivery.outcome, None
             try:
-                yield delivery.task.client_id, delivery.outcome
+                yield delivery.task.client_id, outcome
             finally:
+                del outcome  # the loop has folded it; only then may the next upload be decoded
                 delivery.consumed.set()
+                del delivery
 
     def _fail_lost(self, waiting: dict[str, PendingTask], deadline: float | None) -> Iterator[tuple[str, BaseException]]:
         """Fail tasks whose client vanished, or all remaining ones once the deadline passed."""

@@ -150,6 +150,7 @@ class Coordinator:
             assert isinstance(result, FitResult)
             record.clients[client_id] = {"num_examples": result.num_examples, **_numeric(result.metrics)}
             yield client_id, result
+            del result  # let the update go before the next one is fetched (server memory O(model))
 
     def _evaluate(self, server_round: int, parameters: Parameters, available: list[str], record: RoundRecord) -> None:
         strategy = self.strategy

@@ -23,7 +23,7 @@ def check_fit_result(result: object, expected: Sequence[ParamSpec]) -> str | Non
     problem = describe_mismatch(result.parameters.specs, expected)
     if problem:
         return f"parameters do not match the global model: {problem}"
-    if not np.isfinite(result.parameters.flat()).all():  # one pass; name the array only on failure
+    if not _all_finite(result.parameters.flat()):  # one pass; name the array only on failure
         for name, array in result.parameters:
             if not np.isfinite(array.astype(np.float32)).all():
                 return f"array {name!r} contains NaN or Inf" + ("" if np.issubdtype(array.dtype, np.floating) else " as float32")
@@ -40,6 +40,11 @@ def check_eval_result(result: object) -> str | None:
     if n > 0 and not (isinstance(result.loss, (int, float)) and math.isfinite(result.loss)):
         return f"loss is {result.loss!r}, expected a finite number"
     return None
+
+
+def _all_finite(vector: np.ndarray, block: int = 1 << 20) -> bool:
+    """np.isfinite(vector).all() in blocks, so the check needs no mask as large as the model."""
+    return all(np.isfinite(vector[i : i + block]).all() for i in range(0, vector.size, block))
 
 
 def _check_count(n: object) -> str | None:

@@ -13,7 +13,10 @@ import numpy as np
 
 
 class ServerOptimizer(Protocol):
-    """``update(params, delta, state) -> (new_params, new_state)`` over flat float32 vectors."""
+    """``update(params, delta, state) -> (new_params, new_state)`` over flat float32 vectors.
+
+    ``delta`` is handed over: an optimizer may overwrite it and return it as the new parameters.
+    """
 
     def init(self, params: np.ndarray) -> Any: ...
 
@@ -34,9 +37,11 @@ class ServerSGD:
         return None
 
     def update(self, params: np.ndarray, delta: np.ndarray, state: None) -> tuple[np.ndarray, None]:
-        if self.lr == 1.0:
-            return (params + delta).astype(np.float32, copy=False), state
-        return (params + np.float32(self.lr) * delta).astype(np.float32, copy=False), state
+        """Computed in place in ``delta`` (which the caller hands over), so no extra model copy."""
+        if self.lr != 1.0:
+            delta *= np.float32(self.lr)
+        delta += params
+        return delta, state
 
 
 def sgd(lr: float = 1.0) -> ServerSGD:

@@ -105,13 +105,16 @@ class Strategy:
             update = result.parameters.flat() if on_models else result.parameters.flat() - global_flat
             acc = self.reducer.add(acc, update, result.num_examples)
             metric_entries.append((result.num_examples, result.metrics))
+            del update, result  # released before the next result is fetched
         if not metric_entries:
             return Aggregate(None, optimizer_state, {}, 0)
-        delta = self.reducer.finish(acc)
+        delta = self.reducer.finish(acc)  # owned by us: transformed in place below
+        del acc
         if on_models:
-            delta = delta - global_flat
+            np.subtract(delta, global_flat, out=delta)
         new_flat, optimizer_state = self.server_optimizer.update(global_flat, delta, optimizer_state)
-        new_params = Parameters.from_flat(new_flat, parameters.specs)
+        del delta
+        new_params = Parameters.from_flat(new_flat, parameters.specs, copy=False)
         return Aggregate(new_params, optimizer_state, weighted_average_metrics(metric_entries), len(metric_entries))
 
     def aggregate_evaluate(self, results: Sequence[tuple[str, EvalResult]]) -> tuple[float | None, Metrics]:
