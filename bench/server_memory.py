@@ -106,7 +106,7 @@ def server_process(queue, clients: int, values: int, rounds: int, use_tracemallo
     settings = ServerSettings(address="127.0.0.1:0", insecure=True, store_path=None, round_timeout_s=600.0,
                               heartbeat_timeout_s=120.0, max_clients=clients + 8)
     server = FederationServer(settings)
-    server.servicer.limiter = AttemptLimiter(limit=1_000_000)  # 50 clients from one host
+    # (ServerSettings.max_handshakes_per_minute, default 600 per host, admits 50 clients from one host)
     queue.put(("port", server.port))
     marks: dict[str, list[float]] = {"start": [], "first": [], "last": [], "end": []}
     strategy = fedavg(min_fit_clients=clients, min_available_clients=clients, fraction_evaluate=0.0)

@@ -7,6 +7,7 @@ killed at any moment resumes from its last completed round with ``resume=True``.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from concurrent import futures
@@ -21,7 +22,7 @@ from insitu.engines.grpc_pool import GrpcClientPool
 from insitu.net import security
 from insitu.net.client import GRPC_OPTIONS
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
-from insitu.net.servicer import FederationServicer
+from insitu.net.servicer import AttemptLimiter, FederationServicer
 from insitu.params import Parameters, describe_mismatch
 from insitu.run.history import History, RoundRecord
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
@@ -29,6 +30,23 @@ from insitu.run.store import RunStore
 from insitu.strategies.strategy import Strategy
 
 log = logging.getLogger("insitu.server")
+
+# Uploads waiting for their turn to be decoded must not each buffer megabytes: keep HTTP/2 receive
+# windows at their small default instead of letting bandwidth probing grow them per stream.
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0)]
+
+
+def _return_freed_memory_promptly() -> None:
+    """Have glibc serve ~1 MiB message buffers by mmap (returned to the OS on free) and keep few
+    per-thread arenas; otherwise hundreds of handler threads each retain freed chunk buffers and the
+    server's footprint grows far beyond O(model). A no-op where glibc's mallopt is unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8
+        libc.mallopt(m_mmap_threshold, 256 << 10)
+        libc.mallopt(m_arena_max, 4)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -60,6 +78,7 @@ class ServerSettings:
     heartbeat_timeout_s: float = 15.0
     max_update_bytes: int = 4 << 30
     max_clients: int = 1000
+    max_handshakes_per_minute: int = 600  # per peer host (clients behind one NAT share it)
     server_name: str = "insitu"
 
 
@@ -76,9 +95,11 @@ class FederationServer:
                                    heartbeat_timeout=settings.heartbeat_timeout_s, max_clients=settings.max_clients)
         self.servicer = FederationServicer(self.pool, allow_list=settings.allow_list, server_name=settings.server_name,
                                            max_update_bytes=settings.max_update_bytes,
-                                           heartbeat_interval_s=settings.heartbeat_interval_s)
+                                           heartbeat_interval_s=settings.heartbeat_interval_s,
+                                           limiter=AttemptLimiter(settings.max_handshakes_per_minute, 60.0))
+        _return_freed_memory_promptly()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=min(settings.max_clients, 200) * 2 + 8),
-                                   options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
+                                   options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
         pb_grpc.add_FederationServicer_to_server(self.servicer, self._server)
         if settings.tls is not None:
             creds = security.server_credentials(settings.tls.cert, settings.tls.key, settings.tls.client_ca)

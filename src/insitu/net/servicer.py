@@ -30,7 +30,7 @@ from insitu.net.proto import federation_pb2_grpc as pb_grpc
 log = logging.getLogger("insitu.server")
 
 PROTOCOL_VERSIONS = (1,)
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 128 << 10  # small: uploads waiting for their turn each buffer about one chunk
 MAX_WAIT_S = 30.0
 CHALLENGE_TTL_S = 60.0
 
@@ -61,13 +61,17 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def __init__(self, pool: GrpcClientPool, *, allow_list: dict[str, Ed25519PublicKey] | None,
                  server_name: str = "insitu", max_update_bytes: int = 4 << 30,
-                 heartbeat_interval_s: float = 3.0, limiter: AttemptLimiter | None = None) -> None:
+                 heartbeat_interval_s: float = 3.0, limiter: AttemptLimiter | None = None,
+                 download_slots: int = 4) -> None:
         self.pool = pool
         self.allow_list = allow_list
         self.server_name = server_name
         self.max_update_bytes = max_update_bytes
         self.heartbeat_interval_s = heartbeat_interval_s
         self.limiter = limiter or AttemptLimiter()
+        # Parameter downloads in flight at once: each holds a few chunk buffers in gRPC, so
+        # bounding them bounds the server's send-side memory whatever the number of clients.
+        self.download_slots = threading.BoundedSemaphore(download_slots)
         self._challenges: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
@@ -148,12 +152,13 @@ class FederationServicer(pb_grpc.FederationServicer):
             return
         assert isinstance(task, PendingTask)
         size = serde.encoded_size(task.parameters)
-        yield pb.TaskMessage(header=pb.TaskHeader(task_id=task.task_id, kind=task.kind, round=task.server_round,
-                                                  config_json=json.dumps(task.config), payload_bytes=size))
-        for chunk in serde.iter_chunks(task.parameters, CHUNK_SIZE):
-            if not context.is_active():
-                return
-            yield pb.TaskMessage(chunk=bytes(chunk))
+        with self.download_slots:
+            yield pb.TaskMessage(header=pb.TaskHeader(task_id=task.task_id, kind=task.kind, round=task.server_round,
+                                                      config_json=json.dumps(task.config), payload_bytes=size))
+            for chunk in serde.iter_chunks(task.parameters, CHUNK_SIZE):
+                if not context.is_active():
+                    return
+                yield pb.TaskMessage(chunk=bytes(chunk))
 
     def PushResult(self, request_iterator: Iterator[pb.ResultMessage], context: grpc.ServicerContext) -> pb.PushReply:
         first = next(request_iterator, None)
