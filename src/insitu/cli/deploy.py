@@ -122,6 +122,7 @@ def server(
         settings = ServerSettings(address=address, tls=tls, allow_list=allow_list, insecure=insecure,
                                   store_path=store or out / "server.db", resume=resume, round_timeout_s=round_timeout,
                                   wait_timeout_s=wait_timeout, heartbeat_timeout_s=heartbeat_timeout,
+                                  heartbeat_interval_s=min(3.0, heartbeat_timeout / 4),
                                   max_update_bytes=max_update_mb << 20)
         console.print(f"[bold]insitu server[/] on {address}: {config.model}, {config.rounds} rounds, waiting for "
                       f"{config.num_clients} clients; state in {settings.store_path}")

@@ -111,6 +111,11 @@ def connect(
                 beat.stop()
         except grpc.RpcError as error:
             code = error.code()
+            details = error.details() or ""
+            if "CERTIFICATE_VERIFY_FAILED" in details or "handshake failed" in details.lower():
+                raise ConnectionRefused(f"TLS handshake with {address} failed: the server's certificate is not signed "
+                                        f"by this client's CA, or this client's certificate is not accepted "
+                                        f"(check --certs): {details}") from None
             if code not in RETRYABLE:
                 raise ConnectionRefused(f"server at {address} refused {client_id}: {error.details()}") from None
             now = time.monotonic()

@@ -1,0 +1,181 @@
+"""The deployment as users run it: `insitu keygen`, one `insitu server` and client processes on
+loopback, with TLS, client certificates and key authentication; kill -9 of a client and of the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "COLUMNS": "200", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Started processes, their logs, and a cleanup that kills whatever is left."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.procs = root, {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        proc = subprocess.Popen([str(BIN / "insitu"), *args], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=self.root)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def wait_for_text(self, name: str, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(name):
+            if self.procs[name].poll() is not None and text not in self.log(name):
+                raise AssertionError(f"{name} exited ({self.procs[name].returncode}) before printing {text!r}:\n{self.log(name)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not print {text!r} in {timeout} s:\n{self.log(name)}")
+            time.sleep(0.05)
+
+    def wait(self, name: str, timeout: float = 180) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout} s:\n{self.log(name)}") from None
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("keys")
+    subprocess.run([str(BIN / "insitu"), "keygen", "--out", str(root / "fed"), "--clients", "3"], check=True, env=ENV,
+                   capture_output=True)
+    return root / "fed"
+
+
+def server_args(port: int, certs: Path, out: str, *extra: str) -> list[str]:
+    return ["server", "--certs", str(certs), "--address", f"127.0.0.1:{port}", "-o", out, *extra]
+
+
+def client_args(port: int, certs: Path, cid: int, *extra: str) -> list[str]:
+    return ["client", "--certs", str(certs / "clients" / str(cid)), "--client-id", str(cid),
+            "--address", f"localhost:{port}", "--num-partitions", "3", "--partition-id", str(cid), *extra]
+
+
+def final_history(root: Path, out: str) -> dict:
+    return json.loads((root / out / "history.json").read_text())
+
+
+def test_four_terminals_with_tls_and_authentication(procs, certs, tmp_path):
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "3"))
+    for cid in range(3):
+        procs.start(f"client{cid}", *client_args(port, certs, cid))
+    assert procs.wait("server") == 0, procs.log("server")
+    for cid in range(3):
+        assert procs.wait(f"client{cid}") == 0, procs.log(f"client{cid}")
+        assert "Done: 3 tasks completed" in procs.log(f"client{cid}")
+    log = procs.log("server")
+    assert "TLS + client certificates, 3 allowed client keys" in log
+    assert "client 0 joined" in log and "Round 3/3" in log
+    history = final_history(tmp_path, "out")
+    assert [r["num_results"] for r in history["rounds"]] == [3, 3, 3]
+    assert history["rounds"][-1]["centralized"]["metrics"]["accuracy"] > 0.9
+    for name in ("model.pt", "history.csv", "plot.png", "server.db"):
+        assert (tmp_path / "out" / name).exists()
+
+
+def test_a_client_without_a_valid_key_is_refused(procs, certs, tmp_path):
+    subprocess.run([str(BIN / "insitu"), "keygen", "--out", str(tmp_path / "other"), "--clients", "1", "--no-mtls"],
+                   check=True, env=ENV, capture_output=True)
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "1", "--min-clients", "1", "--no-mtls"))
+    procs.wait_for_text("server", "server listening")
+    foreign = tmp_path / "other" / "clients" / "0"
+    procs.start("stranger", "client", "--certs", str(foreign), "--client-id", "0", "--address", f"localhost:{port}")
+    assert procs.wait("stranger", 60) == 2  # it does not even trust this server's certificate
+    assert "TLS handshake" in procs.log("stranger")
+    (foreign / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())  # trusts the server, but a foreign key
+    procs.start("intruder", "client", "--certs", str(foreign), "--client-id", "0", "--address", f"localhost:{port}")
+    assert procs.wait("intruder", 60) == 2
+    assert "authentication failed" in procs.log("intruder")
+    assert "rejected client '0'" in procs.log("server")
+    procs.start("client0", *client_args(port, certs, 0))
+    assert procs.wait("server") == 0
+
+
+def test_plaintext_on_a_public_address_is_refused(procs, tmp_path):
+    procs.start("server", "server", "--address", f"0.0.0.0:{free_port()}", "--rounds", "1")
+    assert procs.wait("server", 60) == 2
+    assert "--insecure" in " ".join(procs.log("server").split())
+
+
+def test_kill_9_of_a_client_mid_round_the_round_completes_with_the_others(procs, certs, tmp_path):
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "3",
+                                       "--min-fit-clients", "2", "--local-epochs", "40", "--heartbeat-timeout", "2"))
+    for cid in range(3):
+        procs.start(f"client{cid}", *client_args(port, certs, cid))
+    procs.wait_for_text("client2", "round 2: fit task received")
+    procs.procs["client2"].send_signal(signal.SIGKILL)
+    procs.wait_for_text("server", "Round 2/3")
+    procs.start("client2b", *client_args(port, certs, 2))  # it comes back and takes part again
+    assert procs.wait("server") == 0, procs.log("server")
+    rounds = final_history(tmp_path, "out")["rounds"]
+    assert rounds[0]["num_results"] == 3
+    assert rounds[1]["status"] == "ok" and rounds[1]["num_results"] == 2
+    assert rounds[1]["failures"][0]["client"] == "2" and "disconnected" in rounds[1]["failures"][0]["reason"]
+    assert rounds[2]["num_results"] == 3
+
+
+def _run_to_end(procs: Procs, port: int, certs: Path, out: str, tag: str, rounds: int) -> None:
+    procs.start(f"server{tag}", *server_args(port, certs, out, "--rounds", str(rounds), "--min-clients", "3"))
+    for cid in range(3):
+        procs.start(f"client{cid}{tag}", *client_args(port, certs, cid))
+
+
+def test_kill_9_of_the_server_then_resume_finishes_like_an_uninterrupted_run(procs, certs, tmp_path):
+    port = free_port()
+    _run_to_end(procs, port, certs, "straight", "a", 4)
+    assert procs.wait("servera") == 0
+    straight = final_history(tmp_path, "straight")["rounds"][-1]["centralized"]["metrics"]["accuracy"]
+
+    port = free_port()
+    _run_to_end(procs, port, certs, "resumed", "b", 4)
+    procs.wait_for_text("serverb", "Round 2/4")
+    procs.procs["serverb"].send_signal(signal.SIGKILL)
+    procs.wait("serverb", 10)
+    procs.start("serverc", *server_args(port, certs, "resumed", "--rounds", "4", "--min-clients", "3", "--resume"))
+    assert procs.wait("serverc") == 0, procs.log("serverc")
+    assert "resuming after round 2" in procs.log("serverc")
+    assert "Round 3/4" in procs.log("serverc") and "Round 1/4" not in procs.log("serverc")
+    history = final_history(tmp_path, "resumed")
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4]
+    resumed = history["rounds"][-1]["centralized"]["metrics"]["accuracy"]
+    assert abs(resumed - straight) <= 0.005
+    for cid in range(3):  # the clients rode out the restart by reconnecting
+        assert procs.wait(f"client{cid}b") == 0
+        assert "Done: 4 tasks completed" in procs.log(f"client{cid}b")
