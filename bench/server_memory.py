@@ -97,7 +97,6 @@ def server_process(queue, clients: int, values: int, rounds: int, use_tracemallo
         server_module.GRPC_OPTIONS = [*server_module.GRPC_OPTIONS, *grpc_options]
 
     from insitu.net.server import FederationServer, ServerSettings
-    from insitu.net.servicer import AttemptLimiter
     from insitu.strategies import fedavg
 
     logging.basicConfig(level=logging.WARNING)

@@ -125,6 +125,8 @@ class Parameters:
 
     def flat(self) -> np.ndarray:
         """All arrays as one float32 vector (the aggregators' currency). Shared: do not modify."""
+        if self._flat is None and len(self._arrays) == 1 and self._arrays[0].dtype == np.float32:
+            self._flat = self._arrays[0].reshape(-1)  # a view when contiguous: no model-sized copy
         if self._flat is None:
             out = np.empty(self.num_values, dtype=np.float32)
             offset = 0

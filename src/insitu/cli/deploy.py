@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import typer
-from rich.console import Console
 
+from insitu.cli.common import console, err_console, fail, setup_logging
 from insitu.cli.outputs import write_outputs
 from insitu.cli.presets import resolve_config
 from insitu.cli.progress import RoundPrinter
-
-console = Console()
-err_console = Console(stderr=True)
-log = logging.getLogger("insitu")
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=2)
-
 
 def keygen(
     out: Path = typer.Option(Path("federation"), "--out", "-o", help="Folder to create the files in."),
@@ -42,7 +31,7 @@ def keygen(
         files = security.generate_federation(out, ids, hosts=tuple(host) if host else ("localhost", "127.0.0.1"),
                                              days=days, mutual_tls=mutual_tls, overwrite=overwrite)
     except (ValueError, FileExistsError, security.SecurityError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     console.print(f"Federation files in [bold]{out}[/]:")
     console.print(f"  server: {files.server_cert}, {files.server_key}, allow-list {files.allow_list}")
     for cid, paths in files.clients.items():
@@ -91,7 +80,7 @@ def server(
     from insitu.params import Parameters
     from insitu.simulation import central_evaluator, make_strategy
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     flags: dict[str, Any] = {"dataset": dataset, "data_dir": data_dir, "model": model, "rounds": rounds,
                              "num_clients": min_clients, "min_fit_clients": min_fit_clients or min_clients,
                              "fraction_fit": fraction, "fraction_evaluate": fraction_evaluate,
@@ -133,7 +122,7 @@ def server(
         err_console.print("[bold]interrupted[/]: completed rounds are saved; continue with --resume")
         raise typer.Exit(code=130) from None
     except (ValueError, FileNotFoundError, OSError, ResumeError, security.SecurityError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     result.parameters.to_module(net)
     paths = write_outputs(out, config, net, result.history)
     final = result.history.final_accuracy
@@ -172,7 +161,7 @@ def client(
     from insitu.net import security
     from insitu.net.client import ClientTLS, ConnectionRefused, connect
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         if csv is not None:
             train, test, indices, test_indices = load_csv(csv, label_column), None, None, None
@@ -205,14 +194,7 @@ def client(
         err_console.print("interrupted")
         raise typer.Exit(code=130) from None
     except ConnectionRefused as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     except (ValueError, FileNotFoundError, TimeoutError, security.SecurityError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     console.print(f"Done: {tasks} tasks completed.")
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)

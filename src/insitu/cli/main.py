@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 
+from insitu.cli.common import console, err_console, fail, setup_logging
 from insitu.cli.presets import resolve_config
 from insitu.cli.progress import RoundPrinter, progress_bar
 from insitu.cli.outputs import write_outputs
@@ -20,24 +18,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="insitu: federated learning for PyTorch. Simulate many clients in one process, or deploy.",
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
-        force=True,
-    )
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=2)
-
-
 @app.command()
 def simulate(
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file of settings (flags override it)."),
@@ -66,7 +46,7 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
 ) -> None:
     """Run a federated simulation. With no arguments: a demo on the bundled digits dataset."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     flags: dict[str, Any] = {
         "dataset": dataset, "data_dir": data_dir, "partition": partition, "alpha": alpha,
         "shards_per_client": shards_per_client, "num_clients": clients, "fraction_fit": fraction,
@@ -84,7 +64,7 @@ def simulate(
         config.validate()
         experiment = build_experiment(config)
     except (ValueError, FileNotFoundError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
 
     out = output_dir or _default_output_dir()
     console.print(
@@ -138,7 +118,7 @@ def evaluate(
         net = build_model(name, data.input_shape, data.num_classes)
         net.load_state_dict(state)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     loss, accuracy, n = evaluate_model(net, data)
     console.print(f"{model_path}: {name} on {dataset} {split} ({n} examples): accuracy {100 * accuracy:.2f}%  loss {loss:.4f}")
 
@@ -162,7 +142,7 @@ def show_partition(
         labels = data.labels_numpy()
         parts = partition(labels, clients, scheme, seed=seed, alpha=alpha, shards_per_client=shards_per_client)
     except (ValueError, FileNotFoundError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     console.print(format_histogram(parts, labels, data.num_classes, max_rows=max_rows))
     console.print(f"label skew (mean total-variation distance to the global mix): {skew_score(parts, labels, data.num_classes):.3f}")
 
