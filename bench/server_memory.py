@@ -118,6 +118,7 @@ def server_process(queue, clients: int, values: int, rounds: int, use_tracemallo
                 marks["first"].append(time.perf_counter())
                 first = False
             yield item
+            del item  # hold no update while the next one is fetched (as the round loop does)
         marks["last"].append(time.perf_counter())
 
     def aggregate_marked(parameters, state, results):
@@ -156,6 +157,7 @@ def server_process(queue, clients: int, values: int, rounds: int, use_tracemallo
                         tracemalloc.reset_peak()
                         first = False
                     yield item
+                    del item
 
             def aggregate_traced(parameters, state, results):
                 marks["start"].append(time.perf_counter())
@@ -165,7 +167,9 @@ def server_process(queue, clients: int, values: int, rounds: int, use_tracemallo
                 return out
 
             strategy.aggregate_fit = aggregate_traced  # type: ignore[method-assign]
-        result = server.run(strategy, initial, num_rounds=rounds, seed=0, on_round=on_round)
+        handoff = [initial]
+        del initial  # like a real server: nothing but the round loop keeps the initial model alive
+        result = server.run(strategy, handoff.pop(), num_rounds=rounds, seed=0, on_round=on_round)
         time.sleep(0.1)
         sampler.stop()
         hwm_after = rss_mb("VmHWM")

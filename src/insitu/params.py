@@ -73,10 +73,19 @@ class Parameters:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> Parameters:
-        """From a name->array mapping, or a plain list (named ``"0"``, ``"1"``, ...)."""
+        """From a name->array mapping, or a plain list (named ``"0"``, ``"1"``, ...).
+
+        Several float32 arrays are copied into one buffer (so ``flat()`` never needs another copy).
+        """
         if isinstance(arrays, Mapping):
-            return cls(list(arrays.keys()), list(arrays.values()))
-        return cls([str(i) for i in range(len(arrays))], list(arrays))
+            names, values = list(arrays.keys()), [np.asarray(a) for a in arrays.values()]
+        else:
+            names, values = [str(i) for i in range(len(arrays))], [np.asarray(a) for a in arrays]
+        if len(values) > 1 and all(a.dtype == np.float32 for a in values):
+            flat = np.concatenate([a.reshape(-1) for a in values])
+            specs = [ParamSpec(n, tuple(a.shape), np.dtype(np.float32)) for n, a in zip(names, values)]
+            return cls.from_flat(flat, specs, copy=False)
+        return cls(names, values)
 
     @classmethod
     def from_flat(cls, vector: np.ndarray | torch.Tensor, specs: Sequence[ParamSpec], *, copy: bool = True) -> Parameters:

@@ -54,6 +54,7 @@ class _CountingPool:
         for outcome in self._pool.fit(parameters, tasks):
             self._progress.advance(self._task_id)
             yield outcome
+            del outcome  # hold no update while the next one is fetched
 
     def evaluate(self, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, EvalOutcome]]:
         return self._pool.evaluate(parameters, tasks)

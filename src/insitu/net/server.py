@@ -136,7 +136,11 @@ class FederationServer:
         coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed,
                                   wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
         try:
-            return coordinator.run(parameters, start_round=start_round, history=history, optimizer_state=state)
+            # Hand the model over without keeping a reference here: from round 2 on the server then
+            # holds only the current global model (plus the accumulator and one update).
+            handoff = [parameters]
+            del parameters, initial_parameters
+            return coordinator.run(handoff.pop(), start_round=start_round, history=history, optimizer_state=state)
         finally:
             if store is not None:
                 self.pool.listeners.remove(listener)
