@@ -69,6 +69,10 @@ class Parameters:
     @classmethod
     def from_module(cls, module: nn.Module) -> Parameters:
         """Snapshot every parameter and buffer of ``module`` (its full state_dict)."""
+        flat = _flat_storage(module)
+        if flat is not None:  # a flattened module: the whole state is one copy
+            specs = module._insitu_specs  # type: ignore[attr-defined]
+            return cls.from_flat(flat.detach().numpy(), specs, copy=True)
         return cls.from_state_dict(module.state_dict())
 
     @classmethod
@@ -151,6 +155,11 @@ class Parameters:
 
     def to_module(self, module: nn.Module) -> None:
         """Copy values into ``module`` in place; names, shapes and dtypes must match exactly."""
+        flat = _flat_storage(module)
+        if flat is not None and self._flat is not None and self.specs == module._insitu_specs:  # type: ignore[attr-defined]
+            with torch.no_grad():
+                flat.copy_(torch.from_numpy(self._flat))
+            return
         state = module.state_dict()
         expected = [ParamSpec(k, tuple(v.shape), _np_dtype(v.dtype)) for k, v in state.items()]
         problem = describe_mismatch(self.specs, expected)
@@ -173,6 +182,43 @@ class Parameters:
 
     def __repr__(self) -> str:
         return f"Parameters({len(self)} arrays, {self.num_values} values)"
+
+
+def flatten_module_(module: nn.Module) -> bool:
+    """Re-seat every parameter and buffer of ``module`` as a view into one contiguous float32 tensor.
+
+    Loading and snapshotting parameters then cost one copy each instead of one per tensor, which
+    matters when one model serves many small virtual clients. The module behaves as before (same
+    Parameter objects, so optimizers keep working). Returns False, changing nothing, for modules
+    with non-float32 state or tensors shared under two names.
+    """
+    state = module.state_dict(keep_vars=True)
+    tensors = list(state.values())
+    if not tensors or any(t.dtype != torch.float32 for t in tensors) or len({id(t) for t in tensors}) != len(tensors):
+        return False
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=tensors[0].device)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            view = flat[offset : offset + t.numel()].view_as(t)
+            view.copy_(t)
+            t.data = view
+            offset += t.numel()
+    object.__setattr__(module, "_insitu_flat", flat)
+    object.__setattr__(module, "_insitu_specs", tuple(ParamSpec(k, tuple(v.shape), np.dtype(np.float32)) for k, v in state.items()))
+    object.__setattr__(module, "_insitu_ptrs", tuple(v.data_ptr() for v in tensors))
+    return True
+
+
+def _flat_storage(module: nn.Module) -> torch.Tensor | None:
+    """The module's flat state tensor if it was flattened and every tensor still lives in it."""
+    flat = getattr(module, "_insitu_flat", None)
+    if flat is None or flat.device.type != "cpu":
+        return None
+    state = module.state_dict(keep_vars=True)
+    if tuple(v.data_ptr() for v in state.values()) != module._insitu_ptrs:  # type: ignore[attr-defined]
+        return None  # something re-created a tensor: fall back to the per-tensor path
+    return flat
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:

@@ -20,7 +20,7 @@ from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
 from insitu.engines.base import ClientPool
 from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
-from insitu.params import Parameters
+from insitu.params import Parameters, flatten_module_
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.strategies import STRATEGY_NAMES, Strategy, fedavg, fedsgd
 from insitu.strategies.strategy import CentralEvaluator
@@ -139,6 +139,7 @@ def build_experiment(config: SimulationConfig) -> Experiment:
                                alpha=config.alpha, shards_per_client=config.shards_per_client)
     torch.manual_seed(config.seed)
     model = build_model(config.model, train.input_shape, train.num_classes)
+    flatten_module_(model)  # one copy to load or snapshot the shared model, not one per tensor
     settings = TrainSettings(config.local_epochs, config.batch_size, config.lr, config.optimizer, config.momentum)
 
     def client_fn(cid: str) -> TorchClient:
