@@ -179,3 +179,10 @@ def test_kill_9_of_the_server_then_resume_finishes_like_an_uninterrupted_run(pro
     for cid in range(3):  # the clients rode out the restart by reconnecting
         assert procs.wait(f"client{cid}b") == 0
         assert "Done: 4 tasks completed" in procs.log(f"client{cid}b")
+
+
+def test_too_few_clients_within_the_wait_is_a_clear_error(procs, certs):
+    procs.start("server", *server_args(free_port(), certs, "out", "--rounds", "1", "--min-clients", "3",
+                                       "--wait-timeout", "1"))
+    assert procs.wait("server", 60) == 2
+    assert "only 0 of the 3 required clients connected within 1 s" in " ".join(procs.log("server").split())

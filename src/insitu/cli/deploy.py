@@ -74,6 +74,7 @@ def server(
     """Run a federation server: wait for clients, run the rounds, persist each one."""
     from insitu.data import load_dataset
     from insitu.data.tabular import load_csv
+    from insitu.engines import NotEnoughClientsError
     from insitu.models import build_model
     from insitu.net import security
     from insitu.net.server import ResumeError, ServerSettings, ServerTLS, serve
@@ -121,7 +122,7 @@ def server(
     except KeyboardInterrupt:
         err_console.print("[bold]interrupted[/]: completed rounds are saved; continue with --resume")
         raise typer.Exit(code=130) from None
-    except (ValueError, FileNotFoundError, OSError, ResumeError, security.SecurityError) as error:
+    except (ValueError, FileNotFoundError, OSError, ResumeError, NotEnoughClientsError, security.SecurityError) as error:
         raise fail(str(error)) from None
     result.parameters.to_module(net)
     paths = write_outputs(out, config, net, result.history)

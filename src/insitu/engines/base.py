@@ -18,6 +18,10 @@ class Task:
     config: Config
 
 
+class NotEnoughClientsError(RuntimeError):
+    """Fewer clients are available than the strategy requires (or connected within the wait)."""
+
+
 FitOutcome = Union[FitResult, BaseException]
 EvalOutcome = Union[EvalResult, BaseException]
 

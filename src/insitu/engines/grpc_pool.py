@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from insitu.client.api import Config, EvalResult, FitResult
-from insitu.engines.base import EvalOutcome, FitOutcome, Task
+from insitu.engines.base import EvalOutcome, FitOutcome, NotEnoughClientsError, Task
 from insitu.params import Parameters, ParamSpec
 
 log = logging.getLogger("insitu.server")
@@ -33,10 +33,6 @@ class ClientDroppedError(ConnectionError):
 
 class RoundDeadlineError(TimeoutError):
     """A client did not return its result before the round deadline."""
-
-
-class NotEnoughClientsError(TimeoutError):
-    """Too few clients connected within the waiting time."""
 
 
 class PoolClosedError(RuntimeError):

@@ -9,14 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from insitu.client.api import Client
-from insitu.engines.base import EvalOutcome, FitOutcome, Task
+from insitu.engines.base import EvalOutcome, FitOutcome, NotEnoughClientsError, Task
 from insitu.params import Parameters
 
 ClientFn = Callable[[str], Client]
-
-
-class NotEnoughClientsError(RuntimeError):
-    """Fewer clients exist than a strategy requires."""
 
 
 class InProcessPool:
