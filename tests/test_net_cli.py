@@ -186,3 +186,11 @@ def test_too_few_clients_within_the_wait_is_a_clear_error(procs, certs):
                                        "--wait-timeout", "1"))
     assert procs.wait("server", 60) == 2
     assert "only 0 of the 3 required clients connected within 1 s" in " ".join(procs.log("server").split())
+
+
+def test_ctrl_c_stops_the_server_cleanly(procs, certs):
+    procs.start("server", *server_args(free_port(), certs, "out", "--rounds", "1", "--min-clients", "3"))
+    procs.wait_for_text("server", "waiting for clients")
+    procs.procs["server"].send_signal(signal.SIGINT)
+    assert procs.wait("server", 30) == 130
+    assert "completed rounds are saved; continue with --resume" in " ".join(procs.log("server").split())
