@@ -159,26 +159,26 @@ def _run_to_end(procs: Procs, port: int, certs: Path, out: str, tag: str, rounds
 
 def test_kill_9_of_the_server_then_resume_finishes_like_an_uninterrupted_run(procs, certs, tmp_path):
     port = free_port()
-    _run_to_end(procs, port, certs, "straight", "a", 4)
+    _run_to_end(procs, port, certs, "straight", "a", 5)
     assert procs.wait("servera") == 0
     straight = final_history(tmp_path, "straight")["rounds"][-1]["centralized"]["metrics"]["accuracy"]
 
     port = free_port()
-    _run_to_end(procs, port, certs, "resumed", "b", 4)
-    procs.wait_for_text("serverb", "Round 2/4")
+    _run_to_end(procs, port, certs, "resumed", "b", 5)
+    procs.wait_for_text("serverb", "Round 2/5")
     procs.procs["serverb"].send_signal(signal.SIGKILL)
     procs.wait("serverb", 10)
-    procs.start("serverc", *server_args(port, certs, "resumed", "--rounds", "4", "--min-clients", "3", "--resume"))
+    procs.start("serverc", *server_args(port, certs, "resumed", "--rounds", "5", "--min-clients", "3", "--resume"))
     assert procs.wait("serverc") == 0, procs.log("serverc")
     assert "resuming after round 2" in procs.log("serverc")
-    assert "Round 3/4" in procs.log("serverc") and "Round 1/4" not in procs.log("serverc")
+    assert "Round 3/5" in procs.log("serverc") and "Round 1/5" not in procs.log("serverc")
     history = final_history(tmp_path, "resumed")
-    assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4, 5]
     resumed = history["rounds"][-1]["centralized"]["metrics"]["accuracy"]
     assert abs(resumed - straight) <= 0.005
     for cid in range(3):  # the clients rode out the restart by reconnecting
         assert procs.wait(f"client{cid}b") == 0
-        assert "Done: 4 tasks completed" in procs.log(f"client{cid}b")
+        assert "Done: 5 tasks completed" in procs.log(f"client{cid}b")
 
 
 def test_too_few_clients_within_the_wait_is_a_clear_error(procs, certs):

@@ -67,3 +67,31 @@ def test_describe_mismatch_cases():
     assert "2 arrays where 1" in describe_mismatch(base * 2, base)
     assert "named 'b'" in describe_mismatch([ParamSpec("b", (2,), f32)], base)
     assert "dtype float64, expected float32" in describe_mismatch([ParamSpec("a", (2,), f64)], base)
+
+
+def test_shared_snapshot_is_copied_only_if_still_held_when_the_module_is_reloaded():
+    from insitu.params import flatten_module_
+
+    net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    assert flatten_module_(net)
+    before = Parameters.from_module(net)  # a private copy
+    shared = Parameters.from_module(net, share=True)
+    kept = shared.flat().copy()
+    zeros = Parameters.from_flat(np.zeros(before.num_values, np.float32), before.specs)
+    zeros.to_module(net)  # reloading the module detaches the still-held shared snapshot first
+    assert np.array_equal(shared.flat(), kept) and shared == before
+    assert not np.shares_memory(shared.flat(), net._insitu_flat.numpy())
+    assert all(not p.any() for p in net.state_dict().values())
+    # a snapshot nobody holds any more costs nothing and is simply released
+    Parameters.from_module(net, share=True)
+    before.to_module(net)
+    assert Parameters.from_module(net) == before
+
+
+def test_flatten_refuses_tied_or_non_float_state():
+    from insitu.params import flatten_module_
+
+    tied = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    tied[1].weight = tied[0].weight
+    assert not flatten_module_(tied)
+    assert not flatten_module_(nn.BatchNorm1d(3))  # int64 num_batches_tracked

@@ -7,6 +7,7 @@ Aggregators work on one flat float32 vector; only the edges (clients, model I/O)
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class Parameters:
     so neither the arrays nor ``flat()`` may be modified in place.
     """
 
-    __slots__ = ("_names", "_arrays", "_flat")
+    __slots__ = ("_names", "_arrays", "_flat", "__weakref__")
 
     def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray], _flat: np.ndarray | None = None) -> None:
         if len(names) != len(arrays):
@@ -67,11 +68,22 @@ class Parameters:
         return cls(names, [t.cpu().numpy().copy() for t in tensors])
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> Parameters:
-        """Snapshot every parameter and buffer of ``module`` (its full state_dict)."""
+    def from_module(cls, module: nn.Module, *, share: bool = False) -> Parameters:
+        """Snapshot every parameter and buffer of ``module`` (its full state_dict).
+
+        ``share=True`` (flattened modules only) skips the copy: the result views the module's
+        memory until insitu next loads parameters into the module, at which point a result that is
+        still referenced gets its own copy. For engines that fold each result before the next
+        client runs (the in-process simulation), so the usual case costs no copy at all.
+        """
         flat = _flat_storage(module)
         if flat is not None:  # a flattened module: the whole state is one copy
             specs = module._insitu_specs  # type: ignore[attr-defined]
+            if share:
+                _release_lease(module)
+                shared = cls.from_flat(flat.detach().numpy(), specs, copy=False)
+                object.__setattr__(module, "_insitu_lease", weakref.ref(shared))
+                return shared
             return cls.from_flat(flat.detach().numpy(), specs, copy=True)
         return cls.from_state_dict(module.state_dict())
 
@@ -155,6 +167,7 @@ class Parameters:
 
     def to_module(self, module: nn.Module) -> None:
         """Copy values into ``module`` in place; names, shapes and dtypes must match exactly."""
+        _release_lease(module)
         flat = _flat_storage(module)
         if flat is not None and self._flat is not None and self.specs == module._insitu_specs:  # type: ignore[attr-defined]
             with torch.no_grad():
@@ -168,6 +181,16 @@ class Parameters:
         with torch.no_grad():
             for name, array in zip(self._names, self._arrays):
                 state[name].copy_(torch.from_numpy(array))
+
+    def _detach(self) -> None:
+        """Take a private copy of the shared buffer this value views (see ``from_module(share=True)``)."""
+        assert self._flat is not None
+        flat = self._flat.copy()
+        views, offset = [], 0
+        for array in self._arrays:
+            views.append(flat[offset : offset + array.size].reshape(array.shape))
+            offset += array.size
+        self._flat, self._arrays = flat, tuple(views)
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         return iter(zip(self._names, self._arrays))
@@ -208,6 +231,16 @@ def flatten_module_(module: nn.Module) -> bool:
     object.__setattr__(module, "_insitu_specs", tuple(ParamSpec(k, tuple(v.shape), np.dtype(np.float32)) for k, v in state.items()))
     object.__setattr__(module, "_insitu_ptrs", tuple(v.data_ptr() for v in tensors))
     return True
+
+
+def _release_lease(module: nn.Module) -> None:
+    """Before the module's memory changes: a shared snapshot still in use gets its own copy."""
+    ref = getattr(module, "_insitu_lease", None)
+    if ref is not None:
+        leased = ref()
+        if leased is not None:
+            leased._detach()
+        object.__setattr__(module, "_insitu_lease", None)
 
 
 def _flat_storage(module: nn.Module) -> torch.Tensor | None:

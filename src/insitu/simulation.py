@@ -145,7 +145,8 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     def client_fn(cid: str) -> TorchClient:
         i = int(cid)
         return TorchClient(model, train, test if test_parts else None, train_indices=train_parts[i],
-                           test_indices=test_parts[i] if test_parts else None, settings=settings)
+                           test_indices=test_parts[i] if test_parts else None, settings=settings,
+                           share_result=True)
 
     strategy = make_strategy(config, central_evaluator(model, test))
     return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn,

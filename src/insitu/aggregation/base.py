@@ -25,7 +25,11 @@ class Reducer(Protocol):
         """A fresh accumulator for vectors of length ``dim``."""
 
     def add(self, acc: Any, update: np.ndarray, weight: float) -> Any:
-        """Fold one update (float32, length ``dim``) with a positive weight into ``acc``."""
+        """Fold one update (float32, length ``dim``) with a positive weight into ``acc``.
+
+        A streaming reducer must not keep ``update`` past the call (it may view memory that is
+        reused); a buffering one (``streaming = False``) is handed its own copy.
+        """
 
     def finish(self, acc: Any) -> np.ndarray:
         """The aggregate (float32, length ``dim``), a new array the caller owns; ``acc`` is spent."""

@@ -82,6 +82,7 @@ class TorchClient:
         loss_fn: nn.Module | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        share_result: bool = False,
     ) -> None:
         self.model = model
         self.train = train
@@ -92,6 +93,9 @@ class TorchClient:
         self.loss_fn = loss_fn
         self.device = torch.device(device)
         self.seed = seed
+        # Results view the (flattened, shared) model instead of copying it; see
+        # Parameters.from_module(share=True). The simulation engine turns this on.
+        self.share_result = share_result
 
     # -- Client protocol ---------------------------------------------------------------------
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
@@ -99,7 +103,7 @@ class TorchClient:
         parameters.to_module(self.model)
         num_examples, mean_loss = self._train(settings, int(config.get("seed", self.seed)))
         metrics = {"train_loss": mean_loss} if num_examples else {}
-        return FitResult(Parameters.from_module(self.model), num_examples, metrics)
+        return FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
 
     def evaluate(self, parameters: Parameters, config: Config) -> EvalResult:
         settings = self.settings.updated(config)
