@@ -57,6 +57,7 @@ def server(
     test_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test examples only."),
     csv: Optional[Path] = typer.Option(None, help="Evaluate on this CSV test file (clients train on their own CSVs)."),
     label_column: str = typer.Option("label", help="CSV column holding the class label."),
+    num_classes: Optional[int] = typer.Option(None, help="Classes in the CSV labels (default: largest label + 1; set it on every party)."),
     address: str = typer.Option("127.0.0.1:8080", help="host:port to listen on."),
     certs: Optional[Path] = typer.Option(None, help="Folder from `insitu keygen` (server.pem, server.key, ca.pem, allowed_clients.json)."),
     allow: Optional[Path] = typer.Option(None, help="Allow-list of client keys (default: CERTS/allowed_clients.json)."),
@@ -92,7 +93,7 @@ def server(
         if min_fit_clients is None and min_clients is None:
             config.min_fit_clients = config.num_clients
         config.validate()
-        test = load_csv(csv, label_column) if csv is not None else load_dataset(config.dataset, "test", config.data_dir)
+        test = load_csv(csv, label_column, num_classes) if csv is not None else load_dataset(config.dataset, "test", config.data_dir)
         if config.test_limit:
             test = test.subset(np.arange(min(config.test_limit, len(test))))
         torch.manual_seed(config.seed)
@@ -148,6 +149,7 @@ def client(
     partition_seed: int = typer.Option(0, help="Seed of the partition (same on every client)."),
     csv: Optional[Path] = typer.Option(None, help="Train on this CSV file instead of a named dataset."),
     label_column: str = typer.Option("label", help="CSV column holding the class label."),
+    num_classes: Optional[int] = typer.Option(None, help="Classes in the CSV labels (default: largest label + 1; set it on every party)."),
     model: Optional[str] = typer.Option(None, help="Architecture (must match the server's); default per dataset."),
     train_limit: int = typer.Option(0, help="Use only the first N examples of the dataset before partitioning."),
     give_up_after: float = typer.Option(600.0, help="Stop if the server is unreachable this long (seconds)."),
@@ -165,7 +167,7 @@ def client(
     setup_logging(verbose)
     try:
         if csv is not None:
-            train, test, indices, test_indices = load_csv(csv, label_column), None, None, None
+            train, test, indices, test_indices = load_csv(csv, label_column, num_classes), None, None, None
             name = model or "mlp"
         else:
             train = load_dataset(dataset, "train", data_dir)
