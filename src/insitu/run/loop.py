@@ -98,8 +98,10 @@ class Coordinator:
     def run_round(self, server_round: int, parameters: Parameters, optimizer_state: Any) -> tuple[RoundRecord, Parameters, Any]:
         strategy = self.strategy
         record = RoundRecord(round=server_round)
-        started = time.perf_counter()
+        waiting = time.perf_counter()
         available = self.pool.wait_for(strategy.min_available_clients, self.wait_timeout)
+        started = time.perf_counter()
+        record.timings["wait_s"] = started - waiting  # not part of the round's own time
         rng = np.random.default_rng([self.seed, server_round])
         record.selected = strategy.sample_fit(available, rng)
         base_config = strategy.fit_config_for(server_round)
