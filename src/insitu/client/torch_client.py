@@ -119,9 +119,6 @@ class TorchClient:
     def _loss(self, settings: TrainSettings) -> nn.Module:
         return self.loss_fn if self.loss_fn is not None else LOSSES[settings.loss]()
 
-    def _optimizer(self, settings: TrainSettings) -> torch.optim.Optimizer:
-        return fresh_optimizer(self.model, settings)
-
     def _train(self, settings: TrainSettings, seed: int) -> tuple[int, float]:
         """Run the local epochs; returns (examples in the local dataset, mean training loss)."""
         if self.train is None:
@@ -133,7 +130,7 @@ class TorchClient:
             return n, 0.0
         batch = settings.batch_size or n
         model, loss_fn, device = self.model, self._loss(settings), self.device
-        optimizer = self._optimizer(settings)
+        optimizer = fresh_optimizer(model, settings)
         generator = torch.Generator().manual_seed(seed)
         losses: list[torch.Tensor] = []
         model.train()

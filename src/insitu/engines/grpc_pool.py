@@ -113,16 +113,20 @@ class GrpcClientPool:
             self._sessions[session.token] = session
             self._by_client[client_id] = session
             self._lock.notify_all()
-        self._emit("joined", client_id, peer)
+        self.notify("joined", client_id, peer)
         return session
 
     def session(self, token: str) -> Session | None:
         """The live session for ``token`` (touching its liveness), or None."""
-        with self._lock:
-            self._expire_stale()
+        with self._lock:  # only this session is checked: heartbeats must not scan every client
             session = self._sessions.get(token)
-            if session is not None:
-                session.last_seen = time.monotonic()
+            if session is None:
+                return None
+            now = time.monotonic()
+            if now - session.last_seen > self.heartbeat_timeout:
+                self._drop(session, f"no heartbeat for {now - session.last_seen:.0f} s")
+                return None
+            session.last_seen = now
             return session
 
     def leave(self, token: str) -> None:
@@ -271,9 +275,10 @@ class GrpcClientPool:
         self._sessions.pop(session.token, None)
         if self._by_client.get(session.client_id) is session:
             del self._by_client[session.client_id]
-        self._emit("left", session.client_id, reason)
+        self.notify("left", session.client_id, reason)
 
-    def _emit(self, event: str, client_id: str, detail: str) -> None:
+    def notify(self, event: str, client_id: str, detail: str) -> None:
+        """Log a client event (joined, left, rejected) and pass it to the listeners (the store)."""
         log.info("client %s %s (%s)", client_id, event, detail)
         for listener in self.listeners:
             try:

@@ -121,7 +121,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _refuse(self, context: grpc.ServicerContext, client_id: str, peer: str, reason: str) -> None:
         log.warning("rejected client %r from %s: %s", client_id, peer, reason)
-        self.pool._emit("rejected", client_id, reason)
+        self.pool.notify("rejected", client_id, reason)
         message = reason if reason.startswith("authentication failed") else f"authentication failed: {reason}"
         context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 

@@ -103,7 +103,7 @@ class Strategy:
         metric_entries: list[tuple[int, Metrics]] = []
         for _cid, result in results:
             update = result.parameters.flat() if on_models else result.parameters.flat() - global_flat
-            if not self.reducer.streaming and update is result.parameters.flat():
+            if on_models and not self.reducer.streaming:
                 update = update.copy()  # a buffering reducer keeps it; the result may be a shared view
             acc = self.reducer.add(acc, update, result.num_examples)
             metric_entries.append((result.num_examples, result.metrics))
