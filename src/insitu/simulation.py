@@ -153,14 +153,24 @@ def build_experiment(config: SimulationConfig) -> Experiment:
                       Parameters.from_module(model))
 
 
-def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None) -> Strategy:
-    """The strategy named in ``config`` with its sampling settings; clients get the training settings."""
+def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None, *, remote: bool = False) -> Strategy:
+    """The strategy named in ``config`` with its sampling settings.
+
+    In simulation every client is always there and gets its training settings when it is built.
+    A ``remote`` server instead waits for ``num_clients`` connections and sends the training
+    settings with every task.
+    """
     factory = fedsgd if config.strategy == "fedsgd" else fedavg
+    fit_config: dict[str, Any] = {}
+    if remote:
+        fit_config = {"local_epochs": config.local_epochs, "batch_size": config.batch_size,
+                      "lr": config.lr, "momentum": config.momentum}
     return factory(
         fraction_fit=config.fraction_fit,
         min_fit_clients=config.min_fit_clients,
-        min_available_clients=max(config.min_fit_clients, 1),
+        min_available_clients=config.num_clients if remote else max(config.min_fit_clients, 1),
         fraction_evaluate=config.fraction_evaluate,
+        fit_config=fit_config,
         evaluate_fn=evaluate_fn,
     )
 

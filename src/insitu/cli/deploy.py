@@ -98,10 +98,7 @@ def server(
             test = test.subset(np.arange(min(config.test_limit, len(test))))
         torch.manual_seed(config.seed)
         net = build_model(config.model, test.input_shape, test.num_classes)
-        strategy = make_strategy(config, central_evaluator(net, test))
-        strategy.min_available_clients = config.num_clients
-        strategy.fit_config = {"local_epochs": config.local_epochs, "batch_size": config.batch_size,
-                               "lr": config.lr, "momentum": config.momentum}
+        strategy = make_strategy(config, central_evaluator(net, test), remote=True)
         tls, allow_list = None, None
         if certs is not None:
             tls = ServerTLS(certs / "server.pem", certs / "server.key", certs / "ca.pem" if mtls else None)
