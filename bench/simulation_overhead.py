@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from insitu.engines import InProcessPool
+from insitu.engines.heap import frozen_heap
 from insitu.run import Coordinator, client_seed
 from insitu.simulation import SimulationConfig, build_experiment
 
@@ -90,7 +91,8 @@ def bench_model(model: str, data_dir: str, rounds: int, repeats: int, seed: int)
     interleaved_run(experiment, 1, seed)  # warm-up (allocator, kernels)
     ours, floor = [], []
     for _ in range(repeats):
-        a, b, steps = interleaved_run(experiment, rounds, seed)
+        with frozen_heap():  # as insitu.simulate() runs its rounds
+            a, b, steps = interleaved_run(experiment, rounds, seed)
         ours.append(a)
         floor.append(b)
     per_repeat = [a / b for a, b in zip(ours, floor)]

@@ -95,3 +95,25 @@ def test_flatten_refuses_tied_or_non_float_state():
     tied[1].weight = tied[0].weight
     assert not flatten_module_(tied)
     assert not flatten_module_(nn.BatchNorm1d(3))  # int64 num_batches_tracked
+
+
+@pytest.mark.parametrize("change", ["new_parameter", "new_submodule", "load_assign"])
+def test_flattened_module_changed_behind_our_back_still_loads_and_snapshots_correctly(change):
+    """Re-created tensors or submodules no longer live in the flat buffer: insitu must notice."""
+    from insitu.params import _flat_storage, flatten_module_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    assert flatten_module_(net)
+    assert _flat_storage(net) is not None
+    if change == "new_parameter":
+        net[1].bias = nn.Parameter(torch.ones(2))
+    elif change == "new_submodule":
+        net[1] = nn.Linear(2, 2)
+    else:
+        net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    assert _flat_storage(net) is None
+    target = Parameters.from_flat(np.arange(14, dtype=np.float32), Parameters.from_module(net).specs)
+    target.to_module(net)
+    assert Parameters.from_module(net, share=True) == target
+    assert np.array_equal(net[1].bias.detach().numpy(), [12.0, 13.0])

@@ -7,6 +7,7 @@ Aggregators work on one flat float32 vector; only the edges (clients, model I/O)
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class ParamSpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 class Parameters:
@@ -38,7 +39,7 @@ class Parameters:
     so neither the arrays nor ``flat()`` may be modified in place.
     """
 
-    __slots__ = ("_names", "_arrays", "_flat", "__weakref__")
+    __slots__ = ("_names", "_arrays", "_flat", "_specs", "__weakref__")
 
     def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray], _flat: np.ndarray | None = None) -> None:
         if len(names) != len(arrays):
@@ -48,6 +49,7 @@ class Parameters:
         self._names = tuple(names)
         self._arrays = tuple(np.asarray(a) for a in arrays)
         self._flat = _flat
+        self._specs: tuple[ParamSpec, ...] | None = None
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -112,16 +114,19 @@ class Parameters:
         if isinstance(vector, torch.Tensor):
             vector = vector.detach().cpu().numpy()
         vector = np.asarray(vector).reshape(-1)
-        total = sum(s.size for s in specs)
-        if vector.size != total:
-            raise ValueError(f"flat vector has {vector.size} values, specs need {total}")
-        if all(np.dtype(s.dtype) == np.float32 for s in specs):
+        sizes = [s.size for s in specs]
+        if vector.size != sum(sizes):
+            raise ValueError(f"flat vector has {vector.size} values, specs need {sum(sizes)}")
+        if all(s.dtype == np.float32 for s in specs):
             flat = vector.astype(np.float32, copy=copy)
             views, offset = [], 0
-            for spec in specs:
-                views.append(flat[offset : offset + spec.size].reshape(spec.shape))
-                offset += spec.size
-            return cls([s.name for s in specs], views, _flat=flat)
+            for spec, size in zip(specs, sizes):
+                views.append(flat[offset : offset + size].reshape(spec.shape))
+                offset += size
+            made = cls([s.name for s in specs], views, _flat=flat)
+            if all(isinstance(s, ParamSpec) and isinstance(s.dtype, np.dtype) and isinstance(s.shape, tuple) for s in specs):
+                made._specs = tuple(specs)  # already canonical: no need to rebuild them on demand
+            return made
         arrays, offset = [], 0
         for spec in specs:
             chunk = vector[offset : offset + spec.size].reshape(spec.shape)
@@ -142,7 +147,9 @@ class Parameters:
 
     @property
     def specs(self) -> tuple[ParamSpec, ...]:
-        return tuple(ParamSpec(n, tuple(a.shape), a.dtype) for n, a in zip(self._names, self._arrays))
+        if self._specs is None:
+            self._specs = tuple(ParamSpec(n, tuple(a.shape), a.dtype) for n, a in zip(self._names, self._arrays))
+        return self._specs
 
     @property
     def num_values(self) -> int:
@@ -213,11 +220,15 @@ def flatten_module_(module: nn.Module) -> bool:
     Loading and snapshotting parameters then cost one copy each instead of one per tensor, which
     matters when one model serves many small virtual clients. The module behaves as before (same
     Parameter objects, so optimizers keep working). Returns False, changing nothing, for modules
-    with non-float32 state or tensors shared under two names.
+    with non-float32 state, tensors shared under two names, or state_dict entries that are not
+    plain parameters or buffers.
     """
     state = module.state_dict(keep_vars=True)
     tensors = list(state.values())
     if not tensors or any(t.dtype != torch.float32 for t in tensors) or len({id(t) for t in tensors}) != len(tensors):
+        return False
+    slots = _state_slots(module, state)
+    if slots is None:
         return False
     flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=tensors[0].device)
     offset = 0
@@ -229,8 +240,27 @@ def flatten_module_(module: nn.Module) -> bool:
             offset += t.numel()
     object.__setattr__(module, "_insitu_flat", flat)
     object.__setattr__(module, "_insitu_specs", tuple(ParamSpec(k, tuple(v.shape), np.dtype(np.float32)) for k, v in state.items()))
-    object.__setattr__(module, "_insitu_ptrs", tuple(v.data_ptr() for v in tensors))
+    object.__setattr__(module, "_insitu_slots", tuple((table, key, t.data_ptr()) for (table, key), t in zip(slots, tensors)))
+    links = [(parent._modules, name, child) for parent in module.modules() for name, child in parent._modules.items()]
+    object.__setattr__(module, "_insitu_links", tuple(links))
     return True
+
+
+def _state_slots(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[tuple[dict, str]] | None:
+    """For each state_dict entry, the (``_parameters`` or ``_buffers`` dict, key) holding it; None
+    if an entry comes from elsewhere (a custom ``state_dict`` hook or extra state)."""
+    slots = []
+    for name, tensor in state.items():
+        prefix, _, key = name.rpartition(".")
+        try:
+            owner = module.get_submodule(prefix) if prefix else module
+        except AttributeError:
+            return None
+        table = owner._parameters if key in owner._parameters else owner._buffers
+        if table.get(key) is not tensor:
+            return None
+        slots.append((table, key))
+    return slots
 
 
 def _release_lease(module: nn.Module) -> None:
@@ -248,9 +278,13 @@ def _flat_storage(module: nn.Module) -> torch.Tensor | None:
     flat = getattr(module, "_insitu_flat", None)
     if flat is None or flat.device.type != "cpu":
         return None
-    state = module.state_dict(keep_vars=True)
-    if tuple(v.data_ptr() for v in state.values()) != module._insitu_ptrs:  # type: ignore[attr-defined]
-        return None  # something re-created a tensor: fall back to the per-tensor path
+    for children, name, child in module._insitu_links:  # type: ignore[attr-defined]
+        if children.get(name) is not child:
+            return None  # a submodule was replaced
+    for table, key, pointer in module._insitu_slots:  # type: ignore[attr-defined]
+        tensor = table.get(key)
+        if tensor is None or tensor.data_ptr() != pointer:
+            return None  # something re-created or removed a tensor: fall back to the per-tensor path
     return flat
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from insitu.client.torch_client import TorchClient, TrainSettings, evaluate_model
 from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
 from insitu.engines.base import ClientPool
+from insitu.engines.heap import frozen_heap
 from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, flatten_module_
@@ -44,7 +45,8 @@ def simulate(
     pool = pool if pool is not None else InProcessPool(client_fn, num_clients)
     coordinator = Coordinator(strategy, pool, num_rounds=num_rounds, seed=seed, on_round=on_round)
     try:
-        return coordinator.run(initial_parameters)
+        with frozen_heap():  # no full-heap GC pauses in the middle of rounds
+            return coordinator.run(initial_parameters)
     finally:
         pool.close()
 

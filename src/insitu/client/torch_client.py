@@ -132,7 +132,7 @@ class TorchClient:
         model, loss_fn, device = self.model, self._loss(settings), self.device
         optimizer = fresh_optimizer(model, settings)
         generator = torch.Generator().manual_seed(seed)
-        losses: list[torch.Tensor] = []
+        loss_sum, steps = torch.zeros((), device=device), 0  # summed in place: no per-step objects kept
         model.train()
         for _ in range(settings.local_epochs):
             order = torch.randperm(n, generator=generator)
@@ -147,9 +147,10 @@ class TorchClient:
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.detach())
+                loss_sum += loss.detach()
+                steps += 1
         optimizer.zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
-        return n, float(torch.stack(losses).mean())
+        return n, float(loss_sum) / steps
 
 
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()
