@@ -16,6 +16,13 @@ class EmptyAggregationError(ValueError):
     """``finish`` was called before any update was added."""
 
 
+class AggregationAssumptionError(ValueError):
+    """An aggregator's assumption does not hold (e.g. too few updates for the tolerated attackers).
+
+    The message names the limit broken and the fix, so a misconfigured run fails with advice.
+    """
+
+
 class Reducer(Protocol):
     """Turns a stream of (update vector, weight) pairs into one vector."""
 
