@@ -55,7 +55,7 @@ def interleaved_run(experiment, rounds: int, seed: int) -> tuple[float, float, i
     pool = InProcessPool(experiment.client_fn, experiment.config.num_clients)
     coordinator = Coordinator(experiment.strategy, pool, num_rounds=rounds, seed=seed, evaluate_initial=False)
     parameters, state = experiment.initial_parameters, None
-    state = experiment.strategy.init_optimizer(parameters)
+    state = experiment.strategy.init_state(parameters)
     floor_model = experiment.model
     floor_optimizer_params = None
     ours = floor = 0.0

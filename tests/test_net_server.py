@@ -319,17 +319,20 @@ def test_same_seed_same_parameters_in_process_and_over_the_network():
 def test_store_round_trip_and_client_registry(tmp_path):
     from insitu.run.history import Evaluation, RoundRecord
     from insitu.run.store import RunStore
+    from insitu.strategies.strategy import ServerState
 
     store = RunStore(tmp_path / "s.db")
     assert store.load() is None
     params = Parameters.from_arrays({"w": np.arange(4, dtype=np.float32), "n": np.array(3, np.int64)})
     record = RoundRecord(round=1, num_results=2, centralized=Evaluation(0.5, {"accuracy": 0.9}))
-    store.save_round(record, params, {"m": np.ones(4, np.float32)}, Evaluation(2.3, {"accuracy": 0.1}))
+    server_state = ServerState({"m": np.ones(4, np.float32)}, {"c": np.full(5, 0.5, np.float32)})
+    store.save_round(record, params, server_state, Evaluation(2.3, {"accuracy": 0.1}))
     store.record_client("a", "joined", "peer")
     store.close()
     again = RunStore(tmp_path / "s.db")
     last, loaded, history, state = again.load()
-    assert last == 1 and loaded == params and np.array_equal(state["m"], np.ones(4))
+    assert last == 1 and loaded == params and np.array_equal(state.optimizer["m"], np.ones(4))
+    assert np.array_equal(state.algorithm["c"], np.full(5, 0.5))
     assert history.rounds[0].centralized.accuracy == 0.9 and history.initial.loss == 2.3
     assert again.clients()["a"]["status"] == "joined"
     json.dumps(history.to_dict())

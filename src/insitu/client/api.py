@@ -12,7 +12,10 @@ from typing import Protocol, Union, runtime_checkable
 from insitu.params import Parameters
 
 Scalar = Union[bool, int, float, str]
-Config = dict[str, Scalar]
+ConfigValue = Union[Scalar, Parameters]
+Config = dict[str, ConfigValue]
+"""Per-round settings from the server. Values are scalars, or named arrays (``Parameters``) that an
+algorithm needs on the client, such as SCAFFOLD's server control variate; both travel by name."""
 Metrics = dict[str, float]
 
 
@@ -23,6 +26,8 @@ class FitResult:
     parameters: Parameters
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
+    extras: dict[str, Parameters] = field(default_factory=dict)
+    """Named arrays an algorithm sends back besides the model (e.g. SCAFFOLD's control-variate delta)."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ share one model object; each call loads the global parameters into it first.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -17,12 +18,19 @@ import torch
 from torch import nn
 
 from insitu.client.api import Config, EvalResult, FitResult
+from insitu.client.state import ClientState
 from insitu.params import Parameters
 
 if TYPE_CHECKING:
     from insitu.data.datasets import TensorDataset
 
+log = logging.getLogger("insitu")
+
 OPTIMIZERS = ("sgd", "adam")
+SCAFFOLD_C = "scaffold_c"  # config: the server control variate c (Parameters)
+SCAFFOLD_DELTA_C = "scaffold_delta_c"  # result extras: c_i+ - c_i (Parameters)
+SCAFFOLD_STATE = "scaffold_c_i"  # client state: this client's control variate c_i
+GradHook = Callable[[], None]
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
     "nll": nn.NLLLoss,
@@ -42,6 +50,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     loss: str = "cross_entropy"
     eval_batch_size: int = 1024
+    proximal_mu: float = 0.0  # FedProx: adds mu/2 ||w - w_global||^2 to the local objective
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -52,6 +61,8 @@ class TrainSettings:
             raise ValueError("local_epochs and batch_size must be >= 0 and eval_batch_size >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.proximal_mu >= 0:
+            raise ValueError(f"proximal_mu (FedProx's mu) must be >= 0, got {self.proximal_mu}")
 
     def updated(self, config: Config) -> TrainSettings:
         """A copy with every config key that names a field applied (cast to the field's type)."""
@@ -83,6 +94,7 @@ class TorchClient:
         device: str | torch.device = "cpu",
         seed: int = 0,
         share_result: bool = False,
+        state: ClientState | None = None,
     ) -> None:
         self.model = model
         self.train = train
@@ -96,14 +108,30 @@ class TorchClient:
         # Results view the (flattened, shared) model instead of copying it; see
         # Parameters.from_module(share=True). The simulation engine turns this on.
         self.share_result = share_result
+        # State kept between rounds (SCAFFOLD's c_i): MemoryStates().for_client(cid) in
+        # simulation, DiskState(folder) in a deployed client.
+        self.state = state
 
     # -- Client protocol ---------------------------------------------------------------------
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
         settings = self.settings.updated(config)
         parameters.to_module(self.model)
-        num_examples, mean_loss = self._train(settings, int(config.get("seed", self.seed)))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        hooks: list[GradHook] = []
+        if settings.proximal_mu > 0:
+            hooks.append(_proximal_hook(trainable, settings.proximal_mu))
+        scaffold = None
+        server_c = config.get(SCAFFOLD_C)
+        if server_c is not None:
+            scaffold = _ScaffoldStep(self.model, parameters, server_c, self._require_state(), settings)
+            hooks.append(scaffold.hook)
+        hook = hooks[0] if len(hooks) == 1 else (lambda: [h() for h in hooks]) if hooks else None
+        num_examples, mean_loss, steps = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
         metrics = {"train_loss": mean_loss} if num_examples else {}
-        return FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
+        result = FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
+        if scaffold is not None:
+            result.extras[SCAFFOLD_DELTA_C] = scaffold.finish(result.parameters, steps)
+        return result
 
     def evaluate(self, parameters: Parameters, config: Config) -> EvalResult:
         settings = self.settings.updated(config)
@@ -116,18 +144,28 @@ class TorchClient:
         return EvalResult(loss, n, {"accuracy": accuracy})
 
     # -- internals ---------------------------------------------------------------------------
+    def _require_state(self) -> ClientState:
+        if self.state is None:
+            raise ValueError("SCAFFOLD keeps a control variate per client between rounds: give this TorchClient a "
+                             "state store (state=MemoryStates().for_client(cid) in simulation, DiskState(folder) "
+                             "in a deployed client)")
+        return self.state
+
     def _loss(self, settings: TrainSettings) -> nn.Module:
         return self.loss_fn if self.loss_fn is not None else LOSSES[settings.loss]()
 
-    def _train(self, settings: TrainSettings, seed: int) -> tuple[int, float]:
-        """Run the local epochs; returns (examples in the local dataset, mean training loss)."""
+    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float, int]:
+        """Run the local epochs; returns (examples in the local dataset, mean training loss, steps).
+
+        ``grad_hook`` runs after each backward pass, before the optimizer step (FedProx's proximal
+        gradient, SCAFFOLD's correction)."""
         if self.train is None:
-            return 0, 0.0
+            return 0, 0.0, 0
         x, y = self.train.x, self.train.y
         index = self.train_indices
         n = len(index) if index is not None else len(y)
         if n == 0 or settings.local_epochs == 0:
-            return n, 0.0
+            return n, 0.0, 0
         batch = settings.batch_size or n
         model, loss_fn, device = self.model, self._loss(settings), self.device
         optimizer = fresh_optimizer(model, settings)
@@ -146,11 +184,13 @@ class TorchClient:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
+                if grad_hook is not None:
+                    grad_hook()
                 optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
         optimizer.zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
-        return n, float(loss_sum) / steps
+        return n, float(loss_sum) / steps, steps
 
 
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()
@@ -181,6 +221,78 @@ def fresh_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Op
     optimizer.state.clear()
     optimizer.param_groups[0].update(hyper)
     return optimizer
+
+
+def _proximal_hook(params: list[nn.Parameter], mu: float) -> GradHook:
+    """Adds mu (w - w_global) to each gradient: the gradient of FedProx's mu/2 ||w - w_global||^2."""
+    anchors = [p.detach().clone() for p in params]
+
+    def hook() -> None:
+        with torch.no_grad():
+            for p, anchor in zip(params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=mu)
+
+    return hook
+
+
+class _ScaffoldStep:
+    """One client's SCAFFOLD round (option II): corrected gradients, then the control-variate update."""
+
+    def __init__(self, model: nn.Module, global_params: Parameters, server_c: object, state: ClientState,
+                 settings: TrainSettings) -> None:
+        if settings.optimizer != "sgd":
+            raise ValueError(f"SCAFFOLD's control-variate update (option II) assumes SGD local steps; "
+                             f"optimizer {settings.optimizer!r} is not supported, use optimizer='sgd'")
+        if not isinstance(server_c, Parameters) or server_c.specs != global_params.specs:
+            raise ValueError("the server's SCAFFOLD control variate does not match the model it sent")
+        specs = global_params.specs
+        self.specs, self.lr, self.state = specs, settings.lr, state
+        self.x = global_params.flat().copy()
+        self.c = server_c.flat()
+        c_i = state.load(SCAFFOLD_STATE)
+        if c_i is not None and c_i.size != self.x.size:
+            log.warning("stored SCAFFOLD control variate has %d values, the model %d: starting it afresh",
+                        c_i.size, self.x.size)
+            c_i = None
+        self.c_i = np.zeros_like(self.x) if c_i is None else np.asarray(c_i, dtype=np.float32)
+        # Control variates cover trainable parameters only; buffers (BatchNorm statistics) stay 0.
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.mask = np.zeros(self.x.size, dtype=bool)
+        correction = torch.from_numpy(self.c - self.c_i)
+        self.params: list[nn.Parameter] = []
+        self.corrections: list[torch.Tensor] = []
+        offset = 0
+        for spec in specs:
+            param = trainable.get(spec.name)
+            if param is not None:
+                self.mask[offset : offset + spec.size] = True
+                self.params.append(param)
+                self.corrections.append(correction[offset : offset + spec.size].view_as(param).to(param.device))
+            offset += spec.size
+
+    def hook(self) -> None:
+        """g <- g - c_i + c for every trainable parameter."""
+        with torch.no_grad():
+            for param, correction in zip(self.params, self.corrections):
+                if param.grad is not None:
+                    param.grad.add_(correction)
+
+    def finish(self, trained: Parameters, steps: int) -> Parameters:
+        """c_i+ = c_i - c + (x - y) / (K lr); stores c_i+ and returns delta_c = c_i+ - c_i."""
+        if steps == 0:
+            return Parameters.from_flat(np.zeros_like(self.x), self.specs)
+        y = trained.flat()
+        new_c_i = np.where(self.mask, self.c_i - self.c + (self.x - y) / np.float32(steps * self.lr), 0.0)
+        new_c_i = new_c_i.astype(np.float32)
+        self.state.save(SCAFFOLD_STATE, new_c_i)
+        return Parameters.from_flat(new_c_i - self.c_i, self.specs)
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"config 'seed' must be an integer, got {value!r}")
+    return int(value)
 
 
 def _as_index(indices: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from insitu import serde
 from insitu.client.api import Client, EvalResult, FitResult
-from insitu.net import security
+from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
 from insitu.net.servicer import CHUNK_SIZE, PROTOCOL_VERSIONS
@@ -156,11 +156,14 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, wait_s:
     if first.WhichOneof("body") == "shutdown":
         return "shutdown"
     header = first.header
-    decoder = serde.StreamDecoder(max_bytes=max(header.payload_bytes, 1))
+    declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
+    decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=max(declared, 1))
     for message in stream:
         decoder.feed(message.chunk)
-    parameters = decoder.finish()
-    config = json.loads(header.config_json or "{}")
+    parameters, extras = decoder.finish()
+    if parameters is None:
+        raise serde.SerdeError("the server sent a task without parameters")
+    config = {**json.loads(header.config_json or "{}"), **extras}
     log.info("round %d: %s task received", header.round, header.kind)
     try:
         if header.kind == "fit":
@@ -179,9 +182,10 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, wait_s:
 def _push_result(stub: pb_grpc.FederationStub, token: str, task_id: str, result: FitResult | EvalResult) -> None:
     metrics = json.dumps({k: float(v) for k, v in result.metrics.items()})
     if isinstance(result, FitResult):
+        size, extras = payload.describe(result.parameters, result.extras)
         head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
-                               metrics_json=metrics, payload_bytes=serde.encoded_size(result.parameters))
-        chunks = serde.iter_chunks(result.parameters, CHUNK_SIZE)
+                               metrics_json=metrics, payload_bytes=size, extras=extras)
+        chunks = payload.iter_payload(result.parameters, result.extras, CHUNK_SIZE)
     else:
         head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
                                loss=float(result.loss), metrics_json=metrics)

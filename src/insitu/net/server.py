@@ -13,7 +13,6 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -27,7 +26,7 @@ from insitu.params import Parameters, describe_mismatch
 from insitu.run.history import History, RoundRecord
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.run.store import RunStore
-from insitu.strategies.strategy import Strategy
+from insitu.strategies.strategy import ServerState, Strategy
 
 log = logging.getLogger("insitu.server")
 
@@ -127,11 +126,11 @@ class FederationServer:
             log.info("all %d rounds are already done in %s", num_rounds, self.settings.store_path)
             return RunResult(parameters, history, state)
 
-        def after_round(record: RoundRecord, params: Parameters, opt_state: Any) -> None:
+        def after_round(record: RoundRecord, params: Parameters, server_state: ServerState) -> None:
             if store is not None:
-                store.save_round(record, params, opt_state, history.initial)
+                store.save_round(record, params, server_state, history.initial)
             if on_round is not None:
-                on_round(record, params, opt_state)
+                on_round(record, params, server_state)
 
         coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed,
                                   wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
@@ -140,13 +139,13 @@ class FederationServer:
             # holds only the current global model (plus the accumulator and one update).
             handoff = [parameters]
             del parameters, initial_parameters
-            return coordinator.run(handoff.pop(), start_round=start_round, history=history, optimizer_state=state)
+            return coordinator.run(handoff.pop(), start_round=start_round, history=history, server_state=state)
         finally:
             if store is not None:
                 self.pool.listeners.remove(listener)
                 store.close()
 
-    def _restore(self, store: RunStore, initial: Parameters) -> tuple[int, Parameters, History, Any]:
+    def _restore(self, store: RunStore, initial: Parameters) -> tuple[int, Parameters, History, ServerState | None]:
         loaded = store.load()
         if loaded is None:
             if self.settings.resume:

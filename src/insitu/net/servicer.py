@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from insitu import serde
 from insitu.client.api import EvalResult, FitResult
 from insitu.engines.grpc_pool import SHUTDOWN, GrpcClientPool, PendingTask, PoolClosedError
-from insitu.net import security
+from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
 
@@ -151,11 +151,13 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield pb.TaskMessage(idle=pb.Idle())
             return
         assert isinstance(task, PendingTask)
-        size = serde.encoded_size(task.parameters)
+        scalars, extras = payload.split_config(task.config)
+        size, extra_headers = payload.describe(task.parameters, extras)
         with self.download_slots:
             yield pb.TaskMessage(header=pb.TaskHeader(task_id=task.task_id, kind=task.kind, round=task.server_round,
-                                                      config_json=json.dumps(task.config), payload_bytes=size))
-            for chunk in serde.iter_chunks(task.parameters, CHUNK_SIZE):
+                                                      config_json=json.dumps(scalars), payload_bytes=size,
+                                                      extras=extra_headers))
+            for chunk in payload.iter_payload(task.parameters, extras, CHUNK_SIZE):
                 if not context.is_active():
                     return
                 yield pb.TaskMessage(chunk=bytes(chunk))
@@ -184,14 +186,17 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if header.payload_bytes > self.max_update_bytes:
                     raise serde.SerdeError(f"update of {header.payload_bytes} bytes exceeds the server's limit "
                                            f"of {self.max_update_bytes}")
-                decoder = serde.StreamDecoder(max_bytes=self.max_update_bytes, expected=task.expected)
+                decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=self.max_update_bytes,
+                                                 expected=task.expected)
                 for message in request_iterator:
                     if message.WhichOneof("body") != "chunk":
                         raise serde.SerdeError("expected parameter chunks after the header")
                     decoder.feed(message.chunk)
-                parameters = decoder.finish()
+                parameters, extras = decoder.finish()
                 del decoder
-                result = FitResult(parameters, int(header.num_examples), metrics)
+                if parameters is None:
+                    raise serde.SerdeError("a fit result must carry parameters (payload_bytes was 0)")
+                result = FitResult(parameters, int(header.num_examples), metrics, extras)
                 self.pool.deliver(task, result, wait_consumed=600.0)
                 del result, parameters
         except (serde.SerdeError, ValueError) as error:

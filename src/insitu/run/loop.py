@@ -17,25 +17,26 @@ from typing import Any
 
 import numpy as np
 
+from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.client.api import EvalResult, FitResult
 from insitu.engines.base import ClientPool, Task
 from insitu.params import Parameters
 from insitu.run.history import Evaluation, History, RoundRecord
 from insitu.run.validation import check_eval_result, check_fit_result
-from insitu.strategies.strategy import Strategy
+from insitu.strategies.strategy import ServerState, Strategy
 
 log = logging.getLogger("insitu")
 
-RoundCallback = Callable[[RoundRecord, Parameters, Any], None]
+RoundCallback = Callable[[RoundRecord, Parameters, ServerState], None]
 
 
 @dataclass
 class RunResult:
-    """Final global parameters, the server optimizer's state and the per-round history."""
+    """Final global parameters, the per-round history and the server state (optimizer, algorithm)."""
 
     parameters: Parameters
     history: History
-    optimizer_state: Any = None
+    server_state: ServerState | None = None
 
 
 def client_seed(seed: int, server_round: int, client_id: str) -> int:
@@ -47,8 +48,9 @@ def client_seed(seed: int, server_round: int, client_id: str) -> int:
 class Coordinator:
     """Drives ``num_rounds`` rounds of ``strategy`` over ``pool``.
 
-    ``start_round``/``history``/``optimizer_state`` let a restarted server continue a run;
-    ``on_round`` is called after every round (persistence, progress output).
+    ``start_round``/``history``/``server_state`` let a restarted server continue a run;
+    ``on_round`` is called after every round (persistence, progress output); ``stop_when(record)``
+    returning True ends the run after that round (e.g. a target accuracy was reached).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class Coordinator:
         wait_timeout: float | None = None,
         on_round: RoundCallback | None = None,
         evaluate_initial: bool = True,
+        stop_when: Callable[[RoundRecord], bool] | None = None,
     ) -> None:
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -71,6 +74,7 @@ class Coordinator:
         self.wait_timeout = wait_timeout
         self.on_round = on_round
         self.evaluate_initial = evaluate_initial
+        self.stop_when = stop_when
 
     def run(
         self,
@@ -78,24 +82,28 @@ class Coordinator:
         *,
         start_round: int = 1,
         history: History | None = None,
-        optimizer_state: Any = None,
+        server_state: ServerState | None = None,
     ) -> RunResult:
         history = history if history is not None else History()
-        if optimizer_state is None:
-            optimizer_state = self.strategy.init_optimizer(parameters)
+        if server_state is None:
+            server_state = self.strategy.init_state(parameters)
         if start_round == 1 and self.evaluate_initial and history.initial is None:
             central = self.strategy.evaluate(0, parameters)
             if central is not None:
                 history.initial = Evaluation(central[0], dict(central[1]))
         for server_round in range(start_round, self.num_rounds + 1):
-            record, parameters, optimizer_state = self.run_round(server_round, parameters, optimizer_state)
+            record, parameters, server_state = self.run_round(server_round, parameters, server_state)
             history.rounds.append(record)
             if self.on_round is not None:
-                self.on_round(record, parameters, optimizer_state)
-        return RunResult(parameters, history, optimizer_state)
+                self.on_round(record, parameters, server_state)
+            if self.stop_when is not None and self.stop_when(record):
+                log.info("round %d: stopping early (stop condition met)", server_round)
+                break
+        return RunResult(parameters, history, server_state)
 
     # -- one round ---------------------------------------------------------------------------
-    def run_round(self, server_round: int, parameters: Parameters, optimizer_state: Any) -> tuple[RoundRecord, Parameters, Any]:
+    def run_round(self, server_round: int, parameters: Parameters,
+                  server_state: ServerState) -> tuple[RoundRecord, Parameters, ServerState]:
         strategy = self.strategy
         record = RoundRecord(round=server_round)
         waiting = time.perf_counter()
@@ -105,30 +113,34 @@ class Coordinator:
         rng = np.random.default_rng([self.seed, server_round])
         record.selected = strategy.sample_fit(available, rng)
         base_config = strategy.fit_config_for(server_round)
+        base_config.update(strategy.algorithm_config(server_state, parameters.specs))
         tasks = [self._task(cid, server_round, base_config) for cid in record.selected]
 
-        outcome = strategy.aggregate_fit(
-            parameters, optimizer_state, self._accepted_fit(server_round, parameters, tasks, record)
-        )
+        accepted = self._accepted_fit(server_round, parameters, tasks, record)
+        try:
+            outcome = strategy.aggregate_fit(parameters, server_state, accepted, num_clients=len(available))
+        except (AggregationAssumptionError, EmptyAggregationError) as error:
+            accepted.close()
+            outcome = None
+            problem = f"aggregation refused: {error}"
         record.timings["fit_s"] = time.perf_counter() - started
-        record.num_results = outcome.num_results
-        if outcome.num_results < strategy.min_fit_clients or outcome.parameters is None:
+        if outcome is not None:
+            record.num_results = outcome.num_results
+            problem = (f"only {outcome.num_results} usable results of {len(tasks)} "
+                       f"(min_fit_clients={strategy.min_fit_clients})")
+        if outcome is None or outcome.num_results < strategy.min_fit_clients or outcome.parameters is None:
             record.status = "failed"
-            record.error = (
-                f"round {server_round}: only {outcome.num_results} usable results of {len(tasks)} "
-                f"(min_fit_clients={strategy.min_fit_clients}); global model left unchanged"
-                + _failure_summary(record)
-            )
+            record.error = f"round {server_round}: {problem}; global model left unchanged" + _failure_summary(record)
             log.error(record.error)
         else:
-            parameters, optimizer_state = outcome.parameters, outcome.optimizer_state
+            parameters, server_state = outcome.parameters, outcome.server_state
             record.fit_metrics = outcome.metrics
 
         eval_started = time.perf_counter()
         self._evaluate(server_round, parameters, available, record)
         record.timings["evaluate_s"] = time.perf_counter() - eval_started
         record.timings["total_s"] = time.perf_counter() - started
-        return record, parameters, optimizer_state
+        return record, parameters, server_state
 
     def _task(self, client_id: str, server_round: int, base_config: dict[str, Any]) -> Task:
         config = dict(base_config)
@@ -145,7 +157,7 @@ class Coordinator:
             if isinstance(result, BaseException):
                 reason = f"fit failed: {type(result).__name__}: {result}"
             else:
-                reason = check_fit_result(result, expected)
+                reason = check_fit_result(result, expected) or self.strategy.check_fit_result(result, expected)
             if reason is not None:
                 self._reject(server_round, client_id, "fit", reason, record)
                 continue

@@ -1,7 +1,7 @@
 """Persistent run state in SQLite: survives a kill -9 of the server between any two statements.
 
 After every round the server commits, in one transaction, the global parameters, the round record,
-the server optimizer's state and the client registry. ``--resume`` reads the last committed round
+the server state (optimizer and algorithm) and the client registry. ``--resume`` reads the last committed round
 back. Parameters are stored in insitu's own binary format (``serde``), never pickled.
 """
 
@@ -14,11 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from insitu import serde
 from insitu.params import Parameters
 from insitu.run.history import Evaluation, History, RoundRecord
+from insitu.strategies.strategy import ServerState
 
 SCHEMA_VERSION = 1
 
@@ -62,11 +61,12 @@ class RunStore:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- rounds ----------------------------------------------------------------------------
-    def save_round(self, record: RoundRecord, parameters: Parameters, optimizer_state: Any,
+    def save_round(self, record: RoundRecord, parameters: Parameters, server_state: ServerState | None,
                    initial: Evaluation | None = None) -> None:
-        """Commit one finished round atomically (parameters, record, optimizer state)."""
+        """Commit one finished round atomically (parameters, record, server state)."""
         blob = serde.dumps(parameters)
-        state_blob = None if optimizer_state is None else serde.dumps(_state_to_parameters(optimizer_state))
+        arrays = server_state.to_arrays() if server_state is not None else {}
+        state_blob = serde.dumps(Parameters.from_arrays(arrays)) if arrays else None
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO rounds (round, parameters, optimizer_state, record, saved_at) VALUES (?, ?, ?, ?, ?)",
@@ -79,8 +79,10 @@ class RunStore:
         row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-    def load(self) -> tuple[int, Parameters, History, Any] | None:
-        """(last round, its parameters, the history up to it, optimizer state), or None if empty."""
+    def load(self) -> tuple[int, Parameters, History, ServerState | None] | None:
+        """(last round, its parameters, the history up to it, server state), or None if empty.
+
+        A None state means "nothing stored": the strategy starts from a fresh one."""
         last = self.last_round()
         if last == 0:
             return None
@@ -90,7 +92,7 @@ class RunStore:
         records = [json.loads(r[0]) for r in self._db.execute("SELECT record FROM rounds ORDER BY round")]
         initial = self.get_meta("initial_evaluation")
         history = History.from_dict({"rounds": records, "initial": json.loads(initial) if initial else None})
-        state = None if state_blob is None else _parameters_to_state(serde.loads(state_blob))
+        state = None if state_blob is None else ServerState.from_arrays(dict(serde.loads(state_blob)))
         return last, serde.loads(blob), history, state
 
     # -- client registry -------------------------------------------------------------------
@@ -124,16 +126,3 @@ class _Transaction:
     def __exit__(self, kind: object, *_: object) -> None:
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
-
-def _state_to_parameters(state: Any) -> Parameters:
-    """Server optimizer state as named arrays (the only form stored); a dict of arrays or an array."""
-    if isinstance(state, dict):
-        return Parameters.from_arrays({str(k): np.asarray(v) for k, v in state.items()})
-    if isinstance(state, np.ndarray):
-        return Parameters.from_arrays({"": state})
-    raise StoreError(f"cannot persist optimizer state of type {type(state).__name__}; use a dict of arrays")
-
-
-def _parameters_to_state(params: Parameters) -> Any:
-    arrays = dict(params)
-    return arrays[""] if list(arrays) == [""] else arrays

@@ -1,8 +1,50 @@
 """Strategies: the server side of federated algorithms, by composition."""
 
-from insitu.strategies.server_optimizers import ServerOptimizer, ServerSGD, sgd
-from insitu.strategies.strategy import Aggregate, Strategy, fedavg, fedsgd
+from insitu.strategies.server_optimizers import (
+    SERVER_OPTIMIZER_NAMES,
+    ServerAdaptive,
+    ServerMomentum,
+    ServerOptimizer,
+    ServerSGD,
+    fedadagrad,
+    fedadam,
+    fedavgm,
+    fedyogi,
+    make_server_optimizer,
+    sgd,
+)
+from insitu.strategies.algorithms import ClientAlgorithm, FedProx, LocalSGD, Scaffold
+from insitu.strategies.schedules import SCHEDULE_NAMES, lr_config, make_schedule
+from insitu.strategies.strategy import Aggregate, ServerState, Strategy, fedavg, fedprox, fedsgd, scaffold
 
-STRATEGY_NAMES = ("fedavg", "fedsgd")
+# Named strategies of the CLI and SimulationConfig; the last four are FedAvg with that server optimizer.
+STRATEGY_NAMES = ("fedavg", "fedsgd", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
-__all__ = ["Aggregate", "STRATEGY_NAMES", "ServerOptimizer", "ServerSGD", "Strategy", "fedavg", "fedsgd", "sgd"]
+__all__ = [
+    "SERVER_OPTIMIZER_NAMES",
+    "STRATEGY_NAMES",
+    "SCHEDULE_NAMES",
+    "Aggregate",
+    "ClientAlgorithm",
+    "FedProx",
+    "LocalSGD",
+    "Scaffold",
+    "ServerState",
+    "fedprox",
+    "lr_config",
+    "make_schedule",
+    "scaffold",
+    "ServerAdaptive",
+    "ServerMomentum",
+    "ServerOptimizer",
+    "ServerSGD",
+    "Strategy",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedsgd",
+    "fedyogi",
+    "make_server_optimizer",
+    "sgd",
+]

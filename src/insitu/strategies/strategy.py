@@ -17,11 +17,42 @@ import numpy as np
 
 from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
 from insitu.client.api import Config, EvalResult, FitResult, Metrics
-from insitu.params import Parameters
+from insitu.params import Parameters, ParamSpec
+from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
 
 ConfigSource = Union[Config, Callable[[int], Config]]
-CentralEvaluator = Callable[[int, Parameters], tuple[float, Metrics]]
+CentralEvaluator = Callable[[int, Parameters], Union[tuple[float, Metrics], None]]
+"""(round, global parameters) -> (loss, metrics), or None to skip evaluating that round."""
+
+
+@dataclass
+class ServerState:
+    """What the server carries from round to round besides the model: a plain value, checkpointed
+    as named arrays. ``optimizer`` is the server optimizer's state (a dict of arrays, or None);
+    ``algorithm`` the client algorithm's (e.g. SCAFFOLD's control variate ``c``)."""
+
+    optimizer: Any = None
+    algorithm: AlgorithmState = field(default_factory=dict)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat name -> array form for storage ("optimizer/m", "algorithm/c", ...)."""
+        arrays: dict[str, np.ndarray] = {}
+        if isinstance(self.optimizer, dict):
+            arrays.update({f"optimizer/{k}": np.asarray(v) for k, v in self.optimizer.items()})
+        elif self.optimizer is not None:
+            raise TypeError(f"server optimizer state must be a dict of arrays or None, got {type(self.optimizer).__name__}")
+        arrays.update({f"algorithm/{k}": np.asarray(v) for k, v in self.algorithm.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ServerState:
+        optimizer = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+        algorithm = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("algorithm/")}
+        unknown = [k for k in arrays if not k.startswith(("optimizer/", "algorithm/"))]
+        if unknown:
+            raise ValueError(f"unknown server state entries {unknown}")
+        return cls(optimizer or None, algorithm)
 
 
 @dataclass
@@ -29,7 +60,7 @@ class Aggregate:
     """The outcome of folding one round's results: new parameters (None if none arrived)."""
 
     parameters: Parameters | None
-    optimizer_state: Any
+    server_state: ServerState
     metrics: Metrics
     num_results: int
 
@@ -46,6 +77,7 @@ class Strategy:
     min_evaluate_clients: int = 1
     reducer: Reducer = field(default_factory=weighted_mean)
     server_optimizer: ServerOptimizer = field(default_factory=sgd)
+    algorithm: ClientAlgorithm = field(default_factory=local_sgd)
     fit_config: ConfigSource = field(default_factory=dict)
     evaluate_config: ConfigSource = field(default_factory=dict)
     evaluate_fn: CentralEvaluator | None = None
@@ -87,15 +119,35 @@ class Strategy:
     def evaluate_config_for(self, server_round: int) -> Config:
         return _resolve(self.evaluate_config, server_round)
 
+    def algorithm_config(self, state: ServerState, specs: tuple[ParamSpec, ...]) -> Config:
+        """What the client algorithm adds to every fit task (e.g. FedProx's mu, SCAFFOLD's c)."""
+        return self.algorithm.fit_config(state.algorithm, specs)
+
+    def check_fit_result(self, result: FitResult, specs: tuple[ParamSpec, ...]) -> str | None:
+        """Why the client algorithm cannot use ``result`` (e.g. SCAFFOLD's delta missing); None if fine."""
+        return self.algorithm.check_result(result, specs)
+
     # -- aggregation -------------------------------------------------------------------------
-    def init_optimizer(self, parameters: Parameters) -> Any:
-        return self.server_optimizer.init(parameters.flat())
+    def init_state(self, parameters: Parameters) -> ServerState:
+        return ServerState(self.server_optimizer.init(parameters.flat()), self.algorithm.init_state(parameters))
 
     def aggregate_fit(
-        self, parameters: Parameters, optimizer_state: Any, results: Iterable[tuple[str, FitResult]]
+        self,
+        parameters: Parameters,
+        server_state: ServerState | None,
+        results: Iterable[tuple[str, FitResult]],
+        num_clients: int = 0,
     ) -> Aggregate:
-        """Fold results one by one (streaming) into new global parameters."""
+        """Fold results one by one (streaming) into new global parameters and server state.
+
+        ``num_clients`` is the size of the federation this round (SCAFFOLD scales its control
+        variate update by it); 0 means "the number of results". A None state starts a fresh one.
+        """
+        if server_state is None:
+            server_state = self.init_state(parameters)
         global_flat = parameters.flat()
+        algorithm = self.algorithm
+        extras_acc = algorithm.start(global_flat.size)
         # A shift-equivariant reducer (the mean) takes the client models as they are and the delta
         # is formed once at the end, instead of one subtraction per client.
         on_models = getattr(self.reducer, "shift_equivariant", False)
@@ -106,18 +158,21 @@ class Strategy:
             if on_models and not self.reducer.streaming:
                 update = update.copy()  # a buffering reducer keeps it; the result may be a shared view
             acc = self.reducer.add(acc, update, result.num_examples)
+            extras_acc = algorithm.add(extras_acc, result)
             metric_entries.append((result.num_examples, result.metrics))
             del update, result  # released before the next result is fetched
         if not metric_entries:
-            return Aggregate(None, optimizer_state, {}, 0)
+            return Aggregate(None, server_state, {}, 0)
         delta = self.reducer.finish(acc)  # owned by us: transformed in place below
         del acc
         if on_models:
             np.subtract(delta, global_flat, out=delta)
-        new_flat, optimizer_state = self.server_optimizer.update(global_flat, delta, optimizer_state)
+        new_flat, optimizer_state = self.server_optimizer.update(global_flat, delta, server_state.optimizer)
         del delta
+        algorithm_state = algorithm.finish(extras_acc, server_state.algorithm, num_clients or len(metric_entries))
         new_params = Parameters.from_flat(new_flat, parameters.specs, copy=False)
-        return Aggregate(new_params, optimizer_state, weighted_average_metrics(metric_entries), len(metric_entries))
+        return Aggregate(new_params, ServerState(optimizer_state, algorithm_state),
+                         weighted_average_metrics(metric_entries), len(metric_entries))
 
     def aggregate_evaluate(self, results: Sequence[tuple[str, EvalResult]]) -> tuple[float | None, Metrics]:
         """Example-weighted mean loss and metrics; clients with no examples are left out."""
@@ -148,6 +203,21 @@ def fedavg(**kwargs: Any) -> Strategy:
     """FedAvg (McMahan et al. 2017): example-weighted average of the clients' models."""
     kwargs.setdefault("name", "fedavg")
     return Strategy(**kwargs)
+
+
+def fedprox(mu: float = 0.01, **kwargs: Any) -> Strategy:
+    """FedProx (Li et al. 2020): FedAvg whose clients add the proximal term mu/2 ||w - w_global||^2."""
+    kwargs.setdefault("name", "fedprox")
+    return Strategy(algorithm=FedProx(mu=mu), **kwargs)
+
+
+def scaffold(**kwargs: Any) -> Strategy:
+    """SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift on non-IID data.
+
+    The server step is the (weighted) mean of the client deltas times the server learning rate
+    (``server_optimizer=sgd(lr)``, the paper's global step size eta_g)."""
+    kwargs.setdefault("name", "scaffold")
+    return Strategy(algorithm=Scaffold(), **kwargs)
 
 
 def fedsgd(**kwargs: Any) -> Strategy:

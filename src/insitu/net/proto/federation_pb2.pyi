@@ -65,18 +65,28 @@ class PullRequest(_message.Message):
     def __init__(self, session_token: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "config_json", "payload_bytes")
+    __slots__ = ("task_id", "kind", "round", "config_json", "payload_bytes", "extras")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: str
     round: int
     config_json: str
     payload_bytes: int
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    extras: _containers.RepeatedCompositeFieldContainer[Extra]
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., extras: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ...) -> None: ...
+
+class Extra(_message.Message):
+    __slots__ = ("name", "payload_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    payload_bytes: int
+    def __init__(self, name: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class Idle(_message.Message):
     __slots__ = ()
@@ -101,7 +111,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_token", "task_id", "num_examples", "loss", "metrics_json", "error", "payload_bytes")
+    __slots__ = ("session_token", "task_id", "num_examples", "loss", "metrics_json", "error", "payload_bytes", "extras")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +119,7 @@ class ResultHeader(_message.Message):
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     task_id: str
     num_examples: int
@@ -116,7 +127,8 @@ class ResultHeader(_message.Message):
     metrics_json: str
     error: str
     payload_bytes: int
-    def __init__(self, session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    extras: _containers.RepeatedCompositeFieldContainer[Extra]
+    def __init__(self, session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., extras: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

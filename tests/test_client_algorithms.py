@@ -1,0 +1,220 @@
+"""FedProx and SCAFFOLD: exact updates on quadratics, client state, and the same run over gRPC."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from insitu.client.state import DiskState, MemoryStates
+from insitu.client.torch_client import SCAFFOLD_C, SCAFFOLD_DELTA_C, TorchClient, TrainSettings
+from insitu.data.datasets import TensorDataset
+from insitu.engines import InProcessPool
+from insitu.params import Parameters
+from insitu.run.loop import Coordinator
+from insitu.strategies import ServerState, fedprox, scaffold
+
+
+class HalfSquare(nn.Module):
+    """0.5 (w x - t)^2 with x = 1: a quadratic whose gradient in w is w - t."""
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((out.squeeze(1) - y.float()) ** 2).mean()
+
+
+def scalar_model(w0: float = 0.0) -> nn.Linear:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(w0)
+    return model
+
+
+def target_client(model, target: int, steps: int, lr: float, state=None) -> TorchClient:
+    data = TensorDataset(torch.ones(1, 1), torch.tensor([target]), 1, "quadratic")
+    return TorchClient(model, data, settings=TrainSettings(local_epochs=steps, batch_size=0, lr=lr),
+                       loss_fn=HalfSquare(), state=state)
+
+
+def test_fedprox_local_steps_follow_the_proximal_gradient_in_closed_form():
+    # grad = (w - t) + mu (w - x): K GD steps contract towards w* = (t + mu x) / (1 + mu).
+    x, t, mu, lr, steps = 2.0, 5, 0.5, 0.1, 6
+    model = scalar_model()
+    client = target_client(model, t, steps, lr)
+    start = Parameters.from_arrays({"weight": np.array([[x]], np.float32)})
+    result = client.fit(start, {"proximal_mu": mu})
+    w_star = (t + mu * x) / (1 + mu)
+    expected = w_star + (1 - lr * (1 + mu)) ** steps * (x - w_star)
+    assert result.parameters.flat()[0] == pytest.approx(expected, rel=1e-6)
+    plain = target_client(scalar_model(), t, steps, lr).fit(start, {})
+    assert plain.parameters.flat()[0] == pytest.approx(t + (1 - lr) ** steps * (x - t), rel=1e-6)
+
+
+def test_fedprox_strategy_sends_mu_and_refuses_negative_mu():
+    strategy = fedprox(0.3)
+    state = strategy.init_state(Parameters.from_arrays({"w": np.zeros(2, np.float32)}))
+    assert strategy.algorithm_config(state, ()) == {"proximal_mu": 0.3}
+    with pytest.raises(ValueError, match="mu >= 0"):
+        fedprox(-0.1)
+
+
+def test_scaffold_option_ii_matches_the_closed_form_over_rounds():
+    """Three clients with quadratic losses 0.5 (w - t_i)^2, K corrected GD steps each, 3 rounds.
+
+    With the correction, client i descends 0.5 (w - (t_i + c_i - c))^2, so after K steps from x:
+    y_i = m_i + (1 - lr)^K (x - m_i) with m_i = t_i + c_i - c; then (option II)
+    c_i+ = c_i - c + (x - y_i) / (K lr), x <- x + mean(y_i - x), c <- c + sum(c_i+ - c_i) / N.
+    """
+    targets, steps, lr, rounds = [1, 3, -2], 4, 0.1, 3
+    model, states = scalar_model(), MemoryStates()
+
+    def client_fn(cid: str) -> TorchClient:
+        return target_client(model, targets[int(cid)], steps, lr, states.for_client(cid))
+
+    strategy = scaffold(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0)
+    result = Coordinator(strategy, InProcessPool(client_fn, 3), num_rounds=rounds).run(Parameters.from_module(model))
+
+    x, c, c_i = 0.0, 0.0, [0.0, 0.0, 0.0]
+    for _ in range(rounds):
+        deltas_y, deltas_c = [], []
+        for i, t in enumerate(targets):
+            m = t + c_i[i] - c
+            y = m + (1 - lr) ** steps * (x - m)
+            new_c_i = c_i[i] - c + (x - y) / (steps * lr)
+            deltas_y.append(y - x)
+            deltas_c.append(new_c_i - c_i[i])
+            c_i[i] = new_c_i
+        x += sum(deltas_y) / 3
+        c += sum(deltas_c) / 3
+    assert result.parameters.flat()[0] == pytest.approx(x, rel=1e-5)
+    assert result.server_state.algorithm["c"][0] == pytest.approx(c, rel=1e-5)
+    for i in range(3):
+        assert states.for_client(str(i)).load("scaffold_c_i")[0] == pytest.approx(c_i[i], rel=1e-5)
+    # with every client taking part, the server's c is the mean of the clients' c_i
+    assert c == pytest.approx(sum(c_i) / 3)
+    assert states.nbytes() == 3 * 4  # one float32 per client per model value: nothing else is kept
+
+
+def test_scaffold_divides_the_control_variate_update_by_the_whole_federation():
+    strategy = scaffold(fraction_fit=0.5, min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0)
+    model, states = scalar_model(), MemoryStates()
+    pool = InProcessPool(lambda cid: target_client(model, 2, 1, 0.5, states.for_client(cid)), 4)
+    start = Parameters.from_module(model)
+    record, _, state = Coordinator(strategy, pool, num_rounds=1).run_round(1, start, strategy.init_state(start))
+    assert len(record.selected) == 2
+    # each client: one step from 0 with grad -2, lr 0.5 -> y = 1, c_i+ = (0 - 1)/(1 * 0.5) = -2
+    assert state.algorithm["c"][0] == pytest.approx(2 * -2.0 / 4)
+
+
+def test_scaffold_needs_a_state_store_and_sgd():
+    start = Parameters.from_arrays({"weight": np.zeros((1, 1), np.float32)})
+    c = {SCAFFOLD_C: Parameters.from_arrays({"weight": np.zeros((1, 1), np.float32)})}
+    with pytest.raises(ValueError, match="state store"):
+        target_client(scalar_model(), 1, 1, 0.1).fit(start, c)
+    client = target_client(scalar_model(), 1, 1, 0.1, MemoryStates().for_client("0"))
+    with pytest.raises(ValueError, match="assumes SGD"):
+        client.fit(start, {**c, "optimizer": "adam"})
+
+
+def test_scaffold_result_without_its_delta_is_rejected_and_the_round_goes_on():
+    from insitu.client.api import FitResult
+
+    model, states = scalar_model(), MemoryStates()
+
+    class Forgetful:
+        def fit(self, parameters, config):
+            return FitResult(Parameters.from_arrays({"weight": np.ones((1, 1), np.float32)}), 1)
+
+        def evaluate(self, parameters, config):
+            raise NotImplementedError
+
+    def client_fn(cid):
+        return Forgetful() if cid == "0" else target_client(model, 1, 1, 0.1, states.for_client(cid))
+
+    strategy = scaffold(min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0)
+    start = Parameters.from_module(model)
+    record, _, _ = Coordinator(strategy, InProcessPool(client_fn, 2), num_rounds=1).run_round(
+        1, start, strategy.init_state(start))
+    assert record.status == "ok" and record.num_results == 1
+    assert "scaffold_delta_c" in record.failures[0]["reason"] and record.failures[0]["client"] == "0"
+
+
+def test_disk_state_survives_a_new_process_and_writes_atomically(tmp_path):
+    state = DiskState(tmp_path / "client-a")
+    assert state.load("scaffold_c_i") is None
+    state.save("scaffold_c_i", np.arange(5, dtype=np.float32))
+    again = DiskState(tmp_path / "client-a")
+    assert np.array_equal(again.load("scaffold_c_i"), np.arange(5))
+    assert sorted(p.name for p in (tmp_path / "client-a").iterdir()) == ["scaffold_c_i.insitu"]
+    (tmp_path / "client-a" / "scaffold_c_i.insitu").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="delete it"):
+        again.load("scaffold_c_i")
+    with pytest.raises(ValueError, match="letters, digits"):
+        again.save("../escape", np.zeros(1))
+
+
+def test_server_state_round_trips_through_named_arrays():
+    state = ServerState({"m": np.ones(3, np.float32), "v": np.full(3, 2, np.float32)}, {"c": np.zeros(3, np.float32)})
+    again = ServerState.from_arrays(state.to_arrays())
+    assert set(again.optimizer) == {"m", "v"} and np.array_equal(again.algorithm["c"], np.zeros(3))
+    assert ServerState.from_arrays(ServerState().to_arrays()) == ServerState(None, {})
+    with pytest.raises(ValueError, match="unknown server state"):
+        ServerState.from_arrays({"stray": np.zeros(1)})
+
+
+def test_scaffold_runs_the_same_over_grpc_as_in_process():
+    from insitu.net.client import connect
+    from insitu.net.server import FederationServer, ServerSettings
+    from insitu.simulation import SimulationConfig, build_experiment, simulate
+
+    config = SimulationConfig(dataset="digits", model="mlp", num_clients=3, rounds=3, lr=0.1, min_fit_clients=3,
+                              seed=5, strategy="scaffold", partition="dirichlet", alpha=0.3)
+    local = build_experiment(config)
+    expected = simulate(local.client_fn, num_clients=3, strategy=local.strategy, num_rounds=3,
+                        initial_parameters=local.initial_parameters, seed=5)
+    remote = build_experiment(config)
+    remote.strategy.min_available_clients = 3
+    server = FederationServer(ServerSettings(address="127.0.0.1:0", insecure=True, heartbeat_interval_s=0.5))
+    for i in range(3):
+        client = build_experiment(config).client_fn(str(i))  # one client object (and state) per "process"
+        threading.Thread(target=connect, args=(client, f"127.0.0.1:{server.port}"),
+                         kwargs=dict(client_id=str(i), poll_wait_s=0.5), daemon=True).start()
+    try:
+        got = server.run(remote.strategy, remote.initial_parameters, num_rounds=3, seed=5)
+    finally:
+        server.stop(grace_s=2)
+    assert [r.status for r in got.history.rounds] == ["ok"] * 3
+    assert np.abs(got.server_state.algorithm["c"]).max() > 0
+    # results may arrive in another order over the network: float32 sums then differ by ulps
+    assert np.allclose(got.parameters.flat(), expected.parameters.flat(), rtol=1e-5, atol=1e-6)
+    assert np.allclose(got.server_state.algorithm["c"], expected.server_state.algorithm["c"], rtol=1e-5, atol=1e-6)
+
+
+def test_result_extras_travel_in_order_whatever_the_chunking():
+    from insitu.net import payload
+
+    main = Parameters.from_arrays({"w": np.arange(7, dtype=np.float32)})
+    extras = {"a": Parameters.from_arrays({"w": np.ones(7, np.float32)}),
+              "b": Parameters.from_arrays({"z": np.arange(3, dtype=np.int64)})}
+    size, headers = payload.describe(main, extras)
+    blob = b"".join(payload.iter_payload(main, extras, 64))
+    for cut in (1, 5, 13, len(blob)):
+        decoder = payload.PayloadDecoder(size, headers, max_bytes=1 << 20, expected=main.specs)
+        for i in range(0, len(blob), cut):
+            decoder.feed(blob[i : i + cut])
+        got, got_extras = decoder.finish()
+        assert got == main and list(got_extras) == ["a", "b"] and got_extras["b"] == extras["b"]
+    decoder = payload.PayloadDecoder(size, headers, max_bytes=1 << 20)
+    decoder.feed(blob[:-3])
+    with pytest.raises(ValueError, match="ended early"):
+        decoder.finish()
+    decoder = payload.PayloadDecoder(size, headers, max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="more payload bytes"):
+        decoder.feed(blob + b"x")
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        payload.PayloadDecoder(size, headers, max_bytes=size)
+    scalars, arrays = payload.split_config({"lr": 0.1, SCAFFOLD_C: main})
+    assert scalars == {"lr": 0.1} and list(arrays) == [SCAFFOLD_C]
+    assert SCAFFOLD_DELTA_C == "scaffold_delta_c"
