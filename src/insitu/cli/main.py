@@ -153,6 +153,10 @@ app.command("keygen")(deploy.keygen)
 app.command("server")(deploy.server)
 app.command("client")(deploy.client)
 
+from insitu.cli import experiment as experiment_cli  # noqa: E402
+
+app.command("experiment")(experiment_cli.experiment)
+
 
 def _default_output_dir() -> Path:
     from datetime import datetime
