@@ -15,6 +15,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from insitu.aggregation import AGGREGATOR_NAMES, make_reducer
+from insitu.aggregation.transforms import min_updates_of
+from insitu.attacks import (
+    DATA_ATTACKS,
+    UPDATE_ATTACKS,
+    MaliciousClient,
+    Trigger,
+    attack_success_rate,
+    choose_malicious,
+    flip_labels,
+    make_update_attack,
+    poison_with_backdoor,
+    validate_attack,
+)
+from insitu.client.api import Client
+from insitu.client.state import MemoryStates
 from insitu.client.torch_client import TorchClient, TrainSettings, evaluate_model
 from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
 from insitu.engines.base import ClientPool
@@ -23,7 +39,19 @@ from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, flatten_module_
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
-from insitu.strategies import STRATEGY_NAMES, Strategy, fedavg, fedsgd
+from insitu.strategies import (
+    SCHEDULE_NAMES,
+    SERVER_OPTIMIZER_NAMES,
+    STRATEGY_NAMES,
+    Strategy,
+    fedavg,
+    fedprox,
+    fedsgd,
+    lr_config,
+    make_schedule,
+    make_server_optimizer,
+    scaffold,
+)
 from insitu.strategies.strategy import CentralEvaluator
 
 def simulate(
@@ -36,14 +64,19 @@ def simulate(
     seed: int = 0,
     on_round: RoundCallback | None = None,
     pool: ClientPool | None = None,
+    stop_at_accuracy: float = 0.0,
 ) -> RunResult:
     """Run ``num_rounds`` of ``strategy`` over ``num_clients`` virtual clients made by ``client_fn``.
 
     ``client_fn(cid)`` is called whenever client ``cid`` ("0" .. "N-1") is needed; keep it cheap
-    (share one model object, pass index lists rather than copies of the data).
+    (share one model object, pass index lists rather than copies of the data). With
+    ``stop_at_accuracy`` > 0 the run ends after the first round whose accuracy reaches it.
     """
     pool = pool if pool is not None else InProcessPool(client_fn, num_clients)
-    coordinator = Coordinator(strategy, pool, num_rounds=num_rounds, seed=seed, on_round=on_round)
+    stop_when = None
+    if stop_at_accuracy > 0:
+        stop_when = lambda record: (record.accuracy or 0.0) >= stop_at_accuracy  # noqa: E731
+    coordinator = Coordinator(strategy, pool, num_rounds=num_rounds, seed=seed, on_round=on_round, stop_when=stop_when)
     try:
         with frozen_heap():  # no full-heap GC pauses in the middle of rounds
             return coordinator.run(initial_parameters)
@@ -51,13 +84,25 @@ def simulate(
         pool.close()
 
 
-def central_evaluator(model: nn.Module, test: TensorDataset, batch_size: int = 1024) -> CentralEvaluator:
-    """An ``evaluate_fn`` that loads the global parameters into ``model`` and scores it on ``test``."""
+def central_evaluator(model: nn.Module, test: TensorDataset, batch_size: int = 1024, *, every: int = 1,
+                      last_round: int = 0, backdoor: tuple[Trigger, int] | None = None) -> CentralEvaluator:
+    """An ``evaluate_fn`` that loads the global parameters into ``model`` and scores it on ``test``.
 
-    def evaluate(server_round: int, parameters: Parameters) -> tuple[float, dict[str, float]]:
+    With ``every`` = k it scores rounds 0, k, 2k, ... and ``last_round`` only (long runs spend
+    less time evaluating). ``backdoor`` = (trigger, target) adds the backdoor's attack success rate.
+    """
+    if every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {every}")
+
+    def evaluate(server_round: int, parameters: Parameters) -> tuple[float, dict[str, float]] | None:
+        if server_round % every and server_round != last_round:
+            return None
         parameters.to_module(model)
         loss, accuracy, _ = evaluate_model(model, test, batch_size=batch_size)
-        return loss, {"accuracy": accuracy}
+        metrics = {"accuracy": accuracy}
+        if backdoor is not None:
+            metrics["attack_success_rate"] = attack_success_rate(model, test, backdoor[0], backdoor[1], batch_size)
+        return loss, metrics
 
     return evaluate
 
@@ -83,6 +128,27 @@ class SimulationConfig:
     optimizer: str = "sgd"
     model: str = "2nn"
     strategy: str = "fedavg"
+    mu: float = 0.01  # FedProx's proximal weight
+    server_optimizer: str = ""  # "" = the strategy's own (sgd, or the one fedavgm/fedadam/... name)
+    server_lr: float = 0.0  # 0 = the server optimizer's default (1.0 for sgd/fedavgm, 0.1 adaptive)
+    server_momentum: float = 0.9
+    tau: float = 1e-3  # adaptive server optimizers' epsilon (Reddi et al. 2021)
+    lr_schedule: str = "constant"  # constant | exponential | step | cosine, over rounds
+    lr_decay: float = 0.99  # exponential: lr x decay^(round-1); step: x decay every lr_step_every rounds
+    lr_step_every: int = 10
+    aggregator: str = "mean"
+    byzantine_f: int = 0  # attackers Krum/Multi-Krum/Bulyan must tolerate
+    trim_fraction: float = 0.1
+    clip_norm: float = 0.0  # bound every update's L2 norm (0 = off)
+    screen: bool = False  # drop non-finite and outsized updates before aggregating
+    attack: str = "none"
+    attack_fraction: float = 0.0  # share of clients that are malicious
+    attack_scale: float = 10.0  # sign_flip and scaling strength
+    attack_std: float = 1.0  # gaussian attack's noise std
+    backdoor_target: int = 0
+    poison_fraction: float = 0.5  # share of a backdoor attacker's examples that carry the trigger
+    eval_every: int = 1  # centralized evaluation every k rounds (and the last)
+    stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
     seed: int = 0
     train_limit: int = 0  # use only the first N training examples (0 = all): quick tries and tests
     test_limit: int = 0
@@ -109,7 +175,32 @@ class SimulationConfig:
             raise ValueError(f"min_fit_clients ({self.min_fit_clients}) exceeds num_clients ({self.num_clients})")
         if self.partition in ("dirichlet", "quantity") and not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         TrainSettings(self.local_epochs, self.batch_size, self.lr, self.optimizer, self.momentum)
+        if self.strategy == "scaffold" and self.optimizer != "sgd":
+            raise ValueError("scaffold's control-variate update assumes SGD local steps: use optimizer 'sgd'")
+        if self.server_optimizer and self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
+            raise ValueError(f"unknown server_optimizer {self.server_optimizer!r}; choose one of "
+                             f"{', '.join(SERVER_OPTIMIZER_NAMES)}")
+        if self.lr_schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+        if self.aggregator not in AGGREGATOR_NAMES:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATOR_NAMES)}")
+        validate_attack(self.attack, self.attack_fraction)
+        if self.attack != "none" and self.attack_fraction <= 0:
+            raise ValueError(f"attack {self.attack!r} needs attack_fraction > 0 (the share of malicious clients)")
+        if self.attack == "none" and self.attack_fraction > 0:
+            raise ValueError("attack_fraction is set but attack is 'none': name the attack (e.g. sign_flip)")
+        if not 0 < self.poison_fraction <= 1:
+            raise ValueError(f"poison_fraction must be in (0, 1], got {self.poison_fraction}")
+        strategy = make_strategy(self, None)  # builds (and so checks) optimizer, schedule, reducer, mu
+        per_round = strategy.num_fit_clients(self.num_clients)
+        needed = min_updates_of(strategy.reducer)
+        if per_round < needed:
+            raise ValueError(f"aggregator {strategy.reducer!r} needs at least {needed} updates per round, but each "
+                             f"round samples {per_round} of {self.num_clients} clients: lower byzantine_f or raise "
+                             f"num_clients/fraction_fit")
 
 
 @dataclass
@@ -125,6 +216,8 @@ class Experiment:
     strategy: Strategy
     client_fn: ClientFn
     initial_parameters: Parameters
+    malicious: list[str]
+    client_states: MemoryStates | None = None
 
 
 def build_experiment(config: SimulationConfig) -> Experiment:
@@ -143,16 +236,34 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     model = build_model(config.model, train.input_shape, train.num_classes)
     flatten_module_(model)  # one copy to load or snapshot the shared model, not one per tensor
     settings = TrainSettings(config.local_epochs, config.batch_size, config.lr, config.optimizer, config.momentum)
+    states = MemoryStates() if config.strategy == "scaffold" else None
+    malicious = choose_malicious(config.num_clients, config.attack_fraction, config.seed) if config.attack != "none" else []
+    update_attack = make_update_attack(config.attack, scale=config.attack_scale, std=config.attack_std) \
+        if config.attack in UPDATE_ATTACKS else None
+    trigger = Trigger().resolved(train.x) if config.attack == "backdoor" else None
+    poisoned: dict[str, TensorDataset] = {}
+    if config.attack in DATA_ATTACKS:  # only the attackers' own rows are copied
+        for cid in malicious:
+            own = train.subset(train_parts[int(cid)])
+            poisoned[cid] = flip_labels(own) if trigger is None else poison_with_backdoor(
+                own, trigger, config.backdoor_target, config.poison_fraction, seed=config.seed + int(cid))
+    attackers = set(malicious)
 
-    def client_fn(cid: str) -> TorchClient:
+    def client_fn(cid: str) -> Client:
         i = int(cid)
-        return TorchClient(model, train, test if test_parts else None, train_indices=train_parts[i],
-                           test_indices=test_parts[i] if test_parts else None, settings=settings,
-                           share_result=True)
+        data, rows = (poisoned[cid], None) if cid in poisoned else (train, train_parts[i])
+        client: Client = TorchClient(model, data, test if test_parts else None, train_indices=rows,
+                                     test_indices=test_parts[i] if test_parts else None, settings=settings,
+                                     share_result=True, state=states.for_client(cid) if states is not None else None)
+        if update_attack is not None and cid in attackers:
+            client = MaliciousClient(client, update_attack, seed=config.seed)
+        return client
 
-    strategy = make_strategy(config, central_evaluator(model, test))
+    evaluator = central_evaluator(model, test, every=config.eval_every, last_round=config.rounds,
+                                  backdoor=(trigger, config.backdoor_target) if trigger else None)
+    strategy = make_strategy(config, evaluator)
     return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn,
-                      Parameters.from_module(model))
+                      Parameters.from_module(model), malicious, states)
 
 
 def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None, *, remote: bool = False) -> Strategy:
@@ -162,19 +273,37 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     A ``remote`` server instead waits for ``num_clients`` connections and sends the training
     settings with every task.
     """
-    factory = fedsgd if config.strategy == "fedsgd" else fedavg
-    fit_config: dict[str, Any] = {}
+    name = config.strategy
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    base: dict[str, Any] = {}
     if remote:
-        fit_config = {"local_epochs": config.local_epochs, "batch_size": config.batch_size,
-                      "lr": config.lr, "momentum": config.momentum}
-    return factory(
+        base = {"local_epochs": config.local_epochs, "batch_size": config.batch_size,
+                "lr": config.lr, "momentum": config.momentum, "optimizer": config.optimizer}
+    fit_config: Any = base
+    if config.lr_schedule != "constant":
+        fit_config = lr_config(make_schedule(config.lr_schedule, config.lr, decay=config.lr_decay,
+                                             every=config.lr_step_every, total_rounds=config.rounds), base)
+    optimizer_name = config.server_optimizer or (name if name in SERVER_OPTIMIZER_NAMES else "sgd")
+    common: dict[str, Any] = dict(
         fraction_fit=config.fraction_fit,
         min_fit_clients=config.min_fit_clients,
         min_available_clients=config.num_clients if remote else max(config.min_fit_clients, 1),
         fraction_evaluate=config.fraction_evaluate,
         fit_config=fit_config,
         evaluate_fn=evaluate_fn,
+        reducer=make_reducer(config.aggregator, byzantine_f=config.byzantine_f, trim_fraction=config.trim_fraction,
+                             clip_norm=config.clip_norm, screen=config.screen),
+        server_optimizer=make_server_optimizer(optimizer_name, lr=config.server_lr or None,
+                                               momentum=config.server_momentum, tau=config.tau),
     )
+    if name == "fedsgd":
+        return fedsgd(**common)
+    if name == "fedprox":
+        return fedprox(config.mu, **common)
+    if name == "scaffold":
+        return scaffold(**common)
+    return fedavg(name=name, **common)
 
 
 def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = None) -> tuple[Experiment, RunResult]:
@@ -182,7 +311,7 @@ def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = No
     experiment = build_experiment(config)
     result = simulate(experiment.client_fn, num_clients=config.num_clients, strategy=experiment.strategy,
                       num_rounds=config.rounds, initial_parameters=experiment.initial_parameters,
-                      seed=config.seed, on_round=on_round)
+                      seed=config.seed, on_round=on_round, stop_at_accuracy=config.stop_at_accuracy)
     result.parameters.to_module(experiment.model)
     return experiment, result
 
