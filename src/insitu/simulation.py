@@ -142,11 +142,12 @@ class SimulationConfig:
     clip_norm: float = 0.0  # bound every update's L2 norm (0 = off)
     screen: bool = False  # drop non-finite and outsized updates before aggregating
     attack: str = "none"
-    attack_fraction: float = 0.0  # share of clients that are malicious
+    attack_fraction: float = 0.0  # share of clients that are malicious (ignored when attack is "none")
     attack_scale: float = 10.0  # sign_flip and scaling strength
     attack_std: float = 1.0  # gaussian attack's noise std
     backdoor_target: int = 0
     poison_fraction: float = 0.5  # share of a backdoor attacker's examples that carry the trigger
+    backdoor_boost: float = 1.0  # backdoor attackers scale their update by this (model replacement)
     eval_every: int = 1  # centralized evaluation every k rounds (and the last)
     stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
     seed: int = 0
@@ -190,10 +191,10 @@ class SimulationConfig:
         validate_attack(self.attack, self.attack_fraction)
         if self.attack != "none" and self.attack_fraction <= 0:
             raise ValueError(f"attack {self.attack!r} needs attack_fraction > 0 (the share of malicious clients)")
-        if self.attack == "none" and self.attack_fraction > 0:
-            raise ValueError("attack_fraction is set but attack is 'none': name the attack (e.g. sign_flip)")
         if not 0 < self.poison_fraction <= 1:
             raise ValueError(f"poison_fraction must be in (0, 1], got {self.poison_fraction}")
+        if not self.backdoor_boost >= 1:
+            raise ValueError(f"backdoor_boost must be >= 1 (1 = no boosting), got {self.backdoor_boost}")
         strategy = make_strategy(self, None)  # builds (and so checks) optimizer, schedule, reducer, mu
         per_round = strategy.num_fit_clients(self.num_clients)
         needed = min_updates_of(strategy.reducer)
@@ -240,6 +241,8 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     malicious = choose_malicious(config.num_clients, config.attack_fraction, config.seed) if config.attack != "none" else []
     update_attack = make_update_attack(config.attack, scale=config.attack_scale, std=config.attack_std) \
         if config.attack in UPDATE_ATTACKS else None
+    if config.attack == "backdoor" and config.backdoor_boost > 1:  # Bagdasaryan et al.'s boosted update
+        update_attack = make_update_attack("scaling", scale=config.backdoor_boost)
     trigger = Trigger().resolved(train.x) if config.attack == "backdoor" else None
     poisoned: dict[str, TensorDataset] = {}
     if config.attack in DATA_ATTACKS:  # only the attackers' own rows are copied

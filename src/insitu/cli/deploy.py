@@ -54,6 +54,12 @@ def server(
     lr: Optional[float] = typer.Option(None, help="Client learning rate sent to clients."),
     momentum: Optional[float] = typer.Option(None, help="Client SGD momentum sent to clients."),
     seed: Optional[int] = typer.Option(None, help="Seed for the initial model, sampling and client shuffles."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg | fedsgd | fedprox | scaffold | fedavgm | fedadam | fedyogi | fedadagrad."),
+    mu: Optional[float] = typer.Option(None, help="FedProx proximal weight mu."),
+    server_lr: Optional[float] = typer.Option(None, help="Server learning rate (0 = the optimizer's default)."),
+    aggregator: Optional[str] = typer.Option(None, help="mean | median | trimmed_mean | krum | multi_krum | bulyan."),
+    byzantine_f: Optional[int] = typer.Option(None, help="Attackers Krum/Multi-Krum/Bulyan must tolerate."),
+    clip_norm: Optional[float] = typer.Option(None, help="Bound each update's L2 norm (0 = off)."),
     test_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test examples only."),
     csv: Optional[Path] = typer.Option(None, help="Evaluate on this CSV test file (clients train on their own CSVs)."),
     label_column: str = typer.Option("label", help="CSV column holding the class label."),
@@ -87,7 +93,9 @@ def server(
                              "num_clients": min_clients, "min_fit_clients": min_fit_clients or min_clients,
                              "fraction_fit": fraction, "fraction_evaluate": fraction_evaluate,
                              "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-                             "seed": seed, "test_limit": test_limit}
+                             "seed": seed, "test_limit": test_limit, "strategy": strategy, "mu": mu,
+                             "server_lr": server_lr, "aggregator": aggregator, "byzantine_f": byzantine_f,
+                             "clip_norm": clip_norm}
     try:
         config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
         if min_fit_clients is None and min_clients is None:
@@ -150,9 +158,11 @@ def client(
     model: Optional[str] = typer.Option(None, help="Architecture (must match the server's); default per dataset."),
     train_limit: int = typer.Option(0, help="Use only the first N examples of the dataset before partitioning."),
     give_up_after: float = typer.Option(600.0, help="Stop if the server is unreachable this long (seconds)."),
+    state_dir: Optional[Path] = typer.Option(None, help="Where this client keeps state between rounds (SCAFFOLD's control variate); default .insitu-client/CLIENT_ID."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log progress."),
 ) -> None:
     """Join a federation with this machine's own data and train when the server asks."""
+    from insitu.client.state import DiskState
     from insitu.client.torch_client import TorchClient
     from insitu.data import load_dataset
     from insitu.data import partition as split
@@ -179,7 +189,8 @@ def client(
             name = model or resolve_config(None, {"dataset": dataset}).model
         torch.manual_seed(0)
         net = build_model(name, train.input_shape, train.num_classes)
-        local = TorchClient(net, train, test, train_indices=indices, test_indices=test_indices)
+        state = DiskState(state_dir or Path(".insitu-client") / client_id)
+        local = TorchClient(net, train, test, train_indices=indices, test_indices=test_indices, state=state)
         tls = None
         if certs is not None and not insecure:
             files = security.ClientFiles.in_dir(certs)
