@@ -194,3 +194,17 @@ def test_ctrl_c_stops_the_server_cleanly(procs, certs):
     procs.procs["server"].send_signal(signal.SIGINT)
     assert procs.wait("server", 30) == 130
     assert "completed rounds are saved; continue with --resume" in " ".join(procs.log("server").split())
+
+
+def test_scaffold_across_real_processes_keeps_client_state_on_disk(procs, certs, tmp_path):
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "2", "--min-clients", "3",
+                                       "--strategy", "scaffold", "--aggregator", "median"))
+    for cid in range(3):
+        procs.start(f"client{cid}", *client_args(port, certs, cid, "--state-dir", f"state{cid}"))
+    assert procs.wait("server") == 0, procs.log("server")
+    history = final_history(tmp_path, "out")
+    assert [r["num_results"] for r in history["rounds"]] == [3, 3]
+    for cid in range(3):
+        assert procs.wait(f"client{cid}") == 0, procs.log(f"client{cid}")
+        assert (tmp_path / f"state{cid}" / "scaffold_c_i.insitu").is_file()
