@@ -8,14 +8,13 @@ client and name, nothing else: no model, no optimizer); a deployed client keeps 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from insitu import serde
+from insitu.files import write_atomic
 from insitu.params import Parameters
 
 
@@ -81,16 +80,5 @@ class DiskState:
 
     def save(self, name: str, value: np.ndarray) -> None:
         """Write to a temporary file and rename it into place: a crash never leaves half a file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(name)
         blob = serde.dumps(Parameters.from_arrays({name: np.asarray(value, dtype=np.float32).reshape(-1)}))
-        handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(blob)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._path(name), blob)

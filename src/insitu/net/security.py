@@ -32,10 +32,8 @@ import binascii
 import datetime as _dt
 import ipaddress
 import json
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +49,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from insitu.files import write_atomic
 
 __all__ = [
     "ALLOW_LIST",
@@ -270,22 +270,7 @@ def _parse_hosts(hosts: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` atomically (temp file + rename) with ``mode``, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, mode)  # mkstemp made it 0600; set the final mode before any data lands
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, data, mode)
 
 
 def _refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
