@@ -15,6 +15,7 @@ def experiment(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o",
                                               help="Where results go (default insitu-runs/experiment-<time>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs and exit; nothing trains."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only the runs whose label is exactly this (repeatable)."),
 ) -> None:
     """Run every point of an experiment grid; write results.csv, results.md and plots."""
     from insitu.experiments import expand_grid, load_spec, run_experiment, write_results
@@ -24,6 +25,12 @@ def experiment(
     try:
         spec = load_spec(config)
         runs = expand_grid(spec)  # every point validated before anything trains
+        if only:
+            unknown = sorted(set(only) - {run.label for run in runs})
+            if unknown:
+                raise ValueError(f"--only {', '.join(unknown)}: no such run label; labels are "
+                                 f"{', '.join(sorted({run.label for run in runs}))}")
+            runs = [run for run in runs if run.label in only]
     except (ValueError, FileNotFoundError) as error:
         raise fail(str(error)) from None
 
