@@ -209,6 +209,17 @@ def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path, monkeypatch):
     assert "nothing trained" in _words(result.output) and not (tmp_path / "out").exists()
 
 
+def test_only_selects_runs_by_label_and_names_the_labels_on_a_typo(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_module, "run_simulation", lambda config: pytest.fail("trained in a dry run"))
+    cfg = tmp_path / "e.toml"
+    cfg.write_text('[base]\ndataset = "digits"\nrounds = 2\n[grid]\nstrategy = ["fedavg", "fedsgd"]\nseed = [0, 1]\n')
+    result = CliRunner().invoke(app, ["experiment", str(cfg), "--dry-run", "--only", "strategy=fedsgd"])
+    assert result.exit_code == 0, result.output
+    assert "2 run(s)" in result.output and "strategy=fedavg" not in result.output
+    result = CliRunner().invoke(app, ["experiment", str(cfg), "--dry-run", "--only", "strategy=sgd"])
+    assert result.exit_code == 2 and "labels are strategy=fedavg, strategy=fedsgd" in _words(result.output)
+
+
 def test_bad_value_exits_2_before_training(tmp_path):
     cfg = tmp_path / "e.toml"
     cfg.write_text('[base]\ndataset = "digits"\n[grid]\nstrategy = ["fedavg", "nope"]\n')
