@@ -44,7 +44,7 @@ def test_each_named_strategy_trains_and_is_deterministic(name):
                                  "server_lr": 0.01 if name in ("fedadam", "fedyogi", "fedadagrad") else 0.0})
     _, first = run_simulation(config)
     _, second = run_simulation(config)
-    assert first.history.failed_rounds == [] and first.history.final_accuracy > 0.2
+    assert first.history.failed_rounds == [] and first.history.final_accuracy > first.history.initial.accuracy + 0.05
     assert first.parameters == second.parameters
 
 
