@@ -38,6 +38,7 @@ from insitu.engines.heap import frozen_heap
 from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, flatten_module_
+from insitu.privacy.central import CentralDP
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.strategies import (
     SCHEDULE_NAMES,
@@ -148,6 +149,11 @@ class SimulationConfig:
     backdoor_target: int = 0
     poison_fraction: float = 0.5  # share of a backdoor attacker's examples that carry the trigger
     backdoor_boost: float = 1.0  # backdoor attackers scale their update by this (model replacement)
+    dp_clip: float = 0.0  # central DP (DP-FedAvg) on when > 0: clip each client's update to this L2 norm
+    dp_noise: float = 1.0  # noise multiplier z: Gaussian noise of std z x dp_clip on the sum
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float = 0.0  # stop before a round that would exceed it (0 = no budget)
+    dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
     eval_every: int = 1  # centralized evaluation every k rounds (and the last)
     stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
     seed: int = 0
@@ -195,7 +201,12 @@ class SimulationConfig:
             raise ValueError(f"poison_fraction must be in (0, 1], got {self.poison_fraction}")
         if not self.backdoor_boost >= 1:
             raise ValueError(f"backdoor_boost must be >= 1 (1 = no boosting), got {self.backdoor_boost}")
-        strategy = make_strategy(self, None)  # builds (and so checks) optimizer, schedule, reducer, mu
+        if self.dp_clip > 0 and (self.aggregator != "mean" or self.clip_norm > 0 or self.screen):
+            raise ValueError("central DP (dp_clip > 0) clips and noises the mean itself: use aggregator 'mean' "
+                             "without clip_norm or screen")
+        strategy = make_strategy(self, None)  # builds (and so checks) optimizer, schedule, reducer, mu, DP
+        if strategy.privacy is not None:
+            strategy.privacy.check_clients(self.num_clients)
         per_round = strategy.num_fit_clients(self.num_clients)
         needed = min_updates_of(strategy.reducer)
         if per_round < needed:
@@ -300,6 +311,10 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
         server_optimizer=make_server_optimizer(optimizer_name, lr=config.server_lr or None,
                                                momentum=config.server_momentum, tau=config.tau),
     )
+    if config.dp_clip > 0:
+        common["privacy"] = CentralDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
+                                      config.dp_target_epsilon or None, adaptive=config.dp_adaptive_clip,
+                                      seed=config.seed)
     if name == "fedsgd":
         return fedsgd(**common)
     if name == "fedprox":

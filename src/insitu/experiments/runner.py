@@ -103,6 +103,9 @@ def summarize(run: RunSpec, history: History, target_accuracy: float | None = No
     curve += [(r.round, r.accuracy) for r in headed if r.accuracy is not None]
     last_central = next((r.centralized for r in reversed(history.rounds) if r.centralized is not None), None)
     extras = {k: float(v) for k, v in (last_central.metrics if last_central else {}).items() if k != "accuracy"}
+    spent = next((r.fit_metrics["epsilon"] for r in reversed(history.rounds) if "epsilon" in r.fit_metrics), None)
+    if spent is not None:  # central DP: the privacy spent by the end of the run
+        extras["epsilon"] = float(spent)
     return RunSummary(
         run.label, run.seed, run.slug, run.overrides,
         rounds=len(history.rounds),

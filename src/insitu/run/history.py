@@ -58,6 +58,7 @@ class History:
 
     rounds: list[RoundRecord] = field(default_factory=list)
     initial: Evaluation | None = None
+    stopped: str | None = None  # why the run ended before its last round (e.g. privacy budget)
 
     @property
     def final_accuracy(self) -> float | None:
@@ -69,7 +70,8 @@ class History:
         return [r.round for r in self.rounds if r.status != "ok"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"initial": asdict(self.initial) if self.initial else None, "rounds": [asdict(r) for r in self.rounds]}
+        return {"initial": asdict(self.initial) if self.initial else None, "rounds": [asdict(r) for r in self.rounds],
+                "stopped": self.stopped}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
@@ -81,7 +83,7 @@ class History:
             r = dict(r)
             r["federated"], r["centralized"] = evaluation(r.get("federated")), evaluation(r.get("centralized"))
             rounds.append(RoundRecord(**r))
-        return cls(rounds, evaluation(data.get("initial")))
+        return cls(rounds, evaluation(data.get("initial")), data.get("stopped"))
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

@@ -92,6 +92,11 @@ class Coordinator:
             if central is not None:
                 history.initial = Evaluation(central[0], dict(central[1]))
         for server_round in range(start_round, self.num_rounds + 1):
+            reason = self.strategy.stop_reason(server_state)
+            if reason is not None:
+                log.warning("stopping before round %d: %s", server_round, reason)
+                history.stopped = reason
+                break
             record, parameters, server_state = self.run_round(server_round, parameters, server_state)
             history.rounds.append(record)
             if self.on_round is not None:

@@ -18,6 +18,7 @@ import numpy as np
 from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
 from insitu.client.api import Config, EvalResult, FitResult, Metrics
 from insitu.params import Parameters, ParamSpec
+from insitu.privacy.central import CentralDP
 from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
 
@@ -34,25 +35,28 @@ class ServerState:
 
     optimizer: Any = None
     algorithm: AlgorithmState = field(default_factory=dict)
+    privacy: AlgorithmState = field(default_factory=dict)  # central DP: accountant history, clip norm
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat name -> array form for storage ("optimizer/m", "algorithm/c", ...)."""
+        """Flat name -> array form for storage ("optimizer/m", "algorithm/c", "privacy/history", ...)."""
         arrays: dict[str, np.ndarray] = {}
         if isinstance(self.optimizer, dict):
             arrays.update({f"optimizer/{k}": np.asarray(v) for k, v in self.optimizer.items()})
         elif self.optimizer is not None:
             raise TypeError(f"server optimizer state must be a dict of arrays or None, got {type(self.optimizer).__name__}")
         arrays.update({f"algorithm/{k}": np.asarray(v) for k, v in self.algorithm.items()})
+        arrays.update({f"privacy/{k}": np.asarray(v) for k, v in self.privacy.items()})
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ServerState:
-        optimizer = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer/")}
-        algorithm = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("algorithm/")}
-        unknown = [k for k in arrays if not k.startswith(("optimizer/", "algorithm/"))]
-        if unknown:
-            raise ValueError(f"unknown server state entries {unknown}")
-        return cls(optimizer or None, algorithm)
+        parts: dict[str, dict[str, np.ndarray]] = {"optimizer": {}, "algorithm": {}, "privacy": {}}
+        for key, value in arrays.items():
+            kind, _, name = key.partition("/")
+            if kind not in parts or not name:
+                raise ValueError(f"unknown server state entry {key!r}")
+            parts[kind][name] = value
+        return cls(parts["optimizer"] or None, parts["algorithm"], parts["privacy"])
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Strategy:
     reducer: Reducer = field(default_factory=weighted_mean)
     server_optimizer: ServerOptimizer = field(default_factory=sgd)
     algorithm: ClientAlgorithm = field(default_factory=local_sgd)
+    privacy: CentralDP | None = None  # DP-FedAvg: Poisson sampling, clipped noisy mean, accountant
     fit_config: ConfigSource = field(default_factory=dict)
     evaluate_config: ConfigSource = field(default_factory=dict)
     evaluate_fn: CentralEvaluator | None = None
@@ -108,6 +113,9 @@ class Strategy:
         return min(wanted, num_available)
 
     def sample_fit(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        if self.privacy is not None:  # the accountant's analysis assumes Poisson sampling
+            keep = rng.random(len(available)) < self.privacy.sample_rate
+            return [cid for cid, chosen in zip(available, keep) if chosen]
         return _sample(available, self.num_fit_clients(len(available)), rng)
 
     def sample_evaluate(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
@@ -129,7 +137,12 @@ class Strategy:
 
     # -- aggregation -------------------------------------------------------------------------
     def init_state(self, parameters: Parameters) -> ServerState:
-        return ServerState(self.server_optimizer.init(parameters.flat()), self.algorithm.init_state(parameters))
+        privacy = self.privacy.init_state() if self.privacy is not None else {}
+        return ServerState(self.server_optimizer.init(parameters.flat()), self.algorithm.init_state(parameters), privacy)
+
+    def stop_reason(self, state: ServerState) -> str | None:
+        """Why the run must end before the next round (a spent privacy budget), or None."""
+        return self.privacy.stop_reason(state.privacy) if self.privacy is not None else None
 
     def aggregate_fit(
         self,
@@ -148,22 +161,25 @@ class Strategy:
         global_flat = parameters.flat()
         algorithm = self.algorithm
         extras_acc = algorithm.start(global_flat.size)
+        privacy = self.privacy
+        reducer = privacy.reducer(server_state.privacy, num_clients) if privacy is not None else self.reducer
         # A shift-equivariant reducer (the mean) takes the client models as they are and the delta
         # is formed once at the end, instead of one subtraction per client.
-        on_models = getattr(self.reducer, "shift_equivariant", False)
-        acc = self.reducer.start(global_flat.size)
+        on_models = getattr(reducer, "shift_equivariant", False)
+        acc = reducer.start(global_flat.size)
         metric_entries: list[tuple[int, Metrics]] = []
         for _cid, result in results:
             update = result.parameters.flat() if on_models else result.parameters.flat() - global_flat
-            if on_models and not self.reducer.streaming:
+            if on_models and not reducer.streaming:
                 update = update.copy()  # a buffering reducer keeps it; the result may be a shared view
-            acc = self.reducer.add(acc, update, result.num_examples)
+            acc = reducer.add(acc, update, result.num_examples)
             extras_acc = algorithm.add(extras_acc, result)
             metric_entries.append((result.num_examples, result.metrics))
             del update, result  # released before the next result is fetched
         if not metric_entries:
             return Aggregate(None, server_state, {}, 0)
-        delta = self.reducer.finish(acc)  # owned by us: transformed in place below
+        unclipped = getattr(acc, "unclipped", 0)
+        delta = reducer.finish(acc)  # owned by us: transformed in place below
         del acc
         if on_models:
             np.subtract(delta, global_flat, out=delta)
@@ -171,8 +187,13 @@ class Strategy:
         del delta
         algorithm_state = algorithm.finish(extras_acc, server_state.algorithm, num_clients or len(metric_entries))
         new_params = Parameters.from_flat(new_flat, parameters.specs, copy=False)
-        return Aggregate(new_params, ServerState(optimizer_state, algorithm_state),
-                         weighted_average_metrics(metric_entries), len(metric_entries))
+        metrics = weighted_average_metrics(metric_entries)
+        privacy_state = server_state.privacy
+        if privacy is not None:
+            privacy_state = privacy.after_round(privacy_state, unclipped, num_clients or len(metric_entries))
+            metrics.update(epsilon=privacy.epsilon(privacy_state), clip_norm=float(privacy_state["clip_norm"][0]))
+        return Aggregate(new_params, ServerState(optimizer_state, algorithm_state, privacy_state),
+                         metrics, len(metric_entries))
 
     def aggregate_evaluate(self, results: Sequence[tuple[str, EvalResult]]) -> tuple[float | None, Metrics]:
         """Example-weighted mean loss and metrics; clients with no examples are left out."""

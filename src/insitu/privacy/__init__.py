@@ -1,0 +1,1 @@
+"""Privacy: differential privacy (central and local) with an accountant, secure aggregation, HE."""

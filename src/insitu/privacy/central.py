@@ -1,0 +1,170 @@
+"""Central (user-level) differential privacy: DP-FedAvg (McMahan et al. 2018).
+
+Each round every sampled client's update is clipped to L2 norm C, the clipped updates are summed,
+Gaussian noise N(0, (z C)^2) is added to the sum, and the result is divided by the *expected*
+number of clients q N (the fixed-denominator estimator), so one client's presence changes the
+released value by at most C / (q N) and the sampled Gaussian mechanism's accountant applies.
+Clients are Poisson-sampled with rate q, which is what that analysis assumes. Every client counts
+once (user-level privacy), whatever its number of examples.
+
+Adaptive clipping (Andrew et al. 2021) moves C towards the ``target_quantile`` of update norms
+with a geometric step, from a noised count of clipped clients; the noise of the update sum is then
+raised so that both releases together cost what ``noise_multiplier`` alone would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from insitu.aggregation.base import EmptyAggregationError
+from insitu.privacy.accountant import RDPAccountant
+
+PrivacyState = dict[str, np.ndarray]
+
+
+@dataclass
+class DPSum:
+    """Running sum of clipped updates, and how many were below the clip norm."""
+
+    total: np.ndarray
+    count: int = 0
+    unclipped: int = 0
+
+
+class GaussianMean:
+    """Clip each update to ``clip_norm``, sum, add N(0, (noise_std)^2), divide by ``denominator``.
+
+    Streaming (O(model) memory). ``rng`` draws the noise: pass a seeded Generator only for
+    reproducible simulations; a deployment should use fresh OS entropy (the default).
+    """
+
+    streaming = True
+    shift_equivariant = False
+    min_updates = 1
+
+    def __init__(self, clip_norm: float, noise_std: float, denominator: float,
+                 rng: np.random.Generator | None = None) -> None:
+        if not clip_norm > 0 or not noise_std >= 0 or not denominator > 0:
+            raise ValueError("clip_norm and denominator must be > 0 and noise_std >= 0")
+        self.clip_norm, self.noise_std, self.denominator = float(clip_norm), float(noise_std), float(denominator)
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def start(self, dim: int) -> DPSum:
+        return DPSum(np.zeros(dim, dtype=np.float64))
+
+    def add(self, acc: DPSum, update: np.ndarray, weight: float) -> DPSum:
+        norm = float(np.linalg.norm(update.astype(np.float64)))
+        scale = 1.0 if norm <= self.clip_norm else self.clip_norm / norm
+        acc.total += scale * update.astype(np.float64)
+        acc.count += 1
+        acc.unclipped += int(norm <= self.clip_norm)
+        return acc
+
+    def finish(self, acc: DPSum) -> np.ndarray:
+        if acc.count == 0:
+            raise EmptyAggregationError("no updates to average")
+        noisy = acc.total + self.rng.normal(0.0, self.noise_std, size=acc.total.shape)
+        return (noisy / self.denominator).astype(np.float32)
+
+
+@dataclass
+class CentralDP:
+    """DP-FedAvg settings and bookkeeping: noise, clipping (fixed or adaptive), accountant, budget.
+
+    ``sample_rate`` q is the Poisson sampling probability of each client per round (the strategy's
+    ``fraction_fit``). With ``target_epsilon`` set, no round starts that would end above it.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    delta: float = 1e-5
+    target_epsilon: float | None = None
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise_fraction: float = 0.05  # sigma_b = this x expected clients (Andrew et al. use 1/20)
+    seed: int | None = None
+    _rounds_drawn: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and self.noise_multiplier == 0:
+            raise ValueError("a target epsilon needs noise: noise_multiplier 0 gives no privacy guarantee")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.adaptive and not 0 < self.target_quantile < 1:
+            raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
+
+    # -- state -------------------------------------------------------------------------------
+    def init_state(self) -> PrivacyState:
+        return {"history": np.zeros((0, 3)), "clip_norm": np.array([self.clip_norm])}
+
+    def accountant(self, state: PrivacyState) -> RDPAccountant:
+        return RDPAccountant.from_state_arrays(state)
+
+    def epsilon(self, state: PrivacyState) -> float:
+        return self.accountant(state).epsilon(self.delta)
+
+    def stop_reason(self, state: PrivacyState) -> str | None:
+        """Why no further round may run (the budget would be exceeded), or None."""
+        if self.target_epsilon is None:
+            return None
+        after = self.accountant(state).epsilon_after(self.noise_multiplier, self.sample_rate, 1, self.delta)
+        if after > self.target_epsilon:
+            return (f"privacy budget reached: one more round would bring epsilon from "
+                    f"{self.epsilon(state):.3f} to {after:.3f} > target {self.target_epsilon} (delta {self.delta})")
+        return None
+
+    def check_clients(self, num_clients: int) -> None:
+        """Refuse a federation too small for adaptive clipping's count noise at this noise level."""
+        if self.adaptive and self.noise_multiplier > 0 and self._update_noise_multiplier(self.sample_rate * num_clients) is None:
+            raise ValueError(f"adaptive clipping with {num_clients} clients x q={self.sample_rate}: the noised clip "
+                             f"count would use up the whole privacy budget of noise_multiplier "
+                             f"{self.noise_multiplier}; raise the noise or count_noise_fraction, or use more clients")
+
+    # -- one round ---------------------------------------------------------------------------
+    def _update_noise_multiplier(self, expected: float) -> float | None:
+        """z for the update sum such that it and the clip count together cost ``noise_multiplier``."""
+        if not self.adaptive:
+            return self.noise_multiplier
+        sigma_b = self.count_noise_fraction * expected
+        inv = self.noise_multiplier**-2 - (2 * sigma_b) ** -2
+        return inv**-0.5 if inv > 0 else None
+
+    def reducer(self, state: PrivacyState, num_clients: int) -> GaussianMean:
+        expected = self.sample_rate * num_clients
+        clip = float(state["clip_norm"][0])
+        z = self._update_noise_multiplier(expected) if self.noise_multiplier > 0 else 0.0
+        if z is None:
+            self.check_clients(num_clients)
+        return GaussianMean(clip, (z or 0.0) * clip, expected, self._rng())
+
+    def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int) -> PrivacyState:
+        """The new state after one released round: accountant stepped, clip norm adapted."""
+        accountant = self.accountant(state)
+        accountant.step(self.noise_multiplier, self.sample_rate, 1)
+        clip = float(state["clip_norm"][0])
+        if self.adaptive:
+            expected = self.sample_rate * num_clients
+            sigma_b = self.count_noise_fraction * expected
+            noisy_fraction = (acc_unclipped + self._rng().normal(0.0, sigma_b)) / expected
+            clip *= math.exp(-self.clip_lr * (noisy_fraction - self.target_quantile))
+        return {**accountant.state_arrays(), "clip_norm": np.array([clip])}
+
+    def _rng(self) -> np.random.Generator:
+        """Fresh entropy, or (with a seed) a new stream per draw so no noise is ever reused."""
+        if self.seed is None:
+            return np.random.default_rng()
+        self._rounds_drawn += 1
+        return np.random.default_rng([self.seed, self._rounds_drawn])
