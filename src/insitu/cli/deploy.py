@@ -60,6 +60,9 @@ def server(
     aggregator: Optional[str] = typer.Option(None, help="mean | median | trimmed_mean | krum | multi_krum | bulyan."),
     byzantine_f: Optional[int] = typer.Option(None, help="Attackers Krum/Multi-Krum/Bulyan must tolerate."),
     clip_norm: Optional[float] = typer.Option(None, help="Bound each update's L2 norm (0 = off)."),
+    dp_clip: Optional[float] = typer.Option(None, help="Central DP: clip each client's update to this L2 norm (0 = off)."),
+    dp_noise: Optional[float] = typer.Option(None, help="Central DP noise multiplier z."),
+    dp_target_epsilon: Optional[float] = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
     test_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test examples only."),
     csv: Optional[Path] = typer.Option(None, help="Evaluate on this CSV test file (clients train on their own CSVs)."),
     label_column: str = typer.Option("label", help="CSV column holding the class label."),
@@ -95,7 +98,8 @@ def server(
                              "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
                              "seed": seed, "test_limit": test_limit, "strategy": strategy, "mu": mu,
                              "server_lr": server_lr, "aggregator": aggregator, "byzantine_f": byzantine_f,
-                             "clip_norm": clip_norm}
+                             "clip_norm": clip_norm, "dp_clip": dp_clip, "dp_noise": dp_noise,
+                             "dp_target_epsilon": dp_target_epsilon}
     try:
         config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
         if min_fit_clients is None and min_clients is None:

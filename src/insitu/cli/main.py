@@ -50,6 +50,11 @@ def simulate(
     screen: Optional[bool] = typer.Option(None, "--screen/--no-screen", help="Drop non-finite and outsized updates."),
     attack: Optional[str] = typer.Option(None, help="Simulated attack: none | sign_flip | scaling | gaussian | label_flip | backdoor."),
     attack_fraction: Optional[float] = typer.Option(None, help="Share of malicious clients, in [0, 1)."),
+    dp_clip: Optional[float] = typer.Option(None, help="Central DP (DP-FedAvg): clip each client's update to this L2 norm (0 = off)."),
+    dp_noise: Optional[float] = typer.Option(None, help="Central DP noise multiplier z (noise std z x clip on the sum)."),
+    dp_target_epsilon: Optional[float] = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
+    dp_delta: Optional[float] = typer.Option(None, help="Central DP delta (default 1e-5)."),
+    dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--no-dp-adaptive-clip", help="Adapt the clip norm to the median update norm."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate on the test set every k rounds (and the last)."),
     stop_at_accuracy: Optional[float] = typer.Option(None, help="Stop once test accuracy reaches this (0 = never)."),
     seed: Optional[int] = typer.Option(None, help="Seed for partitioning, sampling and training."),
@@ -71,6 +76,8 @@ def simulate(
         "lr_decay": lr_decay, "aggregator": aggregator, "byzantine_f": byzantine_f,
         "trim_fraction": trim_fraction, "clip_norm": clip_norm, "screen": screen, "attack": attack,
         "attack_fraction": attack_fraction, "eval_every": eval_every, "stop_at_accuracy": stop_at_accuracy,
+        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_target_epsilon": dp_target_epsilon, "dp_delta": dp_delta,
+        "dp_adaptive_clip": dp_adaptive_clip,
         "train_limit": train_limit, "test_limit": test_limit,
     }
     from insitu.data import format_histogram

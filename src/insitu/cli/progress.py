@@ -24,6 +24,11 @@ def format_round(record: RoundRecord, num_rounds: int) -> str:
         parts.append(f"loss {record.loss:.3f}")
     if record.accuracy is not None:
         parts.append(f"accuracy {100 * record.accuracy:.1f}%")
+    if "epsilon" in record.fit_metrics:
+        parts.append(f"epsilon {record.fit_metrics['epsilon']:.2f}")
+    asr = record.centralized.metrics.get("attack_success_rate") if record.centralized else None
+    if asr is not None:
+        parts.append(f"backdoor success {100 * asr:.1f}%")
     rejected = f", {len(record.failures)} rejected" if record.failures else ""
     parts.append(f"({record.num_results} clients{rejected}, {seconds:.1f} s)")
     return "  ".join(parts)
