@@ -14,7 +14,7 @@ The server learns only the sum of the surviving clients' encoded inputs. Rounds,
 With ``degree=None`` every client's group is all n clients (the original protocol). With an even
 ``degree=k`` (SecAgg+, Bell et al., CCS 2020) client u shares and masks only with its k neighbours on a
 public random ring (a Harary graph), and t counts shares within the group of k+1 (u and its
-neighbours); costs then grow with k log-ish instead of n. Semi-honest server model: no consistency
+neighbours); per-client costs then grow with k instead of n. Semi-honest server model: no consistency
 check round and no signatures (see docs).
 """
 
