@@ -39,6 +39,7 @@ from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, flatten_module_
 from insitu.privacy.central import CentralDP
+from insitu.privacy.secure import SecureAggregation
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.strategies import (
     SCHEDULE_NAMES,
@@ -154,6 +155,9 @@ class SimulationConfig:
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0  # stop before a round that would exceed it (0 = no budget)
     dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
+    secure_aggregation: bool = False  # every round's sum through the SecAgg protocol (simulated parties)
+    secagg_bound: float = 10.0  # fixed-point range [-B, B] of each (weighted) update element
+    secagg_dropout: float = 0.0  # share of clients that drop after sending their masked input
     eval_every: int = 1  # centralized evaluation every k rounds (and the last)
     stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
     seed: int = 0
@@ -204,6 +208,9 @@ class SimulationConfig:
         if self.dp_clip > 0 and (self.aggregator != "mean" or self.clip_norm > 0 or self.screen):
             raise ValueError("central DP (dp_clip > 0) clips and noises the mean itself: use aggregator 'mean' "
                              "without clip_norm or screen")
+        if self.secure_aggregation and (self.aggregator != "mean" or self.clip_norm > 0 or self.screen):
+            raise ValueError("secure aggregation reveals only the sum: robust aggregators, clip_norm and screen need "
+                             "individual updates; use aggregator 'mean' (for bounded updates, use dp_clip)")
         strategy = make_strategy(self, None)  # builds (and so checks) optimizer, schedule, reducer, mu, DP
         if strategy.privacy is not None:
             strategy.privacy.check_clients(self.num_clients)
@@ -311,6 +318,9 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
         server_optimizer=make_server_optimizer(optimizer_name, lr=config.server_lr or None,
                                                momentum=config.server_momentum, tau=config.tau),
     )
+    if config.secure_aggregation:
+        common["secure_aggregation"] = SecureAggregation(config.secagg_bound, dropout_fraction=config.secagg_dropout,
+                                                         seed=config.seed)
     if config.dp_clip > 0:
         common["privacy"] = CentralDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
                                       config.dp_target_epsilon or None, adaptive=config.dp_adaptive_clip,

@@ -142,13 +142,18 @@ class CentralDP:
         inv = self.noise_multiplier**-2 - (2 * sigma_b) ** -2
         return inv**-0.5 if inv > 0 else None
 
-    def reducer(self, state: PrivacyState, num_clients: int) -> GaussianMean:
+    def mechanism(self, state: PrivacyState, num_clients: int) -> tuple[float, float, float]:
+        """This round's (clip norm, noise std on the sum, fixed denominator q N)."""
         expected = self.sample_rate * num_clients
         clip = float(state["clip_norm"][0])
         z = self._update_noise_multiplier(expected) if self.noise_multiplier > 0 else 0.0
         if z is None:
             self.check_clients(num_clients)
-        return GaussianMean(clip, (z or 0.0) * clip, expected, self._rng())
+        return clip, (z or 0.0) * clip, expected
+
+    def reducer(self, state: PrivacyState, num_clients: int) -> GaussianMean:
+        clip, noise_std, denominator = self.mechanism(state, num_clients)
+        return GaussianMean(clip, noise_std, denominator, self._rng())
 
     def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int) -> PrivacyState:
         """The new state after one released round: accountant stepped, clip norm adapted."""

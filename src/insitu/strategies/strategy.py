@@ -19,6 +19,7 @@ from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
 from insitu.client.api import Config, EvalResult, FitResult, Metrics
 from insitu.params import Parameters, ParamSpec
 from insitu.privacy.central import CentralDP
+from insitu.privacy.secure import SecureAggregation
 from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
 
@@ -83,6 +84,7 @@ class Strategy:
     server_optimizer: ServerOptimizer = field(default_factory=sgd)
     algorithm: ClientAlgorithm = field(default_factory=local_sgd)
     privacy: CentralDP | None = None  # DP-FedAvg: Poisson sampling, clipped noisy mean, accountant
+    secure_aggregation: SecureAggregation | None = None  # the sum through the SecAgg protocol (simulation)
     fit_config: ConfigSource = field(default_factory=dict)
     evaluate_config: ConfigSource = field(default_factory=dict)
     evaluate_fn: CentralEvaluator | None = None
@@ -162,7 +164,7 @@ class Strategy:
         algorithm = self.algorithm
         extras_acc = algorithm.start(global_flat.size)
         privacy = self.privacy
-        reducer = privacy.reducer(server_state.privacy, num_clients) if privacy is not None else self.reducer
+        reducer = self._round_reducer(server_state, num_clients)
         # A shift-equivariant reducer (the mean) takes the client models as they are and the delta
         # is formed once at the end, instead of one subtraction per client.
         on_models = getattr(reducer, "shift_equivariant", False)
@@ -194,6 +196,18 @@ class Strategy:
             metrics.update(epsilon=privacy.epsilon(privacy_state), clip_norm=float(privacy_state["clip_norm"][0]))
         return Aggregate(new_params, ServerState(optimizer_state, algorithm_state, privacy_state),
                          metrics, len(metric_entries))
+
+    def _round_reducer(self, state: ServerState, num_clients: int) -> Reducer:
+        """The reducer for this round: the strategy's own, or DP's and/or secure aggregation's."""
+        privacy, secure = self.privacy, self.secure_aggregation
+        if secure is not None and privacy is not None:  # clients clip before masking; noise on the sum
+            clip, noise_std, denominator = privacy.mechanism(state.privacy, num_clients)
+            return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator)
+        if privacy is not None:
+            return privacy.reducer(state.privacy, num_clients)
+        if secure is not None:
+            return secure.reducer()
+        return self.reducer
 
     def aggregate_evaluate(self, results: Sequence[tuple[str, EvalResult]]) -> tuple[float | None, Metrics]:
         """Example-weighted mean loss and metrics; clients with no examples are left out."""
