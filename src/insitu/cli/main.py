@@ -55,6 +55,8 @@ def simulate(
     dp_target_epsilon: Optional[float] = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
     dp_delta: Optional[float] = typer.Option(None, help="Central DP delta (default 1e-5)."),
     dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--no-dp-adaptive-clip", help="Adapt the clip norm to the median update norm."),
+    secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Sum each round through the SecAgg protocol (simulated parties)."),
+    secagg_dropout: Optional[float] = typer.Option(None, help="With --secure-aggregation: share of clients dropping after their masked input."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate on the test set every k rounds (and the last)."),
     stop_at_accuracy: Optional[float] = typer.Option(None, help="Stop once test accuracy reaches this (0 = never)."),
     seed: Optional[int] = typer.Option(None, help="Seed for partitioning, sampling and training."),
@@ -77,7 +79,7 @@ def simulate(
         "trim_fraction": trim_fraction, "clip_norm": clip_norm, "screen": screen, "attack": attack,
         "attack_fraction": attack_fraction, "eval_every": eval_every, "stop_at_accuracy": stop_at_accuracy,
         "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_target_epsilon": dp_target_epsilon, "dp_delta": dp_delta,
-        "dp_adaptive_clip": dp_adaptive_clip,
+        "dp_adaptive_clip": dp_adaptive_clip, "secure_aggregation": secure_aggregation, "secagg_dropout": secagg_dropout,
         "train_limit": train_limit, "test_limit": test_limit,
     }
     from insitu.data import format_histogram

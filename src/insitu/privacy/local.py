@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
@@ -37,7 +38,12 @@ from torch import nn
 
 from insitu.client.api import Config, FitResult
 from insitu.client.state import ClientState
-from insitu.client.torch_client import GradHook, TorchClient, TrainSettings, fresh_optimizer
+from insitu.client.torch_client import (
+    GradHook,
+    TorchClient,
+    TrainSettings,
+    fresh_optimizer,
+)
 from insitu.params import Parameters, flatten_module_
 
 if TYPE_CHECKING:
@@ -146,19 +152,28 @@ def sampling_plan(num_examples: int, settings: TrainSettings) -> tuple[float, in
 
 
 def epsilon(ledger: Sequence[LedgerEntry], delta: float) -> float:
-    """Epsilon at ``delta`` of running every ``(noise_multiplier, q, steps)`` in ``ledger`` (Opacus' RDP)."""
-    return _epsilon(tuple((float(s), float(q), int(t)) for s, q, t in ledger), float(delta))
+    """Epsilon at ``delta`` of running every ``(noise_multiplier, q, steps)`` in ``ledger``.
 
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon(ledger: tuple[LedgerEntry, ...], delta: float) -> float:
-    """Cached: the RDP conversion takes tens of milliseconds, and a client's spent epsilon this round
-    is the one it reported last round."""
+    The computation is Opacus' ``RDPAccountant.get_privacy_spent`` (same orders, same analysis
+    functions), with each (sigma, q)'s per-step RDP cached: RDP adds up over steps, and computing it
+    takes tens of milliseconds while clients of a simulation mostly share (sigma, q)."""
     if not ledger:
         return 0.0
-    accountant = RDPAccountant()
-    accountant.history = list(ledger)
-    return float(accountant.get_epsilon(delta=delta))
+    rdp = sum(int(t) * _rdp_per_step(float(s), float(q)) for s, q, t in ledger)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=float(delta))
+    return float(eps)
+
+
+_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP at every order of one Poisson-subsampled Gaussian step (read-only: it is cached)."""
+    rdp = np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                              orders=list(_ORDERS)), dtype=np.float64)
+    rdp.flags.writeable = False
+    return rdp
 
 
 def _as_stored(entry: LedgerEntry) -> LedgerEntry:
@@ -189,7 +204,7 @@ def load_ledger(state: ClientState) -> list[LedgerEntry]:
     if values.size % 3 or not np.all(np.isfinite(values)):
         raise ValueError(f"the stored privacy ledger {DP_LEDGER!r} is damaged ({values.size} values); refusing to "
                          "train rather than under-count this client's epsilon")
-    ledger = [(float(s), float(q), int(round(t))) for s, q, t in values.reshape(-1, 3)]
+    ledger = [(float(s), float(q), int(np.rint(t))) for s, q, t in values.reshape(-1, 3)]
     if any(not (s > 0 and 0 < q <= 1 and t > 0) for s, q, t in ledger):
         raise ValueError(f"the stored privacy ledger {DP_LEDGER!r} holds invalid entries {ledger}; refusing to train")
     return ledger
