@@ -279,11 +279,12 @@ class DPTorchClient(TorchClient):
                 f"(delta={self.dp.delta:g}); this round ({settings.local_epochs} epoch(s), "
                 f"{per_epoch * settings.local_epochs} steps at q={q:.4g}, sigma={self.dp.noise_multiplier:g}) would "
                 f"bring it to {after:.4g}, so it refuses to train")
-        result = super().fit(parameters, config)
+        # Charged before training: a round that fails half-way is counted, never under-counted.
         if self.state is not None:
             save_ledger(self.state, planned)
         else:
             self._ledger = planned
+        result = super().fit(parameters, config)
         if not self.report_train_loss:
             result.metrics.pop("train_loss", None)
         result.metrics["epsilon"] = after
