@@ -278,3 +278,14 @@ def test_empty_poisson_batches_and_fedprox(digits) -> None:
         result = client.fit(start, {"seed": seed, "proximal_mu": 0.1})
         assert np.all(np.isfinite(result.parameters.flat())) and np.isfinite(result.metrics["train_loss"])
     assert client.ledger() == [(1.0, pytest.approx(1 / 6), 30)]
+
+
+def test_local_dp_is_on_by_configuration_in_simulation_and_survives_an_eval_mode_model():
+    from insitu.simulation import SimulationConfig, run_simulation
+
+    config = SimulationConfig(dataset="digits", model="mlp", num_clients=4, rounds=2, lr=0.1, local_epochs=1,
+                              local_dp_noise=1.0, local_dp_clip=1.0)  # the central evaluation leaves eval mode
+    _, result = run_simulation(config)
+    rounds = result.history.rounds
+    assert [r.status for r in rounds] == ["ok", "ok"]
+    assert 0 < rounds[0].fit_metrics["epsilon"] < rounds[1].fit_metrics["epsilon"]

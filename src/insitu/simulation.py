@@ -155,6 +155,9 @@ class SimulationConfig:
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0  # stop before a round that would exceed it (0 = no budget)
     dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
+    local_dp_noise: float = 0.0  # local DP (DP-SGD via Opacus) in every client when > 0: noise multiplier
+    local_dp_clip: float = 1.0  # per-example gradient clip norm for local DP
+    local_dp_target_epsilon: float = 0.0  # each client refuses rounds past this epsilon (0 = no budget)
     secure_aggregation: bool = False  # every round's sum through the SecAgg protocol (simulated parties)
     secagg_bound: float = 10.0  # fixed-point range [-B, B] of each (weighted) update element
     secagg_dropout: float = 0.0  # share of clients that drop after sending their masked input
@@ -255,7 +258,13 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     model = build_model(config.model, train.input_shape, train.num_classes)
     flatten_module_(model)  # one copy to load or snapshot the shared model, not one per tensor
     settings = TrainSettings(config.local_epochs, config.batch_size, config.lr, config.optimizer, config.momentum)
-    states = MemoryStates() if config.strategy == "scaffold" else None
+    states = MemoryStates() if config.strategy == "scaffold" or config.local_dp_noise > 0 else None
+    local_dp = None
+    if config.local_dp_noise > 0:
+        from insitu.privacy.local import DPTorchClient, LocalDPSettings
+
+        local_dp = LocalDPSettings(config.local_dp_noise, config.local_dp_clip, config.dp_delta,
+                                   config.local_dp_target_epsilon or None)
     malicious = choose_malicious(config.num_clients, config.attack_fraction, config.seed) if config.attack != "none" else []
     update_attack = make_update_attack(config.attack, scale=config.attack_scale, std=config.attack_std) \
         if config.attack in UPDATE_ATTACKS else None
@@ -273,9 +282,16 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     def client_fn(cid: str) -> Client:
         i = int(cid)
         data, rows = (poisoned[cid], None) if cid in poisoned else (train, train_parts[i])
-        client: Client = TorchClient(model, data, test if test_parts else None, train_indices=rows,
-                                     test_indices=test_parts[i] if test_parts else None, settings=settings,
-                                     share_result=True, state=states.for_client(cid) if states is not None else None)
+        state = states.for_client(cid) if states is not None else None
+        client: Client
+        if local_dp is not None:
+            client = DPTorchClient(model, data, test if test_parts else None, dp=local_dp, train_indices=rows,
+                                   test_indices=test_parts[i] if test_parts else None, settings=settings,
+                                   share_result=True, state=state)
+        else:
+            client = TorchClient(model, data, test if test_parts else None, train_indices=rows,
+                                 test_indices=test_parts[i] if test_parts else None, settings=settings,
+                                 share_result=True, state=state)
         if update_attack is not None and cid in attackers:
             client = MaliciousClient(client, update_attack, seed=config.seed)
         return client

@@ -104,6 +104,17 @@ class UnsupportedModelError(ValueError):
 _FIXED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
+def _architecture_errors(model: nn.Module) -> list:
+    """Opacus' complaints about the layers, in training mode (an eval-mode model is not an error:
+    a shared model is left in eval mode by the last evaluation)."""
+    was_training = model.training
+    model.train()
+    try:
+        return ModuleValidator.validate(model, strict=False)
+    finally:
+        model.train(was_training)
+
+
 def dp_compatible_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
     """``model`` itself if Opacus can train it; else its fixed copy (``fix=True``) or an error.
 
@@ -112,7 +123,7 @@ def dp_compatible_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
     same fixed model: build the global model with this function too. The fixed copy is cached per
     original model, so virtual clients sharing one model also share one fixed copy.
     """
-    errors = ModuleValidator.validate(model, strict=False)
+    errors = _architecture_errors(model)
     if not errors:
         return model
     if not fix:
@@ -124,7 +135,7 @@ def dp_compatible_model(model: nn.Module, *, fix: bool = False) -> nn.Module:
     fixed = _FIXED.get(model)
     if fixed is None:
         fixed = ModuleValidator.fix(model)
-        remaining = ModuleValidator.validate(fixed, strict=False)
+        remaining = _architecture_errors(fixed)
         if remaining:
             raise UnsupportedModelError(f"Opacus could not fix {type(model).__name__}: "
                                         + "; ".join(str(e) for e in remaining))
