@@ -152,3 +152,19 @@ def test_dp_fedavg_simulation_stops_at_its_budget():
     assert 1 < len(history.rounds) < 50 and history.rounds[-1].fit_metrics["epsilon"] <= 3.0
     with pytest.raises(ValueError, match="use aggregator 'mean'"):
         SimulationConfig(dp_clip=1.0, aggregator="median").validate()
+
+
+def test_pld_accountant_is_tighter_and_drives_the_budget():
+    pytest.importorskip("dp_accounting")
+    from insitu.privacy.accountant import pld_epsilon
+
+    rdp = compute_epsilon(1.5, 0.05, 114, 1e-5)
+    pld = pld_epsilon([(1.5, 0.05, 114)], 1e-5)
+    assert 0.8 * rdp < pld < rdp  # PLD is exact up to discretization; RDP's conversion is loose
+    dp = CentralDP(noise_multiplier=1.5, clip_norm=1.0, sample_rate=0.05, target_epsilon=1.0, accountant_kind="pld")
+    state = dp.init_state()
+    for _ in range(3):
+        state = dp.after_round(state, 0, 1000)
+    assert dp.epsilon(state) == pytest.approx(pld_epsilon([(1.5, 0.05, 3)], 1e-5))
+    with pytest.raises(ValueError, match="'rdp' or 'pld'"):
+        CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1, accountant_kind="moments")

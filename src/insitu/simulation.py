@@ -155,6 +155,7 @@ class SimulationConfig:
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0  # stop before a round that would exceed it (0 = no budget)
     dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
+    dp_accountant: str = "rdp"  # "rdp" (built in) or "pld" (tighter; needs dp-accounting)
     local_dp_noise: float = 0.0  # local DP (DP-SGD via Opacus) in every client when > 0: noise multiplier
     local_dp_clip: float = 1.0  # per-example gradient clip norm for local DP
     local_dp_target_epsilon: float = 0.0  # each client refuses rounds past this epsilon (0 = no budget)
@@ -340,7 +341,7 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     if config.dp_clip > 0:
         common["privacy"] = CentralDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
                                       config.dp_target_epsilon or None, adaptive=config.dp_adaptive_clip,
-                                      seed=config.seed)
+                                      accountant_kind=config.dp_accountant, seed=config.seed)
     if name == "fedsgd":
         return fedsgd(**common)
     if name == "fedprox":

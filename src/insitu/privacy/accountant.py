@@ -166,6 +166,21 @@ class RDPAccountant:
         return cls(orders, [(float(z), float(q), int(n)) for z, q, n in rows])
 
 
+def pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of the same composition by privacy-loss distributions (tighter than RDP by ~10%),
+    through Google's dp-accounting (``pip install dp-accounting``)."""
+    try:
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant
+    except ImportError:
+        raise ImportError("the PLD accountant needs Google's dp-accounting: pip install dp-accounting "
+                          "(or use the built-in RDP accountant)") from None
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for z, q, n in history:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), int(n))
+    return float(accountant.get_epsilon(delta))
+
+
 def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon of ``steps`` compositions of the sampled Gaussian mechanism at ``delta``."""
     accountant = RDPAccountant()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from insitu.aggregation.base import EmptyAggregationError
-from insitu.privacy.accountant import RDPAccountant
+from insitu.privacy.accountant import RDPAccountant, pld_epsilon
 
 PrivacyState = dict[str, np.ndarray]
 
@@ -87,6 +87,7 @@ class CentralDP:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise_fraction: float = 0.05  # sigma_b = this x expected clients (Andrew et al. use 1/20)
+    accountant_kind: str = "rdp"  # "rdp" (built in) or "pld" (tighter, needs dp-accounting)
     seed: int | None = None
     _rounds_drawn: int = field(default=0, repr=False)
 
@@ -103,6 +104,8 @@ class CentralDP:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.accountant_kind not in ("rdp", "pld"):
+            raise ValueError(f"accountant must be 'rdp' or 'pld', got {self.accountant_kind!r}")
         if self.adaptive and not 0 < self.target_quantile < 1:
             raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
 
@@ -114,13 +117,20 @@ class CentralDP:
         return RDPAccountant.from_state_arrays(state)
 
     def epsilon(self, state: PrivacyState) -> float:
-        return self.accountant(state).epsilon(self.delta)
+        return self._epsilon(self.accountant(state))
+
+    def _epsilon(self, accountant: RDPAccountant) -> float:
+        if self.accountant_kind == "pld":
+            return pld_epsilon(accountant.history, self.delta)
+        return accountant.epsilon(self.delta)
 
     def stop_reason(self, state: PrivacyState) -> str | None:
         """Why no further round may run (the budget would be exceeded), or None."""
         if self.target_epsilon is None:
             return None
-        after = self.accountant(state).epsilon_after(self.noise_multiplier, self.sample_rate, 1, self.delta)
+        next_round = self.accountant(state)
+        next_round.step(self.noise_multiplier, self.sample_rate, 1)
+        after = self._epsilon(next_round)
         if after > self.target_epsilon:
             return (f"privacy budget reached: one more round would bring epsilon from "
                     f"{self.epsilon(state):.3f} to {after:.3f} > target {self.target_epsilon} (delta {self.delta})")
