@@ -200,6 +200,9 @@ class Strategy:
     def _round_reducer(self, state: ServerState, num_clients: int) -> Reducer:
         """The reducer for this round: the strategy's own, or DP's and/or secure aggregation's."""
         privacy, secure = self.privacy, self.secure_aggregation
+        if privacy is not None and num_clients < 1:
+            raise ValueError("central DP divides by the expected number of clients q N: pass num_clients "
+                             "(the federation's size) to aggregate_fit")
         if secure is not None and privacy is not None:  # clients clip before masking; noise on the sum
             clip, noise_std, denominator = privacy.mechanism(state.privacy, num_clients)
             return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator)
