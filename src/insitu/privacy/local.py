@@ -17,7 +17,6 @@ attribute Opacus puts on the parameters, so the shared model is a plain module a
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import secrets
@@ -29,8 +28,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
@@ -45,6 +42,7 @@ from insitu.client.torch_client import (
     fresh_optimizer,
 )
 from insitu.params import Parameters, flatten_module_
+from insitu.privacy.accountant import RDPAccountant
 
 if TYPE_CHECKING:
     from insitu.data.datasets import TensorDataset
@@ -163,28 +161,9 @@ def sampling_plan(num_examples: int, settings: TrainSettings) -> tuple[float, in
 
 
 def epsilon(ledger: Sequence[LedgerEntry], delta: float) -> float:
-    """Epsilon at ``delta`` of running every ``(noise_multiplier, q, steps)`` in ``ledger``.
-
-    The computation is Opacus' ``RDPAccountant.get_privacy_spent`` (same orders, same analysis
-    functions), with each (sigma, q)'s per-step RDP cached: RDP adds up over steps, and computing it
-    takes tens of milliseconds while clients of a simulation mostly share (sigma, q)."""
-    if not ledger:
-        return 0.0
-    rdp = sum(int(t) * _rdp_per_step(float(s), float(q)) for s, q, t in ledger)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=rdp, delta=float(delta))
-    return float(eps)
-
-
-_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
-
-
-@functools.lru_cache(maxsize=1024)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """RDP at every order of one Poisson-subsampled Gaussian step (read-only: it is cached)."""
-    rdp = np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                              orders=list(_ORDERS)), dtype=np.float64)
-    rdp.flags.writeable = False
-    return rdp
+    """Epsilon at ``delta`` of running every ``(noise_multiplier, q, steps)`` in ``ledger``
+    (insitu's RDP accountant, the same analysis as Opacus')."""
+    return RDPAccountant(history=list(ledger)).epsilon(float(delta)) if ledger else 0.0
 
 
 def _as_stored(entry: LedgerEntry) -> LedgerEntry:
