@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from insitu.aggregation.base import EmptyAggregationError
+from insitu.aggregation.transforms import l2_norm
 from insitu.privacy.accountant import RDPAccountant, pld_epsilon
 
 PrivacyState = dict[str, np.ndarray]
@@ -56,9 +57,9 @@ class GaussianMean:
         return DPSum(np.zeros(dim, dtype=np.float64))
 
     def add(self, acc: DPSum, update: np.ndarray, weight: float) -> DPSum:
-        norm = float(np.linalg.norm(update.astype(np.float64)))
+        norm = l2_norm(update)
         scale = 1.0 if norm <= self.clip_norm else self.clip_norm / norm
-        acc.total += scale * update.astype(np.float64)
+        acc.total += update.astype(np.float64) * scale
         acc.count += 1
         acc.unclipped += int(norm <= self.clip_norm)
         return acc

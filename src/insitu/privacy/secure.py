@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
+from insitu.aggregation.transforms import l2_norm
 from insitu.privacy.secagg.encoding import split_weighted, with_weight
 from insitu.privacy.secagg.protocol import SecAggConfig
 from insitu.privacy.secagg.simulate import RoundReport, run_round
@@ -64,11 +65,11 @@ class SecureMean:
 
     streaming = False
     shift_equivariant = False
+    min_updates = 2
 
     def __init__(self, settings: SecureAggregation, clip_norm: float | None, noise_std: float,
                  denominator: float | None) -> None:
         self.settings, self.clip_norm, self.noise_std, self.denominator = settings, clip_norm, noise_std, denominator
-        self.min_updates = 2
 
     def start(self, dim: int) -> SecureBuffer:
         return SecureBuffer()
@@ -76,7 +77,7 @@ class SecureMean:
     def add(self, acc: SecureBuffer, update: np.ndarray, weight: float) -> SecureBuffer:
         vector = np.asarray(update, dtype=np.float64)
         if self.clip_norm is not None:  # the client clips before masking: the server cannot
-            norm = float(np.linalg.norm(vector))
+            norm = l2_norm(vector)
             acc.unclipped += int(norm <= self.clip_norm)
             if norm > self.clip_norm:
                 vector = vector * (self.clip_norm / norm)
