@@ -116,16 +116,16 @@ class TorchClient:
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
         settings = self.settings.updated(config)
         parameters.to_module(self.model)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         hooks: list[GradHook] = []
         if settings.proximal_mu > 0:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
             hooks.append(_proximal_hook(trainable, settings.proximal_mu))
         scaffold = None
         server_c = config.get(SCAFFOLD_C)
         if server_c is not None:
             scaffold = _ScaffoldStep(self.model, parameters, server_c, self._require_state(), settings)
             hooks.append(scaffold.hook)
-        hook = hooks[0] if len(hooks) == 1 else (lambda: [h() for h in hooks]) if hooks else None
+        hook = _chain(hooks)
         num_examples, mean_loss, steps = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
         metrics = {"train_loss": mean_loss} if num_examples else {}
         result = FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
@@ -221,6 +221,18 @@ def fresh_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Op
     optimizer.state.clear()
     optimizer.param_groups[0].update(hyper)
     return optimizer
+
+
+def _chain(hooks: list[GradHook]) -> GradHook | None:
+    """One hook running ``hooks`` in order; None when there are none (the plain loop stays plain)."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def run_all() -> None:
+        for hook in hooks:
+            hook()
+
+    return run_all
 
 
 def _proximal_hook(params: list[nn.Parameter], mu: float) -> GradHook:

@@ -269,10 +269,6 @@ def _parse_hosts(hosts: Sequence[str]) -> list[x509.GeneralName]:
 # File writing
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    write_atomic(path, data, mode)
-
-
 def _refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
     """Raise FileExistsError naming the first existing path, unless overwriting is allowed."""
     if overwrite:
@@ -438,8 +434,8 @@ def _write_client(
     """Write one client's folder and return its Ed25519 public key for the allow-list."""
     _mkdir_private(files.dir)
     signing = Ed25519PrivateKey.generate()
-    _write_file(files.signing_key, _pem_private_key(signing), 0o600)
-    _write_file(files.ca_cert, _pem_cert(ca_cert), 0o644)
+    write_atomic(files.signing_key, _pem_private_key(signing), 0o600)
+    write_atomic(files.ca_cert, _pem_cert(ca_cert), 0o644)
     if files.tls_cert is not None and files.tls_key is not None:
         key, cert = _make_leaf(
             ca_key,
@@ -450,8 +446,8 @@ def _write_client(
             # RFC 5280 verifiers want a SAN; a URI names the client like a SPIFFE id would.
             san=[x509.UniformResourceIdentifier(client_uri(client_id))],
         )
-        _write_file(files.tls_key, _pem_private_key(key), 0o600)
-        _write_file(files.tls_cert, _pem_cert(cert), 0o644)
+        write_atomic(files.tls_key, _pem_private_key(key), 0o600)
+        write_atomic(files.tls_cert, _pem_cert(cert), 0o644)
     return signing.public_key()
 
 
@@ -490,14 +486,14 @@ def generate_federation(
 
     _mkdir_private(root)
     ca_key, ca_cert = _make_ca(days)
-    _write_file(files.ca_key, _pem_private_key(ca_key), 0o600)
-    _write_file(files.ca_cert, _pem_cert(ca_cert), 0o644)
+    write_atomic(files.ca_key, _pem_private_key(ca_key), 0o600)
+    write_atomic(files.ca_cert, _pem_cert(ca_cert), 0o644)
 
     server_key, server_cert = _make_leaf(
         ca_key, ca_cert, "insitu server", days=days, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=san
     )
-    _write_file(files.server_key, _pem_private_key(server_key), 0o600)
-    _write_file(files.server_cert, _pem_cert(server_cert), 0o644)
+    write_atomic(files.server_key, _pem_private_key(server_key), 0o600)
+    write_atomic(files.server_cert, _pem_cert(server_cert), 0o644)
 
     allowed: dict[str, Ed25519PublicKey] = {}
     for cid, cf in files.clients.items():
@@ -621,7 +617,7 @@ def save_allow_list(path: Path, mapping: Mapping[str, Ed25519PublicKey]) -> None
             )
         clients[cid] = base64.b64encode(_raw_public(key)).decode("ascii")
     doc = {"version": ALLOW_LIST_VERSION, "clients": clients}
-    _write_file(Path(path), (json.dumps(doc, indent=2) + "\n").encode("utf-8"), 0o644)
+    write_atomic(Path(path), (json.dumps(doc, indent=2) + "\n").encode("utf-8"), 0o644)
 
 
 # --------------------------------------------------------------------------------------------------
