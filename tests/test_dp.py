@@ -168,3 +168,14 @@ def test_pld_accountant_is_tighter_and_drives_the_budget():
     assert dp.epsilon(state) == pytest.approx(pld_epsilon([(1.5, 0.05, 3)], 1e-5))
     with pytest.raises(ValueError, match="'rdp' or 'pld'"):
         CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1, accountant_kind="moments")
+
+
+def test_dp_aggregation_without_the_federation_size_is_refused():
+    from insitu.client.api import FitResult
+    from insitu.params import Parameters
+
+    strategy = fedavg(privacy=CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3))
+    g = Parameters.from_arrays({"w": np.zeros(3, np.float32)})
+    result = FitResult(Parameters.from_arrays({"w": np.ones(3, np.float32)}), 5)
+    with pytest.raises(ValueError, match="pass num_clients"):
+        strategy.aggregate_fit(g, None, [("0", result)])
