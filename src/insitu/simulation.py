@@ -159,9 +159,9 @@ class SimulationConfig:
     local_dp_noise: float = 0.0  # local DP (DP-SGD via Opacus) in every client when > 0: noise multiplier
     local_dp_clip: float = 1.0  # per-example gradient clip norm for local DP
     local_dp_target_epsilon: float = 0.0  # each client refuses rounds past this epsilon (0 = no budget)
-    secure_aggregation: bool = False  # every round's sum through the SecAgg protocol (simulated parties)
+    secure_aggregation: bool = False  # every round's sum through the SecAgg protocol (the server learns only the sum)
     secagg_bound: float = 10.0  # fixed-point range [-B, B] of each (weighted) update element
-    secagg_dropout: float = 0.0  # share of clients that drop after sending their masked input
+    secagg_dropout: float = 0.0  # simulation only: share of clients that drop after sending their masked input
     eval_every: int = 1  # centralized evaluation every k rounds (and the last)
     stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
     seed: int = 0
@@ -336,8 +336,8 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
                                                momentum=config.server_momentum, tau=config.tau),
     )
     if config.secure_aggregation:
-        common["secure_aggregation"] = SecureAggregation(config.secagg_bound, dropout_fraction=config.secagg_dropout,
-                                                         seed=config.seed)
+        common["secure_aggregation"] = SecureAggregation(  # a deployment's dropouts are real, not simulated
+            config.secagg_bound, dropout_fraction=0.0 if remote else config.secagg_dropout, seed=config.seed)
     if config.dp_clip > 0:
         common["privacy"] = CentralDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
                                       config.dp_target_epsilon or None, adaptive=config.dp_adaptive_clip,

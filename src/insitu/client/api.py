@@ -39,6 +39,16 @@ class EvalResult:
     metrics: Metrics = field(default_factory=dict)
 
 
+@dataclass
+class ProtocolReply:
+    """A client's answer to one step of a multi-message protocol (secure aggregation): opaque bytes,
+    plus the example count and metrics of the training step they follow, where there is one."""
+
+    message: bytes
+    num_examples: int = 0
+    metrics: Metrics = field(default_factory=dict)
+
+
 @runtime_checkable
 class Client(Protocol):
     """Anything with ``fit`` and ``evaluate`` taking the global parameters and a server config."""

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from insitu.client.api import Config, EvalResult, FitResult
+from insitu.client.api import Config, EvalResult, FitResult, ProtocolReply
 from insitu.engines.base import EvalOutcome, FitOutcome, NotEnoughClientsError, Task
 from insitu.params import Parameters, ParamSpec
 
@@ -45,10 +45,10 @@ class PendingTask:
 
     task_id: str
     client_id: str
-    kind: str  # "fit" | "evaluate"
+    kind: str  # "fit" | "evaluate" | "secagg" (one step of secure aggregation)
     server_round: int
     config: Config
-    parameters: Parameters
+    parameters: Parameters | None
     expected: tuple[ParamSpec, ...]
     session_token: str = ""  # the session it was handed to; a reconnect means it is lost
 
@@ -68,7 +68,7 @@ class Session:
 @dataclass
 class _Delivery:
     task: PendingTask
-    outcome: Union[FitResult, EvalResult, BaseException]
+    outcome: Union[FitResult, EvalResult, ProtocolReply, BaseException]
     consumed: threading.Event = field(default_factory=threading.Event)
 
 
@@ -154,7 +154,7 @@ class GrpcClientPool:
         with self._lock:
             return self._pending.get(task_id)
 
-    def deliver(self, task: PendingTask, outcome: FitResult | EvalResult | BaseException,
+    def deliver(self, task: PendingTask, outcome: FitResult | EvalResult | ProtocolReply | BaseException,
                 wait_consumed: float | None = None) -> bool:
         """Hand a result to the round loop; False if the task is no longer awaited (late)."""
         with self._lock:
@@ -199,6 +199,11 @@ class GrpcClientPool:
     def evaluate(self, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, EvalOutcome]]:
         return self._dispatch("evaluate", parameters, tasks)  # type: ignore[return-value]
 
+    def exchange(self, parameters: Parameters | None,
+                 tasks: Sequence[Task]) -> Iterator[tuple[str, ProtocolReply | BaseException]]:
+        """One step of secure aggregation: each task's config carries that client's protocol message."""
+        return self._dispatch("secagg", parameters, tasks)
+
     def close(self) -> None:
         """Tell every client to shut down (at its next pull) and fail what is in flight."""
         with self._lock:
@@ -206,8 +211,8 @@ class GrpcClientPool:
             self._lock.notify_all()
 
     # -- internals ---------------------------------------------------------------------------
-    def _dispatch(self, kind: str, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, Any]]:
-        expected = parameters.specs
+    def _dispatch(self, kind: str, parameters: Parameters | None, tasks: Sequence[Task]) -> Iterator[tuple[str, Any]]:
+        expected = parameters.specs if parameters is not None else ()
         waiting: dict[str, PendingTask] = {}
         with self._lock:
             for task in tasks:

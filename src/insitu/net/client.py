@@ -21,11 +21,12 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from insitu import serde
-from insitu.client.api import Client, EvalResult, FitResult
+from insitu.client.api import Client, EvalResult, FitResult, ProtocolReply
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
 from insitu.net.servicer import CHUNK_SIZE, PROTOCOL_VERSIONS
+from insitu.privacy.secagg.participant import MESSAGE, SecAggParticipant, message_parameters
 
 log = logging.getLogger("insitu.client")
 
@@ -89,6 +90,7 @@ def connect(
     backoff = backoff or Backoff()
     done = 0
     delays = backoff.delays()
+    participant = SecAggParticipant(client)  # secure rounds: keeps this client's protocol state between steps
     unreachable_since: float | None = None
     while True:
         channel = _channel(address, tls)
@@ -100,7 +102,7 @@ def connect(
             beat = _Heartbeat(stub, token, interval)
             try:
                 while True:
-                    outcome = _serve_one(stub, token, client, poll_wait_s)
+                    outcome = _serve_one(stub, token, client, participant, poll_wait_s)
                     if outcome == "shutdown":
                         log.info("server finished the federation after %d tasks", done)
                         _leave(stub, token)
@@ -147,7 +149,8 @@ def _handshake(stub: pb_grpc.FederationStub, client_id: str, key: Ed25519Private
     return reply.session_token, reply.heartbeat_interval_s or 3.0
 
 
-def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, wait_s: float) -> str:
+def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, participant: SecAggParticipant,
+               wait_s: float) -> str:
     """Pull one task and answer it: returns "done", "idle" or "shutdown"."""
     stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60)
     first = next(stream, None)
@@ -161,13 +164,15 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, wait_s:
     for message in stream:
         decoder.feed(message.chunk)
     parameters, extras = decoder.finish()
-    if parameters is None:
+    if parameters is None and header.kind != "secagg":
         raise serde.SerdeError("the server sent a task without parameters")
     config = {**json.loads(header.config_json or "{}"), **extras}
     log.info("round %d: %s task received", header.round, header.kind)
     try:
-        if header.kind == "fit":
-            result: FitResult | EvalResult = client.fit(parameters, config)
+        if header.kind == "secagg":
+            result: FitResult | EvalResult | ProtocolReply = participant.handle(parameters, config)
+        elif header.kind == "fit":
+            result = client.fit(parameters, config)
         else:
             result = client.evaluate(parameters, config)
     except Exception as error:  # report the failure to the server; keep serving
@@ -179,9 +184,16 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, wait_s:
     return "done"
 
 
-def _push_result(stub: pb_grpc.FederationStub, token: str, task_id: str, result: FitResult | EvalResult) -> None:
+def _push_result(stub: pb_grpc.FederationStub, token: str, task_id: str,
+                 result: FitResult | EvalResult | ProtocolReply) -> None:
     metrics = json.dumps({k: float(v) for k, v in result.metrics.items()})
-    if isinstance(result, FitResult):
+    if isinstance(result, ProtocolReply):
+        extras = {MESSAGE: message_parameters(result.message)}
+        _, headers = payload.describe(None, extras)
+        head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
+                               metrics_json=metrics, extras=headers)
+        chunks = payload.iter_payload(None, extras, CHUNK_SIZE)
+    elif isinstance(result, FitResult):
         size, extras = payload.describe(result.parameters, result.extras)
         head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
                                metrics_json=metrics, payload_bytes=size, extras=extras)

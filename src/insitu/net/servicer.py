@@ -21,11 +21,12 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from insitu import serde
-from insitu.client.api import EvalResult, FitResult
+from insitu.client.api import EvalResult, FitResult, ProtocolReply
 from insitu.engines.grpc_pool import SHUTDOWN, GrpcClientPool, PendingTask, PoolClosedError
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
+from insitu.privacy.secagg.participant import MESSAGE, message_bytes
 
 log = logging.getLogger("insitu.server")
 
@@ -182,6 +183,12 @@ class FederationServicer(pb_grpc.FederationServicer):
                 outcome: Any = EvalResult(float(header.loss), int(header.num_examples), metrics)
                 self.pool.deliver(task, outcome)
                 return pb.PushReply(accepted=True, message="ok")
+            if task.kind == "secagg":
+                with self.pool.decode_slot:
+                    outcome = ProtocolReply(self._protocol_message(header, request_iterator), int(header.num_examples),
+                                            metrics)
+                self.pool.deliver(task, outcome)
+                return pb.PushReply(accepted=True, message="ok")
             with self.pool.decode_slot:  # one update decoded at a time, released once folded
                 if header.payload_bytes > self.max_update_bytes:
                     raise serde.SerdeError(f"update of {header.payload_bytes} bytes exceeds the server's limit "
@@ -206,6 +213,19 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.pool.deliver(task, ConnectionError(f"upload failed: {error.code().name}: {error.details()}"))
             return pb.PushReply(accepted=False, message="upload failed")
         return pb.PushReply(accepted=True, message="ok")
+
+    def _protocol_message(self, header: pb.ResultHeader, request_iterator: Iterator[pb.ResultMessage]) -> bytes:
+        """A secure-aggregation reply: no parameters, exactly one extra holding the message bytes."""
+        if header.payload_bytes or [e.name for e in header.extras] != [MESSAGE]:
+            raise serde.SerdeError(f"a secure-aggregation reply carries exactly one extra named {MESSAGE!r} and no "
+                                   "parameters")
+        decoder = payload.PayloadDecoder(0, header.extras, max_bytes=self.max_update_bytes)
+        for message in request_iterator:
+            if message.WhichOneof("body") != "chunk":
+                raise serde.SerdeError("expected message chunks after the header")
+            decoder.feed(message.chunk)
+        _, extras = decoder.finish()
+        return message_bytes(extras[MESSAGE])
 
 
 def _parse_metrics(text: str) -> dict[str, float]:

@@ -164,7 +164,7 @@ class CentralDP:
 
     def reducer(self, state: PrivacyState, num_clients: int) -> GaussianMean:
         clip, noise_std, denominator = self.mechanism(state, num_clients)
-        return GaussianMean(clip, noise_std, denominator, self._rng())
+        return GaussianMean(clip, noise_std, denominator, self.noise_rng())
 
     def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int) -> PrivacyState:
         """The new state after one released round: accountant stepped, clip norm adapted."""
@@ -174,11 +174,11 @@ class CentralDP:
         if self.adaptive:
             expected = self.sample_rate * num_clients
             sigma_b = self.count_noise_fraction * expected
-            noisy_fraction = (acc_unclipped + self._rng().normal(0.0, sigma_b)) / expected
+            noisy_fraction = (acc_unclipped + self.noise_rng().normal(0.0, sigma_b)) / expected
             clip *= math.exp(-self.clip_lr * (noisy_fraction - self.target_quantile))
         return {**accountant.state_arrays(), "clip_norm": np.array([clip])}
 
-    def _rng(self) -> np.random.Generator:
+    def noise_rng(self) -> np.random.Generator:
         """Fresh entropy, or (with a seed) a new stream per draw so no noise is ever reused."""
         if self.seed is None:
             return np.random.default_rng()

@@ -1,10 +1,11 @@
-"""Secure aggregation as a reducer, for simulation: every round runs the real SecAgg protocol.
+"""Secure aggregation settings, and the math both ends of a secure round share.
 
-Each client's update (weighted for FedAvg, or clipped for DP) is fixed-point encoded, masked and
-summed by :mod:`insitu.privacy.secagg`, with optional dropouts after the masked input was sent; the
-server side only ever decodes the sum. In simulation all parties live in one process, so this
-measures correctness, dropout tolerance and cost, not secrecy; the deployment needs the protocol's
-four message rounds over the network (not wired into the gRPC engine yet).
+A client's input to the protocol is its update delta, weighted for FedAvg (``[w s delta, w s]``
+with a public scale s) or, under central DP, clipped to L2 norm C with a final coordinate saying
+whether clipping left it unchanged (adaptive clipping's count, learned only as a sum). The server
+decodes the protocol's sum into the round's mean delta. :class:`SecureMean` runs the whole protocol
+in-process for simulation (with optional dropouts); over gRPC the round loop runs it message by
+message (:mod:`insitu.run.secure_round`, client side :mod:`insitu.privacy.secagg.participant`).
 """
 
 from __future__ import annotations
@@ -23,19 +24,58 @@ from insitu.privacy.secagg.simulate import RoundReport, run_round
 log = logging.getLogger("insitu")
 
 
+def weight_scale(max_weight: float, bound: float) -> float:
+    """The public FedAvg weight scale s = min(1, B) / max weight: every w s lies in (0, min(1, B)]."""
+    if not max_weight > 0:
+        raise ValueError(f"the largest client weight must be positive, got {max_weight}")
+    return min(1.0, bound) / max_weight
+
+
+def secure_input(delta: np.ndarray, *, bound: float, weight: float | None = None,
+                 clip_norm: float | None = None) -> np.ndarray:
+    """A client's protocol input: ``[w delta, w]`` (FedAvg), or under DP ``[clip_C(delta), B * unclipped]``.
+
+    Exactly one of ``weight`` (already scaled by :func:`weight_scale`) and ``clip_norm`` is given.
+    """
+    if (weight is None) == (clip_norm is None):
+        raise ValueError("give exactly one of weight (FedAvg) and clip_norm (DP-FedAvg)")
+    if weight is not None:
+        return with_weight(delta, weight)
+    vector = np.asarray(delta, dtype=np.float64).ravel()
+    norm = l2_norm(vector)
+    if norm > clip_norm:
+        vector = vector * (clip_norm / norm)
+    return np.concatenate([vector, [bound if norm <= clip_norm else 0.0]])
+
+
+def decode_secure_sum(total: np.ndarray, *, bound: float, dp: bool, noise_std: float = 0.0,
+                      denominator: float = 1.0, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+    """(mean delta as float32, number of unclipped clients) from the protocol's sum of :func:`secure_input`.
+
+    FedAvg: sum(w delta) / sum(w). DP: (clipped sum + N(0, noise_std^2)) / denominator, and the
+    count of updates that needed no clipping (adaptive clipping's signal).
+    """
+    if not dp:
+        return split_weighted(total).astype(np.float32), 0
+    unclipped = int(round(float(total[-1]) / bound))
+    noise = (rng or np.random.default_rng()).normal(0.0, noise_std, size=total.size - 1) if noise_std > 0 else 0.0
+    return ((total[:-1] + noise) / denominator).astype(np.float32), unclipped
+
+
 @dataclass
 class SecureBuffer:
     updates: list[np.ndarray] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    unclipped: int = 0
+    unclipped: int = 0  # known only once the sum is decoded
 
 
 @dataclass
 class SecureAggregation:
-    """Settings: element bound B of the fixed-point encoding, dropouts to simulate, the threshold.
+    """Settings: element bound B of the fixed-point encoding, the threshold, dropouts to simulate.
 
     ``threshold_fraction`` sets t = max(floor(n x fraction) + 1, floor(n / 2) + 1) of the round's n
-    clients; ``dropout_fraction`` of them go silent after sending their masked input (their input
+    clients; ``degree`` (even) switches to SecAgg+ neighbour groups of that many. In simulation,
+    ``dropout_fraction`` of the clients go silent after sending their masked input (their input
     still counts: the server reconstructs their self-masks from the others' shares).
     """
 
@@ -43,6 +83,7 @@ class SecureAggregation:
     threshold_fraction: float = 0.5
     dropout_fraction: float = 0.0
     seed: int | None = None
+    degree: int | None = None
     last_report: RoundReport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,34 +95,38 @@ class SecureAggregation:
         if not 0 <= self.dropout_fraction < 1:
             raise ValueError(f"dropout_fraction must be in [0, 1), got {self.dropout_fraction}")
 
+    def threshold(self, n: int) -> int:
+        """t for a round of n clients (within each client's group of degree + 1 under SecAgg+)."""
+        size = n if self.degree is None else self.degree + 1
+        return max(int(size * self.threshold_fraction) + 1, size // 2 + 1)
+
+    def protocol_config(self, n: int, dim: int, session: int) -> SecAggConfig:
+        """The public parameters of one round of n clients over vectors of length dim."""
+        return SecAggConfig(n, self.threshold(n), dim, self.bound, session=session, degree=self.degree)
+
     def reducer(self, *, clip_norm: float | None = None, noise_std: float = 0.0,
-                denominator: float | None = None) -> SecureMean:
+                denominator: float | None = None, rng: np.random.Generator | None = None) -> SecureMean:
         """A fresh reducer: weighted mean, or (with ``clip_norm``) DP-FedAvg's clipped noisy mean."""
-        return SecureMean(self, clip_norm, noise_std, denominator)
+        return SecureMean(self, clip_norm, noise_std, denominator, rng)
 
 
 class SecureMean:
-    """Weighted mean (or clipped sum + noise / denominator) computed through one SecAgg round."""
+    """Weighted mean (or clipped sum + noise / denominator) computed through one in-process SecAgg round."""
 
     streaming = False
     shift_equivariant = False
     min_updates = 2
 
     def __init__(self, settings: SecureAggregation, clip_norm: float | None, noise_std: float,
-                 denominator: float | None) -> None:
+                 denominator: float | None, rng: np.random.Generator | None = None) -> None:
         self.settings, self.clip_norm, self.noise_std, self.denominator = settings, clip_norm, noise_std, denominator
+        self.rng = rng
 
     def start(self, dim: int) -> SecureBuffer:
         return SecureBuffer()
 
     def add(self, acc: SecureBuffer, update: np.ndarray, weight: float) -> SecureBuffer:
-        vector = np.asarray(update, dtype=np.float64)
-        if self.clip_norm is not None:  # the client clips before masking: the server cannot
-            norm = l2_norm(vector)
-            acc.unclipped += int(norm <= self.clip_norm)
-            if norm > self.clip_norm:
-                vector = vector * (self.clip_norm / norm)
-        acc.updates.append(vector)
+        acc.updates.append(np.asarray(update, dtype=np.float64))
         acc.weights.append(float(weight))
         return acc
 
@@ -95,18 +140,19 @@ class SecureMean:
         settings = self.settings
         rng = np.random.default_rng(settings.seed)
         dp = self.clip_norm is not None
-        top = max(acc.weights)
-        inputs = {i + 1: (u if dp else with_weight(u, w / top)) for i, (u, w) in enumerate(zip(acc.updates, acc.weights))}
+        bound = settings.bound
+        scale = weight_scale(max(acc.weights), bound)
+        inputs = {i + 1: secure_input(u, bound=bound, clip_norm=self.clip_norm) if dp
+                  else secure_input(u, bound=bound, weight=w * scale)
+                  for i, (u, w) in enumerate(zip(acc.updates, acc.weights))}
         acc.updates.clear()
-        t = max(int(n * settings.threshold_fraction) + 1, n // 2 + 1)
-        config = SecAggConfig(n, t, len(inputs[1]), settings.bound, session=int(rng.integers(2**63)))
+        config = settings.protocol_config(n, len(inputs[1]), session=int(rng.integers(2**63)))
         drop = rng.choice(np.arange(1, n + 1), size=int(settings.dropout_fraction * n), replace=False)
         report = run_round(config, inputs, drop_before={"unmask": [int(c) for c in drop]})
         settings.last_report = report
         if report.n_clipped:
             log.warning("secure aggregation: %d values outside [-%g, %g] were clipped; raise the bound",
-                        report.n_clipped, settings.bound, settings.bound)
-        if not dp:
-            return split_weighted(report.total).astype(np.float32)
-        noisy = report.total + np.random.default_rng().normal(0.0, self.noise_std, size=report.total.shape)
-        return (noisy / (self.denominator or n)).astype(np.float32)
+                        report.n_clipped, bound, bound)
+        mean, acc.unclipped = decode_secure_sum(report.total, bound=bound, dp=dp, noise_std=self.noise_std,
+                                                denominator=self.denominator or n, rng=self.rng)
+        return mean

@@ -9,6 +9,7 @@ global model unchanged) without stopping the run.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,7 +22,9 @@ from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregation
 from insitu.client.api import EvalResult, FitResult
 from insitu.engines.base import ClientPool, Task
 from insitu.params import Parameters
+from insitu.privacy.secagg.protocol import SecAggAbort
 from insitu.run.history import Evaluation, History, RoundRecord
+from insitu.run.secure_round import can_exchange, secure_fit
 from insitu.run.validation import check_eval_result, check_fit_result
 from insitu.strategies.strategy import ServerState, Strategy
 
@@ -121,11 +124,19 @@ class Coordinator:
         base_config.update(strategy.algorithm_config(server_state, parameters.specs))
         tasks = [self._task(cid, server_round, base_config) for cid in record.selected]
 
-        accepted = self._accepted_fit(server_round, parameters, tasks, record)
         try:
-            outcome = strategy.aggregate_fit(parameters, server_state, accepted, num_clients=len(available))
-        except (AggregationAssumptionError, EmptyAggregationError) as error:
-            accepted.close()
+            if strategy.secure_aggregation is not None and can_exchange(self.pool):
+                outcome = secure_fit(self.pool, strategy, server_round, parameters, server_state, tasks, record,
+                                     num_clients=len(available), session=secrets.randbits(63),
+                                     reject=lambda cid, stage, reason: self._reject(server_round, cid, stage, reason,
+                                                                                    record))
+            else:
+                accepted = self._accepted_fit(server_round, parameters, tasks, record)
+                try:
+                    outcome = strategy.aggregate_fit(parameters, server_state, accepted, num_clients=len(available))
+                finally:
+                    accepted.close()
+        except (AggregationAssumptionError, EmptyAggregationError, SecAggAbort) as error:
             outcome = None
             problem = f"aggregation refused: {error}"
         record.timings["fit_s"] = time.perf_counter() - started

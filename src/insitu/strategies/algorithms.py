@@ -25,6 +25,7 @@ class ClientAlgorithm(Protocol):
     """The server's half of a client algorithm: extra task config, result checks, state updates."""
 
     name: str
+    secure_compatible: bool  # True when results carry nothing beyond the update (secure aggregation hides it)
 
     def init_state(self, parameters: Parameters) -> AlgorithmState: ...
 
@@ -44,6 +45,7 @@ class LocalSGD:
     """Plain local training (FedAvg, FedSGD): nothing extra travels, no server state."""
 
     name: str = "local_sgd"
+    secure_compatible: bool = True
 
     def init_state(self, parameters: Parameters) -> AlgorithmState:
         return {}
@@ -95,6 +97,7 @@ class Scaffold:
     """
 
     name: str = "scaffold"
+    secure_compatible: bool = False  # delta_c travels per client, in the clear
 
     def init_state(self, parameters: Parameters) -> AlgorithmState:
         return {"c": np.zeros(parameters.num_values, dtype=np.float32)}

@@ -101,6 +101,9 @@ class Strategy:
                 f"min_available_clients ({self.min_available_clients}) must be >= min_fit_clients "
                 f"({self.min_fit_clients}): a round can never start otherwise"
             )
+        if self.secure_aggregation is not None and not self.algorithm.secure_compatible:
+            raise ValueError(f"{type(self.algorithm).__name__} sends extra per-client arrays that secure aggregation "
+                             "cannot hide: use it without secure aggregation, or choose fedavg/fedprox/fedsgd")
 
     # -- selection and configs --------------------------------------------------------------
     def num_fit_clients(self, num_available: int) -> int:
@@ -163,7 +166,6 @@ class Strategy:
         global_flat = parameters.flat()
         algorithm = self.algorithm
         extras_acc = algorithm.start(global_flat.size)
-        privacy = self.privacy
         reducer = self._round_reducer(server_state, num_clients)
         # A shift-equivariant reducer (the mean) takes the client models as they are and the delta
         # is formed once at the end, instead of one subtraction per client.
@@ -180,17 +182,38 @@ class Strategy:
             del update, result  # released before the next result is fetched
         if not metric_entries:
             return Aggregate(None, server_state, {}, 0)
-        unclipped = getattr(acc, "unclipped", 0)
         delta = reducer.finish(acc)  # owned by us: transformed in place below
+        unclipped = getattr(acc, "unclipped", 0)  # central DP: updates within the clip norm
         del acc
         if on_models:
             np.subtract(delta, global_flat, out=delta)
-        new_flat, optimizer_state = self.server_optimizer.update(global_flat, delta, server_state.optimizer)
-        del delta
         algorithm_state = algorithm.finish(extras_acc, server_state.algorithm, num_clients or len(metric_entries))
+        return self._apply(parameters, server_state, delta, metric_entries, algorithm_state, unclipped, num_clients)
+
+    def apply_mean_delta(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,
+                         metric_entries: list[tuple[int, Metrics]], *, unclipped: int = 0,
+                         num_clients: int = 0) -> Aggregate:
+        """Finish a round whose mean delta was computed elsewhere (a secure aggregation over the network).
+
+        ``metric_entries`` are the contributors' (num_examples, metrics); ``unclipped`` is central DP's
+        count of updates within the clip norm.
+        """
+        if not metric_entries:
+            return Aggregate(None, server_state, {}, 0)
+        algorithm_state = self.algorithm.finish(self.algorithm.start(delta.size), server_state.algorithm,
+                                                num_clients or len(metric_entries))
+        return self._apply(parameters, server_state, np.array(delta, dtype=np.float32), metric_entries,
+                           algorithm_state, unclipped, num_clients)
+
+    def _apply(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,
+               metric_entries: list[tuple[int, Metrics]], algorithm_state: AlgorithmState, unclipped: int,
+               num_clients: int) -> Aggregate:
+        """Server optimizer step on the mean delta, privacy bookkeeping, round metrics."""
+        new_flat, optimizer_state = self.server_optimizer.update(parameters.flat(), delta, server_state.optimizer)
+        del delta
         new_params = Parameters.from_flat(new_flat, parameters.specs, copy=False)
         metrics = weighted_average_metrics(metric_entries)
-        privacy_state = server_state.privacy
+        privacy, privacy_state = self.privacy, server_state.privacy
         if privacy is not None:
             privacy_state = privacy.after_round(privacy_state, unclipped, num_clients or len(metric_entries))
             metrics.update(epsilon=privacy.epsilon(privacy_state), clip_norm=float(privacy_state["clip_norm"][0]))
@@ -205,7 +228,7 @@ class Strategy:
                              "(the federation's size) to aggregate_fit")
         if secure is not None and privacy is not None:  # clients clip before masking; noise on the sum
             clip, noise_std, denominator = privacy.mechanism(state.privacy, num_clients)
-            return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator)
+            return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator, rng=privacy.noise_rng())
         if privacy is not None:
             return privacy.reducer(state.privacy, num_clients)
         if secure is not None:

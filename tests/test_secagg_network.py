@@ -1,0 +1,175 @@
+"""Secure aggregation over the gRPC deployment: the four protocol steps as tasks, dropouts, bad clients."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from insitu.client.api import ProtocolReply
+from insitu.net import client as net_client
+from insitu.net.client import connect
+from insitu.net.server import FederationServer, ServerSettings
+from insitu.params import Parameters
+from insitu.privacy.secagg import codec
+from insitu.privacy.secagg.messages import AdvertiseKeys, MaskedInput
+from insitu.privacy.secagg.participant import STEP, SecAggParticipant, message_bytes, message_parameters
+from insitu.privacy.secagg.protocol import SecAggRefused
+from insitu.privacy.secure import SecureAggregation
+from insitu.run.loop import client_seed
+from insitu.simulation import SimulationConfig, build_experiment, simulate
+from insitu.strategies import fedavg, scaffold
+
+BASE = dict(dataset="digits", model="logreg", lr=0.1, seed=3, secure_aggregation=True)
+
+
+class Tagged:
+    """A user client plus how its secure-aggregation side misbehaves: (what, protocol step)."""
+
+    def __init__(self, inner, behaviour: tuple[str, str] | None) -> None:
+        self.inner, self.behaviour = inner, behaviour
+
+    def fit(self, parameters, config):
+        return self.inner.fit(parameters, config)
+
+    def evaluate(self, parameters, config):
+        return self.inner.evaluate(parameters, config)
+
+
+class Misbehaving(SecAggParticipant):
+    """Drops out at a step, or sends a truncated masked vector, or claims another client's protocol id."""
+
+    def handle(self, parameters, config):
+        what, step = getattr(self.client, "behaviour", None) or (None, None)
+        if what == "drop" and config.get(STEP) == step:
+            raise ConnectionError("client went away")
+        reply = super().handle(parameters, config)
+        if what is None or config.get(STEP) != step:
+            return reply
+        message = codec.decode(reply.message)
+        if what == "truncate":
+            message = dataclasses.replace(message, masked=message.masked[:-4])
+        elif what == "spoof":
+            message = dataclasses.replace(message, client_id=message.client_id % 4 + 1)
+        return ProtocolReply(codec.encode(message), reply.num_examples, reply.metrics)
+
+
+def run_federation(config: SimulationConfig, rounds: int, behaviours=None, monkeypatch=None):
+    behaviours = behaviours or {}
+    if monkeypatch is not None:
+        monkeypatch.setattr(net_client, "SecAggParticipant", Misbehaving)
+    remote = build_experiment(config)
+    remote.strategy.min_available_clients = config.num_clients
+    server = FederationServer(ServerSettings(address="127.0.0.1:0", insecure=True, heartbeat_interval_s=0.5))
+    for i in range(config.num_clients):
+        client = Tagged(build_experiment(config).client_fn(str(i)), behaviours.get(str(i)))
+        threading.Thread(target=connect, args=(client, f"127.0.0.1:{server.port}"),
+                         kwargs=dict(client_id=str(i), poll_wait_s=0.5), daemon=True).start()
+    try:
+        return remote, server.run(remote.strategy, remote.initial_parameters, num_rounds=rounds, seed=config.seed)
+    finally:
+        server.stop(grace_s=2)
+
+
+def in_process(config: SimulationConfig, rounds: int):
+    local = build_experiment(config)
+    return simulate(local.client_fn, num_clients=config.num_clients, strategy=local.strategy, num_rounds=rounds,
+                    initial_parameters=local.initial_parameters, seed=config.seed)
+
+
+def plain_fedavg_of(config: SimulationConfig, client_ids: list[str]) -> np.ndarray:
+    """One round of plain FedAvg over exactly these clients (what a secure round should equal)."""
+    experiment = build_experiment(dataclasses.replace(config, secure_aggregation=False))
+    start = experiment.initial_parameters
+    results = [(cid, experiment.client_fn(cid).fit(start, {"round": 1, "seed": client_seed(config.seed, 1, cid)}))
+               for cid in client_ids]
+    results = [(cid, dataclasses.replace(r, parameters=Parameters.from_flat(r.parameters.flat(), start.specs)))
+               for cid, r in results]
+    return fedavg().aggregate_fit(start, None, results).parameters.flat()
+
+
+def test_secure_fedavg_over_grpc_equals_the_in_process_secure_run_and_plain_fedavg():
+    config = SimulationConfig(**BASE, num_clients=4, rounds=2, min_fit_clients=4)
+    _, got = run_federation(config, rounds=2)
+    assert [(r.status, r.num_results) for r in got.history.rounds] == [("ok", 4), ("ok", 4)]
+    secure = in_process(config, 2)
+    plain = in_process(dataclasses.replace(config, secure_aggregation=False), 2)
+    # the same inputs, the same fixed-point sum: masks cancel exactly, whatever the arrival order
+    assert np.array_equal(got.parameters.flat(), secure.parameters.flat())
+    assert np.abs(got.parameters.flat() - plain.parameters.flat()).max() < 1e-5
+    assert got.history.rounds[-1].centralized.metrics["accuracy"] > 0.5
+
+
+def test_a_client_dropping_after_its_masked_input_still_counts(monkeypatch, caplog):
+    config = SimulationConfig(**BASE, num_clients=5, rounds=1, min_fit_clients=3)
+    with caplog.at_level(logging.WARNING):
+        _, got = run_federation(config, 1, {"4": ("drop", "unmask")}, monkeypatch)
+    record = got.history.rounds[0]
+    assert record.status == "ok" and record.num_results == 5
+    assert [f["client"] for f in record.failures] == ["4"] and "secagg unmask" in record.failures[0]["stage"]
+    expected = plain_fedavg_of(config, ["0", "1", "2", "3", "4"])
+    assert np.abs(got.parameters.flat() - expected).max() < 1e-5
+
+
+def test_a_malformed_masked_vector_is_excluded_and_the_round_completes_without_it(monkeypatch):
+    config = SimulationConfig(**BASE, num_clients=5, rounds=1, min_fit_clients=3)
+    _, got = run_federation(config, 1, {"2": ("truncate", "masked")}, monkeypatch)
+    record = got.history.rounds[0]
+    assert record.status == "ok" and record.num_results == 4
+    assert any(f["client"] == "2" and "masked vector has" in f["reason"] for f in record.failures)
+    expected = plain_fedavg_of(config, ["0", "1", "3", "4"])
+    assert np.abs(got.parameters.flat() - expected).max() < 1e-5
+
+
+def test_a_client_claiming_another_protocol_id_is_rejected(monkeypatch):
+    config = SimulationConfig(**BASE, num_clients=4, rounds=1, min_fit_clients=3)
+    _, got = run_federation(config, 1, {"1": ("spoof", "train")}, monkeypatch)
+    record = got.history.rounds[0]
+    assert record.status == "ok" and record.num_results == 3
+    assert any(f["client"] == "1" and "claims protocol id" in f["reason"] for f in record.failures)
+
+
+def test_more_dropouts_than_the_threshold_allows_fail_the_round_and_reveal_nothing(monkeypatch):
+    config = SimulationConfig(**BASE, num_clients=4, rounds=1, min_fit_clients=2)  # t = 3 of 4
+    remote, got = run_federation(config, 1, {"0": ("drop", "unmask"), "3": ("drop", "unmask")}, monkeypatch)
+    record = got.history.rounds[0]
+    assert record.status == "failed" and "aborted" in record.error and "no individual update was revealed" in record.error
+    assert got.parameters == remote.initial_parameters
+
+
+def test_secure_aggregation_with_central_dp_matches_the_in_process_run():
+    config = SimulationConfig(**BASE, num_clients=4, rounds=2, min_fit_clients=2, dp_clip=1.0, dp_noise=0.3,
+                              fraction_fit=1.0)
+    _, got = run_federation(config, 2)
+    expected = in_process(config, 2)
+    assert [r.status for r in got.history.rounds] == ["ok", "ok"]
+    assert got.history.rounds[-1].fit_metrics["epsilon"] == pytest.approx(
+        expected.history.rounds[-1].fit_metrics["epsilon"])
+    assert np.allclose(got.parameters.flat(), expected.parameters.flat(), atol=1e-6)
+
+
+def test_participant_refuses_steps_out_of_order_and_foreign_payloads():
+    class Stub:
+        def fit(self, parameters, config):
+            raise AssertionError("not reached")
+
+    participant = SecAggParticipant(Stub())
+    with pytest.raises(SecAggRefused, match="no secure round"):
+        participant.handle(None, {STEP: "share", "secagg_session": 7, "secagg_message": message_parameters(b"x")})
+    with pytest.raises(ValueError, match="unknown secure-aggregation step"):
+        participant.handle(None, {STEP: "reveal-everything"})
+    with pytest.raises(ValueError, match="uint8"):
+        message_bytes(Parameters.from_arrays({"bytes": np.zeros(3, np.float32)}))
+    assert message_bytes(message_parameters(b"abc")) == b"abc"
+    with pytest.raises(ValueError, match="expected a MaskedInput"):
+        codec.decode(codec.encode(AdvertiseKeys(1, b"a" * 32, b"b" * 32)), MaskedInput)
+
+
+def test_scaffold_with_secure_aggregation_is_refused():
+    with pytest.raises(ValueError, match="cannot hide"):
+        scaffold(secure_aggregation=SecureAggregation())
+    with pytest.raises(ValueError, match="cannot hide"):
+        SimulationConfig(**{**BASE, "strategy": "scaffold"}, num_clients=4).validate()
