@@ -208,3 +208,23 @@ def test_scaffold_across_real_processes_keeps_client_state_on_disk(procs, certs,
     for cid in range(3):
         assert procs.wait(f"client{cid}") == 0, procs.log(f"client{cid}")
         assert (tmp_path / f"state{cid}" / "scaffold_c_i.insitu").is_file()
+
+
+def test_secure_aggregation_across_real_processes_survives_a_kill_9(procs, certs, tmp_path):
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "2", "--min-clients", "3",
+                                       "--min-fit-clients", "2", "--secure-aggregation", "--local-epochs", "10",
+                                       "--heartbeat-timeout", "2"))
+    for cid in range(3):
+        procs.start(f"client{cid}", *client_args(port, certs, cid))
+    procs.wait_for_text("client2", "round 1: secagg task received")  # training, before its keys went out
+    procs.procs["client2"].send_signal(signal.SIGKILL)
+    procs.wait_for_text("server", "Round 1/2")
+    procs.start("client2b", *client_args(port, certs, 2))
+    assert procs.wait("server") == 0, procs.log("server")
+    rounds = final_history(tmp_path, "out")["rounds"]
+    assert [(r["status"], r["num_results"]) for r in rounds] == [("ok", 2), ("ok", 3)]
+    assert rounds[0]["failures"][0]["client"] == "2" and "secagg train" in rounds[0]["failures"][0]["stage"]
+    assert rounds[-1]["centralized"]["metrics"]["accuracy"] > 0.9
+    log = " ".join(procs.log("server").split())
+    assert "securely aggregated 2 of 3 clients" in log and "securely aggregated 3 of 3 clients" in log
