@@ -18,17 +18,22 @@ config says which), so they start only once per client count.
 Timed runs follow one untimed warm-up round on each engine. Client processes use 1 torch thread
 each (``--client-threads``): with torch's default (2 here) 20 processes on 2 cores thrash.
 
+With ``--secure``, the gRPC side also runs both variants with secure aggregation on (the four
+SecAgg steps per round, ``secure_aggregation = true``), and a second table sets them against the
+plain gRPC rounds: the price of the server learning only the sum.
+
 Finally a 3-client training run of each engine, same seed, with as many torch threads in the
 client processes as here (the thread count changes training's float rounding), is compared bit
 for bit. If they differ, the in-process run is repeated folding the results in the order they
 arrived over gRPC, to tell summation order apart from a difference in the training itself.
 
-    python bench/deployment_overhead.py [--data-dir ../shared/data/mnist] [--clients 3,20] [--rounds 3]
+    python bench/deployment_overhead.py [--data-dir ../shared/data/mnist] [--clients 3,20] [--rounds 3] [--secure]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import statistics
 import time
@@ -159,9 +164,10 @@ def run_grpc(config: SimulationConfig, threads: int, connect_timeout: float,
             strategy.min_available_clients = n
             server.run(strategy, experiment.initial_parameters, num_rounds=1, seed=config.seed)
         for variant in variants:
-            strategy = make_strategy(config, None)
+            secure = variant.startswith("secure-")
+            strategy = make_strategy(dataclasses.replace(config, secure_aggregation=secure), None)
             strategy.min_available_clients = n
-            if variant == "echo":
+            if variant.endswith("echo"):
                 strategy.fit_config = {"echo": 1}
             times: list[float] = []
             result = server.run(strategy, experiment.initial_parameters, num_rounds=config.rounds, seed=config.seed,
@@ -213,22 +219,30 @@ def main() -> None:
                         help="torch threads per client process (0 = torch's default); the server process keeps its own")
     parser.add_argument("--connect-timeout", type=float, default=120.0)
     parser.add_argument("--skip-identity", action="store_true", help="skip the bit-identity check")
+    parser.add_argument("--secure", action="store_true", help="also time gRPC rounds with secure aggregation")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads here, {args.client_threads or 'default'} per "
           f"client process; {mp.cpu_count()} CPUs; {args.rounds} rounds; mean s/round over all rounds")
     rows = []
+    secure_rows = []
     identical = None
     for n in [int(c) for c in args.clients.split(",")]:
         config = make_config(n, args.data_dir, args.rounds, args.seed)
         ip_train, ip_params = run_inprocess(config, echo=False)
         ip_echo, _ = run_inprocess(config, echo=True)
-        grpc_out = run_grpc(config, args.client_threads, args.connect_timeout)
+        variants = ("train", "echo", "secure-train", "secure-echo") if args.secure else ("train", "echo")
+        grpc_out = run_grpc(config, args.client_threads, args.connect_timeout, variants)
         print(f"[{n} clients] client processes connected {grpc_out['connect_s']:.1f} s after spawn (not counted)")
         print(f"[{n} clients] per-round s: in-process train {[round(t, 3) for t in ip_train]}, gRPC train "
               f"{[round(t, 3) for t in grpc_out['train']]}, in-process echo {[round(t, 4) for t in ip_echo]}, "
               f"gRPC echo {[round(t, 4) for t in grpc_out['echo']]}")
         rows.append((n, "train", ip_train, grpc_out["train"]))
         rows.append((n, "echo", ip_echo, grpc_out["echo"]))
+        if args.secure:
+            print(f"[{n} clients] per-round s with secure aggregation: gRPC train "
+                  f"{[round(t, 3) for t in grpc_out['secure-train']]}, gRPC echo "
+                  f"{[round(t, 4) for t in grpc_out['secure-echo']]}")
+            secure_rows += [(n, v, grpc_out[v], grpc_out[f"secure-{v}"]) for v in ("train", "echo")]
     if not args.skip_identity:
         identical = check_identity(args)
     print()
@@ -239,6 +253,15 @@ def main() -> None:
         print(f"{n:>7} | {variant:>7} | {a:>18.4f} | {b:>12.4f} | {b - a:>16.4f} | {b / a:>6.2f}")
     print("train: clients train in parallel as processes under gRPC (2 cores here), one after another in-process;"
           "\necho: no training, the protocol cost alone (serialize, transfer, decode, validate, aggregate).")
+    if secure_rows:
+        print()
+        print(f"{'clients':>7} | {'variant':>7} | {'gRPC plain s/round':>18} | {'gRPC secure s/round':>19} | "
+              f"{'extra s/round':>13} | {'ratio':>6}")
+        for n, variant, plain, secure in secure_rows:
+            a, b = statistics.mean(plain), statistics.mean(secure)
+            print(f"{n:>7} | {variant:>7} | {a:>18.4f} | {b:>19.4f} | {b - a:>13.4f} | {b / a:>6.2f}")
+        print("secure: the four SecAgg steps per round (keys, encrypted shares, masked input, unmask) over the "
+              "same connections.")
     if identical is not None:
         print(f"3 clients, same seed: final parameters bit-identical across engines: {identical}")
         if not identical:

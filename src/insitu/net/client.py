@@ -173,8 +173,10 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, partici
             result: FitResult | EvalResult | ProtocolReply = participant.handle(parameters, config)
         elif header.kind == "fit":
             result = client.fit(parameters, config)
-        else:
+        elif header.kind == "evaluate":
             result = client.evaluate(parameters, config)
+        else:
+            raise ValueError(f"unknown task kind {header.kind!r}: this client may be older than the server")
     except Exception as error:  # report the failure to the server; keep serving
         log.exception("round %d: %s failed", header.round, header.kind)
         _push(stub, pb.ResultHeader(session_token=token, task_id=header.task_id, error=f"{type(error).__name__}: {error}"))
