@@ -31,6 +31,10 @@ class ClientPool(Protocol):
 
     ``fit``/``evaluate`` yield each client's outcome as soon as it is known, in any order; a failure
     is yielded as the exception, never raised, so one bad client cannot stop a round.
+
+    A pool that can also carry multi-message protocols offers ``exchange(parameters | None, tasks)``,
+    yielding ``(cid, ProtocolReply | exception)``; the round loop then runs secure aggregation's
+    steps through it (``run/secure_round.py``). In-process pools run that protocol inside a reducer.
     """
 
     def wait_for(self, num_clients: int, timeout: float | None) -> list[str]:

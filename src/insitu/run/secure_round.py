@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from insitu.aggregation.base import AggregationAssumptionError
 from insitu.client.api import Config, Metrics, ProtocolReply
 from insitu.engines.base import Task
