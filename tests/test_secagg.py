@@ -180,7 +180,7 @@ def test_too_many_dropouts_abort_without_revealing(config, inputs, stage) -> Non
         run_round(config, inputs, drop_before={stage: [1, 2, 3, 4, 5]}, server=server)
     assert server.result is None
     assert server.reconstructed == {}
-    assert server._masked == {}
+    assert server._masked_sum is None and not server._masked_from
 
 
 def test_weighted_fedavg_composes() -> None:
@@ -255,6 +255,19 @@ def test_malformed_masked_vector_is_excluded(config, inputs, caplog, bad) -> Non
     assert_sum(report, inputs, config, set(config.client_ids) - {3})
     assert "masked vector" in report.server.excluded[3]
     assert "excludes client 3" in caplog.text
+
+
+def test_a_second_masked_vector_is_ignored_and_the_first_counts(config, inputs, caplog) -> None:
+    def resend(stage, msgs):
+        if stage != "masked":
+            return msgs
+        first = next(m for m in msgs if m.client_id == 3)
+        return [*msgs, MaskedInput(3, bytes(len(first.masked)))]  # a second, different vector
+
+    with caplog.at_level(logging.WARNING, logger="insitu"):
+        report = run_round(config, inputs, tamper=resend)
+    assert_sum(report, inputs, config, config.client_ids)
+    assert 3 not in report.server.excluded and "second masked input from client 3" in caplog.text
 
 
 def test_wrong_length_encrypted_share_is_excluded(config, inputs) -> None:

@@ -184,10 +184,11 @@ class FederationServicer(pb_grpc.FederationServicer):
                 self.pool.deliver(task, outcome)
                 return pb.PushReply(accepted=True, message="ok")
             if task.kind == "secagg":
-                with self.pool.decode_slot:
+                with self.pool.decode_slot:  # like updates: one masked vector alive at a time
                     outcome = ProtocolReply(self._protocol_message(header, request_iterator), int(header.num_examples),
                                             metrics)
-                self.pool.deliver(task, outcome)
+                    self.pool.deliver(task, outcome, wait_consumed=600.0)
+                    del outcome
                 return pb.PushReply(accepted=True, message="ok")
             with self.pool.decode_slot:  # one update decoded at a time, released once folded
                 if header.payload_bytes > self.max_update_bytes:

@@ -17,7 +17,7 @@ import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.aggregation.transforms import l2_norm
-from insitu.privacy.secagg.encoding import split_weighted, with_weight
+from insitu.privacy.secagg.encoding import with_weight
 from insitu.privacy.secagg.protocol import SecAggConfig
 from insitu.privacy.secagg.simulate import RoundReport, run_round
 
@@ -55,11 +55,18 @@ def decode_secure_sum(total: np.ndarray, *, bound: float, dp: bool, noise_std: f
     FedAvg: sum(w delta) / sum(w). DP: (clipped sum + N(0, noise_std^2)) / denominator, and the
     count of updates that needed no clipping (adaptive clipping's signal).
     """
+    mean = np.empty(total.size - 1, dtype=np.float32)  # divided straight into float32: no model-sized temporaries
     if not dp:
-        return split_weighted(total).astype(np.float32), 0
+        weight = float(total[-1])
+        if weight <= 0:
+            raise ValueError(f"sum of weights must be positive, got {weight}")
+        np.divide(total[:-1], weight, out=mean, casting="same_kind")
+        return mean, 0
     unclipped = int(round(float(total[-1]) / bound))
-    noise = (rng or np.random.default_rng()).normal(0.0, noise_std, size=total.size - 1) if noise_std > 0 else 0.0
-    return ((total[:-1] + noise) / denominator).astype(np.float32), unclipped
+    noisy = (rng or np.random.default_rng()).normal(0.0, noise_std, size=mean.size) if noise_std > 0 else np.zeros(mean.size)
+    noisy += total[:-1]
+    np.divide(noisy, denominator, out=mean, casting="same_kind")
+    return mean, unclipped
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from insitu.aggregation.base import AggregationAssumptionError
-from insitu.client.api import Config, Metrics, ProtocolReply
+from insitu.client.api import Config, Metrics
 from insitu.engines.base import Task
 from insitu.params import Parameters
 from insitu.privacy.secagg import codec
@@ -65,23 +65,35 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
     privacy = strategy.privacy
 
     def step(name: str, expected: type, messages: dict[str, Config],
-             params: Parameters | None = None) -> Iterator[tuple[str, ProtocolReply, Any]]:
-        """Send one step's tasks; yield (client, reply, decoded message) for each usable answer."""
+             params: Parameters | None = None) -> Iterator[tuple[str, _Contributor, Any]]:
+        """Send one step's tasks; yield (client, its count and metrics, decoded message) for each usable answer.
+
+        Nothing keeps a message once the consumer asks for the next: the masked vectors are model-sized.
+        """
         step_tasks = [Task(cid, {**extra, STEP: name, SESSION: config.session}) for cid, extra in messages.items()]
         for cid, outcome in pool.exchange(params, step_tasks):
             if isinstance(outcome, BaseException):
                 reject(cid, f"secagg {name}", f"{type(outcome).__name__}: {outcome}")
                 continue
+            reply = _Contributor(outcome.num_examples, dict(outcome.metrics))
             try:
                 message = codec.decode(outcome.message, expected)
             except ValueError as error:
                 reject(cid, f"secagg {name}", f"malformed message: {error}")
                 continue
+            finally:
+                del outcome
             if message.client_id != protocol_id.get(cid):
                 reject(cid, f"secagg {name}", f"message claims protocol id {message.client_id}, but this client "
                                               f"was assigned {protocol_id.get(cid)}")
                 continue
-            yield cid, outcome, message
+            yield cid, reply, message
+            del message
+
+    def only_messages(replies: Iterator[tuple[str, _Contributor, Any]]) -> Iterator[Any]:
+        for _, _, message in replies:
+            yield message
+            del message
 
     contributors: dict[str, _Contributor] = {}
     adverts = []
@@ -90,14 +102,14 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
         if isinstance(reply.num_examples, bool) or not isinstance(reply.num_examples, int) or reply.num_examples < 0:
             reject(cid, "secagg train", f"num_examples must be a non-negative int, got {reply.num_examples!r}")
             continue
-        contributors[cid] = _Contributor(reply.num_examples, dict(reply.metrics))
+        contributors[cid] = reply
         record.clients[cid] = {"num_examples": reply.num_examples, **reply.metrics}
         adverts.append(message)
     try:
         broadcast = server.collect_keys(adverts)
         blob = message_parameters(codec.encode(broadcast))
         shares = step("share", ShareKeys, {client_of[a.client_id]: {MESSAGE: blob} for a in broadcast.keys})
-        routed = server.route_shares(message for _, _, message in shares)
+        routed = server.route_shares(only_messages(shares))
         if privacy is not None:
             clip, noise_std, denominator = privacy.mechanism(server_state.privacy, num_clients)
             scaling: Config = {"secagg_clip_norm": clip}
@@ -108,19 +120,22 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
             scaling = {"secagg_weight_scale": weight_scale(top, settings.bound)}
         masked_tasks = {client_of[u]: {MESSAGE: message_parameters(codec.encode(r)), **scaling} for u, r in routed.items()}
         masked = step("masked", MaskedInput, masked_tasks)
-        request = server.collect_masked(message for _, _, message in masked)
+        request = server.collect_masked(only_messages(masked))
         blob = message_parameters(codec.encode(request))
         answers = step("unmask", UnmaskResponse, {client_of[u]: {MESSAGE: blob} for u in request.survivors})
-        total = server.unmask(message for _, _, message in answers)
+        total = server.unmask(only_messages(answers))
     finally:
         for u, reason in server.excluded.items():
             reject(client_of[u], "secagg", reason)
+    survivors = server.survivors
+    del server  # it holds the decoded sum as well
     if privacy is not None:
         mean, unclipped = decode_secure_sum(total, bound=settings.bound, dp=True, noise_std=noise_std,
                                             denominator=denominator, rng=privacy.noise_rng())
     else:
         mean, unclipped = decode_secure_sum(total, bound=settings.bound, dp=False)
-    included = [client_of[u] for u in server.survivors]
+    del total
+    included = [client_of[u] for u in survivors]
     entries = [(contributors[c].num_examples, contributors[c].metrics) for c in included]
     log.info("round %d: securely aggregated %d of %d clients", server_round, len(included), n)
     return strategy.apply_mean_delta(parameters, server_state, mean, entries, unclipped=unclipped,

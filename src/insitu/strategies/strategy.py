@@ -196,13 +196,13 @@ class Strategy:
         """Finish a round whose mean delta was computed elsewhere (a secure aggregation over the network).
 
         ``metric_entries`` are the contributors' (num_examples, metrics); ``unclipped`` is central DP's
-        count of updates within the clip norm.
+        count of updates within the clip norm. ``delta`` (float32) is consumed: it may be updated in place.
         """
         if not metric_entries:
             return Aggregate(None, server_state, {}, 0)
         algorithm_state = self.algorithm.finish(self.algorithm.start(delta.size), server_state.algorithm,
                                                 num_clients or len(metric_entries))
-        return self._apply(parameters, server_state, np.array(delta, dtype=np.float32), metric_entries,
+        return self._apply(parameters, server_state, np.asarray(delta, dtype=np.float32), metric_entries,
                            algorithm_state, unclipped, num_clients)
 
     def _apply(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,

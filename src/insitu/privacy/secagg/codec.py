@@ -67,7 +67,7 @@ def encode(message: Any) -> bytes:
 
 
 class _Reader:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.view, self.pos = memoryview(data), 0
 
     def take(self, n: int) -> bytes:
@@ -102,7 +102,7 @@ def decode(data: bytes, expected: type | None = None) -> Any:
     cls = MESSAGES[tag - 1]
     if expected is not None and cls is not expected:
         raise ValueError(f"expected a {expected.__name__} message, got {cls.__name__}")
-    reader = _Reader(bytes(data[1:]))
+    reader = _Reader(memoryview(data)[1:])  # no copy of the whole message; each field is copied once
     message = reader.get(cls.__name__)
     if reader.pos != len(reader.view):
         raise ValueError(f"{len(reader.view) - reader.pos} trailing bytes after a {cls.__name__} message")

@@ -79,7 +79,9 @@ class FixedPoint:
         total = np.asarray(total)
         if total.dtype != np.uint32:
             raise ValueError(f"expected a uint32 vector mod 2**32, got dtype {total.dtype}")
-        return total.view(np.int32).astype(np.float64) / self.scale
+        out = total.view(np.int32).astype(np.float64)
+        out /= self.scale  # in place: one float64 copy of a possibly model-sized vector
+        return out
 
     def decode(self, encoded: np.ndarray) -> np.ndarray:
         """Decode a single encoded vector (the sum of one input)."""

@@ -368,7 +368,8 @@ class SecAggServer:
         self._phase = _Phase.NEW
         self._u1: dict[int, AdvertiseKeys] = {}
         self._u2: set[int] = set()
-        self._masked: dict[int, np.ndarray] = {}
+        self._masked_from: set[int] = set()
+        self._masked_sum: np.ndarray | None = None  # running sum mod 2**32: server memory O(D), not O(n D)
 
     def _exclude(self, client: object, reason: str) -> None:
         """Log and record why a client's message was dropped."""
@@ -378,7 +379,8 @@ class SecAggServer:
 
     def _abort(self, reason: str) -> SecAggAbort:
         """Forget every secret-bearing state, log, and build the abort error."""
-        self._masked.clear()
+        self._masked_from.clear()
+        self._masked_sum = None
         self.reconstructed.clear()
         self.result = None
         self._phase = _Phase.ABORTED
@@ -464,24 +466,32 @@ class SecAggServer:
         return {u: RoutedShares(u, tuple(items)) for u, items in inbox.items()}
 
     def collect_masked(self, messages: Iterable[MaskedInput]) -> UnmaskRequest:
-        """Round 2: accept 4*D-byte masked vectors from U2 clients (U3); ask survivors to unmask."""
+        """Round 2: add up 4*D-byte masked vectors from U2 clients (U3) as they come; ask survivors to unmask.
+
+        Only the running sum is kept, so a client's second masked vector is refused and logged (its first counts).
+        """
         self._expect(_Phase.SHARED, "collect_masked")
         dim = self.config.dim
+        total = np.zeros(dim, dtype=np.uint32)
         for msg in messages:
             cid = getattr(msg, "client_id", None)
-            if not isinstance(msg, MaskedInput) or not _is_id(cid) or cid not in self._u2 or cid in self._masked:
-                self._exclude(cid, "masked input from a client not in U2, or a second one")
-                self._masked.pop(cid, None)  # a client that sends twice is out (treated as dropped)
+            if not isinstance(msg, MaskedInput) or not _is_id(cid) or cid not in self._u2:
+                self._exclude(cid, "masked input from a client not in U2")
+            elif cid in self._masked_from:
+                logger.warning("secagg server ignores a second masked input from client %d (its first counts)", cid)
             elif not isinstance(msg.masked, bytes):
                 self._exclude(cid, f"masked vector must be bytes of little-endian uint32, got {type(msg.masked).__name__}")
             elif len(msg.masked) != 4 * dim:
                 self._exclude(cid, f"masked vector has {len(msg.masked)} bytes, expected {4 * dim} (D={dim} uint32)")
             else:
-                self._masked[cid] = np.frombuffer(msg.masked, dtype="<u4").astype(np.uint32)
-        self._need(len(self._masked), "sent a valid masked input")
-        self.survivors = tuple(sorted(self._masked))
+                total += np.frombuffer(msg.masked, dtype="<u4")  # wraps mod 2**32
+                self._masked_from.add(cid)
+            del msg  # before the next one is fetched: one masked vector alive at a time
+        self._masked_sum = total
+        self._need(len(self._masked_from), "sent a valid masked input")
+        self.survivors = tuple(sorted(self._masked_from))
         self._phase = _Phase.MASKED
-        return UnmaskRequest(self.config.session, self.survivors, tuple(sorted(self._u2 - self._masked.keys())))
+        return UnmaskRequest(self.config.session, self.survivors, tuple(sorted(self._u2 - self._masked_from)))
 
     def _check_response(self, msg: UnmaskResponse, dropped: set[int]) -> str | None:
         """Why an unmask response is unacceptable (None if fine)."""
@@ -532,9 +542,8 @@ class SecAggServer:
         cfg = self.config
         dropped = self._u2 - set(self.survivors)
         seeds, keys = self._gather(messages, dropped)
-        total = np.zeros(cfg.dim, dtype=np.uint32)
-        for y in self._masked.values():
-            total += y
+        assert self._masked_sum is not None
+        total, self._masked_sum = self._masked_sum, None  # unmasked in place
         try:
             for u, shares in seeds.items():
                 total -= prg.expand(reconstruct_bytes(shares, prg.SEED_BYTES), cfg.dim)
@@ -545,7 +554,7 @@ class SecAggServer:
         except ValueError as exc:
             raise self._abort(f"inconsistent shares: {exc}") from exc
         self.result = cfg.fixed_point.decode_sum(total)
-        self._masked.clear()
+        self._masked_sum = None
         self._phase = _Phase.DONE
         return self.result
 
