@@ -189,21 +189,19 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, partici
 def _push_result(stub: pb_grpc.FederationStub, token: str, task_id: str,
                  result: FitResult | EvalResult | ProtocolReply) -> None:
     metrics = json.dumps({k: float(v) for k, v in result.metrics.items()})
-    if isinstance(result, ProtocolReply):
-        extras = {MESSAGE: message_parameters(result.message)}
-        _, headers = payload.describe(None, extras)
-        head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
-                               metrics_json=metrics, extras=headers)
-        chunks = payload.iter_payload(None, extras, CHUNK_SIZE)
-    elif isinstance(result, FitResult):
-        size, extras = payload.describe(result.parameters, result.extras)
-        head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
-                               metrics_json=metrics, payload_bytes=size, extras=extras)
-        chunks = payload.iter_payload(result.parameters, result.extras, CHUNK_SIZE)
-    else:
+    if isinstance(result, EvalResult):
         head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
                                loss=float(result.loss), metrics_json=metrics)
-        chunks = iter(())
+        _push(stub, head)
+        return
+    if isinstance(result, ProtocolReply):  # secure aggregation: the message is the only payload
+        parameters, extras = None, {MESSAGE: message_parameters(result.message)}
+    else:
+        parameters, extras = result.parameters, result.extras
+    size, headers = payload.describe(parameters, extras)
+    head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
+                           metrics_json=metrics, payload_bytes=size, extras=headers)
+    chunks = payload.iter_payload(parameters, extras, CHUNK_SIZE)
     _push(stub, head, chunks)
 
 

@@ -183,30 +183,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                 outcome: Any = EvalResult(float(header.loss), int(header.num_examples), metrics)
                 self.pool.deliver(task, outcome)
                 return pb.PushReply(accepted=True, message="ok")
-            if task.kind == "secagg":
-                with self.pool.decode_slot:  # like updates: one masked vector alive at a time
-                    outcome = ProtocolReply(self._protocol_message(header, request_iterator), int(header.num_examples),
-                                            metrics)
-                    self.pool.deliver(task, outcome, wait_consumed=600.0)
-                    del outcome
-                return pb.PushReply(accepted=True, message="ok")
-            with self.pool.decode_slot:  # one update decoded at a time, released once folded
-                if header.payload_bytes > self.max_update_bytes:
-                    raise serde.SerdeError(f"update of {header.payload_bytes} bytes exceeds the server's limit "
-                                           f"of {self.max_update_bytes}")
-                decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=self.max_update_bytes,
-                                                 expected=task.expected)
-                for message in request_iterator:
-                    if message.WhichOneof("body") != "chunk":
-                        raise serde.SerdeError("expected parameter chunks after the header")
-                    decoder.feed(message.chunk)
-                parameters, extras = decoder.finish()
-                del decoder
-                if parameters is None:
-                    raise serde.SerdeError("a fit result must carry parameters (payload_bytes was 0)")
-                result = FitResult(parameters, int(header.num_examples), metrics, extras)
-                self.pool.deliver(task, result, wait_consumed=600.0)
-                del result, parameters
+            with self.pool.decode_slot:  # one update (or masked vector) decoded at a time, released once folded
+                outcome = self._decode_upload(task, header, metrics, request_iterator)
+                self.pool.deliver(task, outcome, wait_consumed=600.0)
+                del outcome
         except (serde.SerdeError, ValueError) as error:
             self.pool.deliver(task, ValueError(f"bad update: {error}"))
             return pb.PushReply(accepted=False, message=f"update rejected: {error}")
@@ -215,18 +195,30 @@ class FederationServicer(pb_grpc.FederationServicer):
             return pb.PushReply(accepted=False, message="upload failed")
         return pb.PushReply(accepted=True, message="ok")
 
-    def _protocol_message(self, header: pb.ResultHeader, request_iterator: Iterator[pb.ResultMessage]) -> bytes:
-        """A secure-aggregation reply: no parameters, exactly one extra holding the message bytes."""
-        if header.payload_bytes or [e.name for e in header.extras] != [MESSAGE]:
+    def _decode_upload(self, task: PendingTask, header: pb.ResultHeader, metrics: dict[str, float],
+                       request_iterator: Iterator[pb.ResultMessage]) -> FitResult | ProtocolReply:
+        """A fit result, or a secure-aggregation reply (no parameters, one extra holding the message bytes),
+        decoded chunk by chunk into preallocated arrays."""
+        secagg = task.kind == "secagg"
+        if secagg and (header.payload_bytes or [e.name for e in header.extras] != [MESSAGE]):
             raise serde.SerdeError(f"a secure-aggregation reply carries exactly one extra named {MESSAGE!r} and no "
                                    "parameters")
-        decoder = payload.PayloadDecoder(0, header.extras, max_bytes=self.max_update_bytes)
+        if header.payload_bytes > self.max_update_bytes:
+            raise serde.SerdeError(f"update of {header.payload_bytes} bytes exceeds the server's limit "
+                                   f"of {self.max_update_bytes}")
+        decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=self.max_update_bytes,
+                                         expected=task.expected)
         for message in request_iterator:
             if message.WhichOneof("body") != "chunk":
-                raise serde.SerdeError("expected message chunks after the header")
+                raise serde.SerdeError("expected payload chunks after the header")
             decoder.feed(message.chunk)
-        _, extras = decoder.finish()
-        return message_bytes(extras[MESSAGE])
+        parameters, extras = decoder.finish()
+        del decoder
+        if secagg:
+            return ProtocolReply(message_bytes(extras.pop(MESSAGE)), int(header.num_examples), metrics)
+        if parameters is None:
+            raise serde.SerdeError("a fit result must carry parameters (payload_bytes was 0)")
+        return FitResult(parameters, int(header.num_examples), metrics, extras)
 
 
 def _parse_metrics(text: str) -> dict[str, float]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.aggregation.transforms import l2_norm
-from insitu.privacy.secagg.encoding import with_weight
+from insitu.privacy.secagg.encoding import split_weighted, with_weight
 from insitu.privacy.secagg.protocol import SecAggConfig
 from insitu.privacy.secagg.simulate import RoundReport, run_round
 
@@ -55,13 +55,9 @@ def decode_secure_sum(total: np.ndarray, *, bound: float, dp: bool, noise_std: f
     FedAvg: sum(w delta) / sum(w). DP: (clipped sum + N(0, noise_std^2)) / denominator, and the
     count of updates that needed no clipping (adaptive clipping's signal).
     """
-    mean = np.empty(total.size - 1, dtype=np.float32)  # divided straight into float32: no model-sized temporaries
     if not dp:
-        weight = float(total[-1])
-        if weight <= 0:
-            raise ValueError(f"sum of weights must be positive, got {weight}")
-        np.divide(total[:-1], weight, out=mean, casting="same_kind")
-        return mean, 0
+        return split_weighted(total, np.float32), 0
+    mean = np.empty(total.size - 1, dtype=np.float32)  # divided straight into float32: no model-sized temporary
     unclipped = int(round(float(total[-1]) / bound))
     noisy = (rng or np.random.default_rng()).normal(0.0, noise_std, size=mean.size) if noise_std > 0 else np.zeros(mean.size)
     noisy += total[:-1]

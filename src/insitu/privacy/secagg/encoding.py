@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["MODULUS", "FixedPoint", "split_weighted", "with_weight"]
 
@@ -94,10 +95,15 @@ def with_weight(x: np.ndarray, weight: float) -> np.ndarray:
     return np.concatenate([weight * x, [float(weight)]])
 
 
-def split_weighted(total: np.ndarray) -> np.ndarray:
-    """Weighted mean from a secure sum of :func:`with_weight` vectors: sum(w*x) / sum(w)."""
+def split_weighted(total: np.ndarray, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
+    """Weighted mean from a secure sum of :func:`with_weight` vectors: sum(w*x) / sum(w).
+
+    Divided straight into ``dtype`` (float64 arithmetic), with no model-sized temporary.
+    """
     total = np.asarray(total, dtype=np.float64)
-    weight = total[-1]
+    weight = float(total[-1])
     if weight <= 0:
         raise ValueError(f"sum of weights must be positive, got {weight}")
-    return total[:-1] / weight
+    mean = np.empty(total.size - 1, dtype=dtype)
+    np.divide(total[:-1], weight, out=mean, casting="same_kind")
+    return mean
