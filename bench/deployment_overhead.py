@@ -209,6 +209,18 @@ def check_identity(args: argparse.Namespace) -> bool:
     return same
 
 
+def print_comparison(columns: tuple[str, str, str], rows: list[tuple[int, str, list[float], list[float]]]) -> None:
+    """A table of mean s/round: baseline, compared, their difference and ratio, per (clients, variant)."""
+    widths = [max(len(c), 12) for c in columns]
+    print()
+    print(f"{'clients':>7} | {'variant':>7} | " + " | ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
+          + f" | {'ratio':>6}")
+    for n, variant, base, other in rows:
+        a, b = statistics.mean(base), statistics.mean(other)
+        cells = " | ".join(f"{v:>{w}.4f}" for v, w in zip((a, b, b - a), widths))
+        print(f"{n:>7} | {variant:>7} | {cells} | {b / a:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
@@ -245,21 +257,11 @@ def main() -> None:
             secure_rows += [(n, v, grpc_out[v], grpc_out[f"secure-{v}"]) for v in ("train", "echo")]
     if not args.skip_identity:
         identical = check_identity(args)
-    print()
-    print(f"{'clients':>7} | {'variant':>7} | {'in-process s/round':>18} | {'gRPC s/round':>12} | "
-          f"{'overhead s/round':>16} | {'ratio':>6}")
-    for n, variant, ip, gr in rows:
-        a, b = statistics.mean(ip), statistics.mean(gr)
-        print(f"{n:>7} | {variant:>7} | {a:>18.4f} | {b:>12.4f} | {b - a:>16.4f} | {b / a:>6.2f}")
+    print_comparison(("in-process s/round", "gRPC s/round", "overhead s/round"), rows)
     print("train: clients train in parallel as processes under gRPC (2 cores here), one after another in-process;"
           "\necho: no training, the protocol cost alone (serialize, transfer, decode, validate, aggregate).")
     if secure_rows:
-        print()
-        print(f"{'clients':>7} | {'variant':>7} | {'gRPC plain s/round':>18} | {'gRPC secure s/round':>19} | "
-              f"{'extra s/round':>13} | {'ratio':>6}")
-        for n, variant, plain, secure in secure_rows:
-            a, b = statistics.mean(plain), statistics.mean(secure)
-            print(f"{n:>7} | {variant:>7} | {a:>18.4f} | {b:>19.4f} | {b - a:>13.4f} | {b / a:>6.2f}")
+        print_comparison(("gRPC plain s/round", "gRPC secure s/round", "extra s/round"), secure_rows)
         print("secure: the four SecAgg steps per round (keys, encrypted shares, masked input, unmask) over the "
               "same connections.")
     if identical is not None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
+from insitu.files import load_toml
 from insitu.simulation import SimulationConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEMO_DATASET = "digits"
 
@@ -36,12 +31,7 @@ def _canonical(dataset: str) -> str:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a settings file; a ``[simulate]`` table is used if present, else the top level."""
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    data = load_toml(path, "config file")
     table = data.get("simulate", data)
     aliases = {"clients": "num_clients", "fraction": "fraction_fit"}
     return {aliases.get(k.replace("-", "_"), k): v for k, v in table.items()}

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import itertools
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from insitu.files import load_toml
 from insitu.simulation import SimulationConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # Short names also accepted by ``insitu simulate``'s TOML files.
 ALIASES = {"clients": "num_clients", "fraction": "fraction_fit"}
@@ -90,14 +85,7 @@ class ExperimentSpec:
 
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read an experiment TOML file (see docs/cli.md, "Experiments")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"experiment file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
-    return ExperimentSpec.from_dict(data, source=str(path))
+    return ExperimentSpec.from_dict(load_toml(path, "experiment file"), source=str(path))
 
 
 def expand_grid(spec: ExperimentSpec | dict[str, Any]) -> list[RunSpec]:
