@@ -173,3 +173,29 @@ def test_scaffold_with_secure_aggregation_is_refused():
         scaffold(secure_aggregation=SecureAggregation())
     with pytest.raises(ValueError, match="cannot hide"):
         SimulationConfig(**{**BASE, "strategy": "scaffold"}, num_clients=4).validate()
+
+
+def test_a_reply_that_is_not_one_protocol_message_is_rejected_by_the_server(monkeypatch):
+    monkeypatch.setattr(net_client, "MESSAGE", "something_else")  # every client mislabels its reply
+    config = SimulationConfig(**BASE, num_clients=3, rounds=1, min_fit_clients=2)
+    remote, got = run_federation(config, 1)
+    record = got.history.rounds[0]
+    assert record.status == "failed" and got.parameters == remote.initial_parameters
+    assert len(record.failures) == 3
+    assert all("exactly one extra named 'secagg_message'" in f["reason"] for f in record.failures)
+
+
+def test_a_client_reports_a_task_kind_it_does_not_know_instead_of_guessing():
+    from insitu.engines.base import Task
+
+    config = SimulationConfig(dataset="digits", model="logreg", num_clients=1, seed=0)
+    experiment = build_experiment(config)
+    server = FederationServer(ServerSettings(address="127.0.0.1:0", insecure=True, heartbeat_interval_s=0.5))
+    threading.Thread(target=connect, args=(experiment.client_fn("0"), f"127.0.0.1:{server.port}"),
+                     kwargs=dict(client_id="0", poll_wait_s=0.5), daemon=True).start()
+    try:
+        server.pool.wait_for(1, timeout=30)
+        [(cid, outcome)] = list(server.pool._dispatch("reveal", experiment.initial_parameters, [Task("0", {})]))
+    finally:
+        server.stop(grace_s=2)
+    assert cid == "0" and isinstance(outcome, RuntimeError) and "unknown task kind 'reveal'" in str(outcome)
