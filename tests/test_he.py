@@ -8,8 +8,6 @@ import struct
 import numpy as np
 import pytest
 
-pytest.importorskip("phe")
-
 from insitu.privacy.he import (
     EncryptedVector,
     HEEncoder,

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-pytest.importorskip("opacus")
-
 from opacus.accountants import RDPAccountant
+from torch import nn
 
 from insitu.client import TorchClient, TrainSettings
 from insitu.client.state import DiskState, MemoryStates
@@ -59,7 +57,6 @@ def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> tup
     for _ in range(steps):
         accountant.step(noise_multiplier=sigma, sample_rate=q)
     ours = accountant.get_epsilon(delta=delta)
-    dp_accounting = pytest.importorskip("dp_accounting")
     rdp = dp_accounting.rdp.RdpAccountant()
     rdp.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     return ours, rdp.get_epsilon(delta)
