@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!insitu/net/proto/federation.proto\x12\tinsitu.v1\"<\n\x0cHelloRequest\x12\x19\n\x11protocol_versions\x18\x01 \x03(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\"z\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fserver_versions\x18\x02 \x03(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x13\n\x0bserver_name\x18\x04 \x01(\t\x12\x15\n\rauth_required\x18\x05 \x01(\x08\"B\n\x0b\x41uthRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"@\n\tAuthReply\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\")\n\x10HeartbeatRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x10\n\x0eHeartbeatReply\"4\n\x0bPullRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x88\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12 \n\x06\x65xtras\x18\x06 \x03(\x0b\x32\x10.insitu.v1.Extra\",\n\x05\x45xtra\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\x06\n\x04Idle\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x01\n\x0bTaskMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.insitu.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x1f\n\x04idle\x18\x03 \x01(\x0b\x32\x0f.insitu.v1.IdleH\x00\x12\'\n\x08shutdown\x18\x04 \x01(\x0b\x32\x13.insitu.v1.ShutdownH\x00\x42\x06\n\x04\x62ody\"\xb8\x01\n\x0cResultHeader\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12 \n\x06\x65xtras\x18\x08 \x03(\x0b\x32\x10.insitu.v1.Extra\"S\n\rResultMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.insitu.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x0cLeaveRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xff\x02\n\nFederation\x12\x37\n\x05Hello\x12\x17.insitu.v1.HelloRequest\x1a\x15.insitu.v1.HelloReply\x12<\n\x0c\x41uthenticate\x12\x16.insitu.v1.AuthRequest\x1a\x14.insitu.v1.AuthReply\x12\x43\n\tHeartbeat\x12\x1b.insitu.v1.HeartbeatRequest\x1a\x19.insitu.v1.HeartbeatReply\x12<\n\x08PullTask\x12\x16.insitu.v1.PullRequest\x1a\x16.insitu.v1.TaskMessage0\x01\x12>\n\nPushResult\x12\x18.insitu.v1.ResultMessage\x1a\x14.insitu.v1.PushReply(\x01\x12\x37\n\x05Leave\x12\x17.insitu.v1.LeaveRequest\x1a\x15.insitu.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!insitu/net/proto/federation.proto\x12\tinsitu.v1\"<\n\x0cHelloRequest\x12\x19\n\x11protocol_versions\x18\x01 \x03(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\"z\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0fserver_versions\x18\x02 \x03(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x13\n\x0bserver_name\x18\x04 \x01(\t\x12\x15\n\rauth_required\x18\x05 \x01(\x08\"B\n\x0b\x41uthRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"O\n\tAuthReply\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\r\n\x05model\x18\x03 \x01(\t\")\n\x10HeartbeatRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x10\n\x0eHeartbeatReply\"4\n\x0bPullRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x88\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12 \n\x06\x65xtras\x18\x06 \x03(\x0b\x32\x10.insitu.v1.Extra\",\n\x05\x45xtra\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x04\"\x06\n\x04Idle\"-\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x11\n\tresumable\x18\x02 \x01(\x08\"\x99\x01\n\x0bTaskMessage\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.insitu.v1.TaskHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x1f\n\x04idle\x18\x03 \x01(\x0b\x32\x0f.insitu.v1.IdleH\x00\x12\'\n\x08shutdown\x18\x04 \x01(\x0b\x32\x13.insitu.v1.ShutdownH\x00\x42\x06\n\x04\x62ody\"\xb8\x01\n\x0cResultHeader\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12 \n\x06\x65xtras\x18\x08 \x03(\x0b\x32\x10.insitu.v1.Extra\"S\n\rResultMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.insitu.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\".\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x0cLeaveRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xff\x02\n\nFederation\x12\x37\n\x05Hello\x12\x17.insitu.v1.HelloRequest\x1a\x15.insitu.v1.HelloReply\x12<\n\x0c\x41uthenticate\x12\x16.insitu.v1.AuthRequest\x1a\x14.insitu.v1.AuthReply\x12\x43\n\tHeartbeat\x12\x1b.insitu.v1.HeartbeatRequest\x1a\x19.insitu.v1.HeartbeatReply\x12<\n\x08PullTask\x12\x16.insitu.v1.PullRequest\x1a\x16.insitu.v1.TaskMessage0\x01\x12>\n\nPushResult\x12\x18.insitu.v1.ResultMessage\x1a\x14.insitu.v1.PushReply(\x01\x12\x37\n\x05Leave\x12\x17.insitu.v1.LeaveRequest\x1a\x15.insitu.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHREQUEST']._serialized_start=234
   _globals['_AUTHREQUEST']._serialized_end=300
   _globals['_AUTHREPLY']._serialized_start=302
-  _globals['_AUTHREPLY']._serialized_end=366
-  _globals['_HEARTBEATREQUEST']._serialized_start=368
-  _globals['_HEARTBEATREQUEST']._serialized_end=409
-  _globals['_HEARTBEATREPLY']._serialized_start=411
-  _globals['_HEARTBEATREPLY']._serialized_end=427
-  _globals['_PULLREQUEST']._serialized_start=429
-  _globals['_PULLREQUEST']._serialized_end=481
-  _globals['_TASKHEADER']._serialized_start=484
-  _globals['_TASKHEADER']._serialized_end=620
-  _globals['_EXTRA']._serialized_start=622
-  _globals['_EXTRA']._serialized_end=666
-  _globals['_IDLE']._serialized_start=668
-  _globals['_IDLE']._serialized_end=674
-  _globals['_SHUTDOWN']._serialized_start=676
-  _globals['_SHUTDOWN']._serialized_end=702
-  _globals['_TASKMESSAGE']._serialized_start=705
-  _globals['_TASKMESSAGE']._serialized_end=858
-  _globals['_RESULTHEADER']._serialized_start=861
-  _globals['_RESULTHEADER']._serialized_end=1045
-  _globals['_RESULTMESSAGE']._serialized_start=1047
-  _globals['_RESULTMESSAGE']._serialized_end=1130
-  _globals['_PUSHREPLY']._serialized_start=1132
-  _globals['_PUSHREPLY']._serialized_end=1178
-  _globals['_LEAVEREQUEST']._serialized_start=1180
-  _globals['_LEAVEREQUEST']._serialized_end=1217
-  _globals['_LEAVEREPLY']._serialized_start=1219
-  _globals['_LEAVEREPLY']._serialized_end=1231
-  _globals['_FEDERATION']._serialized_start=1234
-  _globals['_FEDERATION']._serialized_end=1617
+  _globals['_AUTHREPLY']._serialized_end=381
+  _globals['_HEARTBEATREQUEST']._serialized_start=383
+  _globals['_HEARTBEATREQUEST']._serialized_end=424
+  _globals['_HEARTBEATREPLY']._serialized_start=426
+  _globals['_HEARTBEATREPLY']._serialized_end=442
+  _globals['_PULLREQUEST']._serialized_start=444
+  _globals['_PULLREQUEST']._serialized_end=496
+  _globals['_TASKHEADER']._serialized_start=499
+  _globals['_TASKHEADER']._serialized_end=635
+  _globals['_EXTRA']._serialized_start=637
+  _globals['_EXTRA']._serialized_end=681
+  _globals['_IDLE']._serialized_start=683
+  _globals['_IDLE']._serialized_end=689
+  _globals['_SHUTDOWN']._serialized_start=691
+  _globals['_SHUTDOWN']._serialized_end=736
+  _globals['_TASKMESSAGE']._serialized_start=739
+  _globals['_TASKMESSAGE']._serialized_end=892
+  _globals['_RESULTHEADER']._serialized_start=895
+  _globals['_RESULTHEADER']._serialized_end=1079
+  _globals['_RESULTMESSAGE']._serialized_start=1081
+  _globals['_RESULTMESSAGE']._serialized_end=1164
+  _globals['_PUSHREPLY']._serialized_start=1166
+  _globals['_PUSHREPLY']._serialized_end=1212
+  _globals['_LEAVEREQUEST']._serialized_start=1214
+  _globals['_LEAVEREQUEST']._serialized_end=1251
+  _globals['_LEAVEREPLY']._serialized_start=1253
+  _globals['_LEAVEREPLY']._serialized_end=1265
+  _globals['_FEDERATION']._serialized_start=1268
+  _globals['_FEDERATION']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

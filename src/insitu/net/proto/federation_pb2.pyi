@@ -39,12 +39,14 @@ class AuthRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuthReply(_message.Message):
-    __slots__ = ("session_token", "heartbeat_interval_s")
+    __slots__ = ("session_token", "heartbeat_interval_s", "model")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     heartbeat_interval_s: float
-    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    model: str
+    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_token",)
@@ -93,10 +95,12 @@ class Idle(_message.Message):
     def __init__(self) -> None: ...
 
 class Shutdown(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "resumable")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    resumable: bool
+    def __init__(self, reason: _Optional[str] = ..., resumable: _Optional[bool] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk", "idle", "shutdown")
