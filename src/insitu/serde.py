@@ -22,8 +22,9 @@ Every malformed or unacceptable input raises :class:`SerdeError` (a ``ValueError
 from __future__ import annotations
 
 import json
+import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,14 +89,18 @@ def _wire_dtype(name: str, dtype: np.dtype) -> np.dtype:
 
 def _encode_preamble(params: Parameters) -> tuple[bytes, list[np.dtype]]:
     """Magic, version, header length and header; plus each array's wire dtype."""
+    return _preamble((name, array.dtype, array.shape) for name, array in params)
+
+
+def _preamble(arrays: Iterable[tuple[object, np.dtype, Sequence[int]]]) -> tuple[bytes, list[np.dtype]]:
     entries: list[dict[str, Any]] = []
     dtypes: list[np.dtype] = []
-    for name, array in params:
+    for name, dtype, shape in arrays:
         if not isinstance(name, str):
             raise SerdeError(f"array names must be str, got {type(name).__name__} {name!r}")
-        wire = _wire_dtype(name, array.dtype)
+        wire = _wire_dtype(name, np.dtype(dtype))
         dtypes.append(wire)
-        entries.append({"name": name, "dtype": _WIRE_NAMES[wire], "shape": [int(d) for d in array.shape]})
+        entries.append({"name": name, "dtype": _WIRE_NAMES[wire], "shape": [int(d) for d in shape]})
     try:
         header = json.dumps({"entries": entries}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -122,6 +127,12 @@ def encoded_size(params: Parameters) -> int:
     """Length in bytes of :func:`dumps` output, without encoding the arrays."""
     head, dtypes = _encode_preamble(params)
     return len(head) + sum(int(a.size) * dt.itemsize for a, dt in zip(params.arrays, dtypes))
+
+
+def encoded_size_of(specs: Sequence[ParamSpec]) -> int:
+    """Length in bytes of :func:`dumps` output for parameters with these specs (what an honest peer sends)."""
+    head, dtypes = _preamble((spec.name, spec.dtype, spec.shape) for spec in specs)
+    return len(head) + sum(math.prod(spec.shape) * dt.itemsize for spec, dt in zip(specs, dtypes))
 
 
 def iter_chunks(params: Parameters, chunk_size: int = 1 << 20) -> Iterator[bytes]:
