@@ -14,6 +14,7 @@ from insitu.privacy.accountant import (
     rdp_sampled_gaussian,
 )
 from insitu.privacy.central import CentralDP, GaussianMean
+from insitu.privacy.randomness import SimulationSeed
 from insitu.strategies import ServerState, fedavg
 
 SETTINGS = [  # (q, z, steps, delta)
@@ -107,20 +108,20 @@ def test_budget_stops_before_the_round_that_would_exceed_it():
     dp = CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1, target_epsilon=3.0)
     state, rounds = dp.init_state(), 0
     while dp.stop_reason(state) is None:
-        state = dp.after_round(state, 0, 100)
+        state = dp.after_round(state, 0, 100, contributors=10)
         rounds += 1
     assert dp.epsilon(state) <= 3.0 < compute_epsilon(1.0, 0.1, rounds + 1, 1e-5)
     assert "privacy budget reached" in dp.stop_reason(state)
 
 
 def test_adaptive_clipping_moves_towards_the_target_quantile():
-    dp = CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, adaptive=True, seed=0)
+    dp = CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5, adaptive=True, randomness=SimulationSeed(0))
     state = dp.init_state()
     for _ in range(10):  # nobody is below the bound: it must grow
-        state = dp.after_round(state, 0, 1000)
+        state = dp.after_round(state, 0, 1000, contributors=500)
     assert state["clip_norm"][0] > math.exp(0.2 * 0.5 * 10) * 0.8
     for _ in range(30):  # everybody is below it: it must shrink
-        state = dp.after_round(state, 500, 1000)
+        state = dp.after_round(state, 500, 1000, contributors=500)
     assert state["clip_norm"][0] < 1.0
 
 
@@ -128,7 +129,7 @@ def test_dp_strategy_poisson_samples_reports_epsilon_and_persists_its_state():
     from insitu.client.api import FitResult
     from insitu.params import Parameters
 
-    dp = CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, seed=1)
+    dp = CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, randomness=SimulationSeed(1))
     strategy = fedavg(privacy=dp, min_fit_clients=1, min_available_clients=1)
     sizes = {len(strategy.sample_fit([str(i) for i in range(100)], np.random.default_rng(r))) for r in range(20)}
     assert len(sizes) > 3 and all(10 < s < 50 for s in sizes)  # Poisson: the count varies around 30
@@ -164,7 +165,7 @@ def test_pld_accountant_is_tighter_and_drives_the_budget():
     dp = CentralDP(noise_multiplier=1.5, clip_norm=1.0, sample_rate=0.05, target_epsilon=1.0, accountant_kind="pld")
     state = dp.init_state()
     for _ in range(3):
-        state = dp.after_round(state, 0, 1000)
+        state = dp.after_round(state, 0, 1000, contributors=50)
     assert dp.epsilon(state) == pytest.approx(pld_epsilon([(1.5, 0.05, 3)], 1e-5))
     with pytest.raises(ValueError, match="'rdp' or 'pld'"):
         CentralDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.1, accountant_kind="moments")

@@ -141,7 +141,7 @@ def test_more_dropouts_than_the_threshold_allows_fail_the_round_and_reveal_nothi
 
 
 def test_secure_aggregation_with_central_dp_matches_the_in_process_run():
-    config = SimulationConfig(**BASE, num_clients=4, rounds=2, min_fit_clients=2, dp_clip=1.0, dp_noise=0.3,
+    config = SimulationConfig(**BASE, num_clients=4, rounds=2, min_fit_clients=1, dp_clip=1.0, dp_noise=0.3,
                               fraction_fit=1.0)
     _, got = run_federation(config, 2)
     expected = in_process(config, 2)

@@ -22,7 +22,7 @@ def test_secure_fedavg_gives_the_plain_model_even_with_30_percent_dropouts():
 
 def test_secure_aggregation_composes_with_central_dp():
     config = SimulationConfig(**{**BASE, "rounds": 3}, secure_aggregation=True, dp_clip=1.0, dp_noise=0.5,
-                              fraction_fit=0.5)
+                              fraction_fit=0.5, dp_record_client_metrics=True)
     _, result = run_simulation(config)
     ok = [r for r in result.history.rounds if r.status == "ok"]
     assert ok and all(r.num_results >= 2 and r.fit_metrics["epsilon"] > 0 for r in ok)

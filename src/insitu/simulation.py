@@ -39,6 +39,7 @@ from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, flatten_module_
 from insitu.privacy.central import CentralDP
+from insitu.privacy.randomness import OSEntropy, SimulationSeed
 from insitu.privacy.secure import SecureAggregation
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.strategies import (
@@ -156,6 +157,7 @@ class SimulationConfig:
     dp_target_epsilon: float = 0.0  # stop before a round that would exceed it (0 = no budget)
     dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
     dp_accountant: str = "rdp"  # "rdp" (built in) or "pld" (tighter; needs dp-accounting)
+    dp_record_client_metrics: bool = False  # keep per-client facts in the history under DP: NOT covered by epsilon
     local_dp_noise: float = 0.0  # local DP (DP-SGD via Opacus) in every client when > 0: noise multiplier
     local_dp_clip: float = 1.0  # per-example gradient clip norm for local DP
     local_dp_target_epsilon: float = 0.0  # each client refuses rounds past this epsilon (0 = no budget)
@@ -164,6 +166,9 @@ class SimulationConfig:
     secagg_dropout: float = 0.0  # simulation only: share of clients that drop after sending their masked input
     eval_every: int = 1  # centralized evaluation every k rounds (and the last)
     stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
+    # One seed drives partitioning, sampling and training. In simulation it also drives central DP's noise
+    # and Poisson sample: reproducible, simulation only, not private against anyone who knows the seed.
+    # A deployment (`insitu server`) always draws DP noise and sampling from OS entropy.
     seed: int = 0
     train_limit: int = 0  # use only the first N training examples (0 = all): quick tries and tests
     test_limit: int = 0
@@ -188,6 +193,10 @@ class SimulationConfig:
             raise ValueError("num_clients and rounds must be >= 1")
         if self.min_fit_clients > self.num_clients:
             raise ValueError(f"min_fit_clients ({self.min_fit_clients}) exceeds num_clients ({self.num_clients})")
+        if self.dp_clip > 0 and self.min_fit_clients > 1:
+            raise ValueError(f"central DP (dp_clip > 0) releases every round, whoever was sampled; min_fit_clients="
+                             f"{self.min_fit_clients} would release a round only when enough clients were sampled, so "
+                             "the release would depend on the sample: set min_fit_clients = 1")
         if self.partition in ("dirichlet", "quantity") and not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.eval_every < 1:
@@ -310,6 +319,10 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     In simulation every client is always there and gets its training settings when it is built.
     A ``remote`` server instead waits for ``num_clients`` connections and sends the training
     settings with every task.
+
+    Central DP's noise (and its Poisson sample) comes from OS entropy for a ``remote`` server, always;
+    a simulation seeds it with ``config.seed`` (reproducible, simulation only, not private against
+    anyone who knows the seed).
     """
     name = config.strategy
     if name not in STRATEGY_NAMES:
@@ -341,7 +354,9 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     if config.dp_clip > 0:
         common["privacy"] = CentralDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
                                       config.dp_target_epsilon or None, adaptive=config.dp_adaptive_clip,
-                                      accountant_kind=config.dp_accountant, seed=config.seed)
+                                      accountant_kind=config.dp_accountant,
+                                      randomness=OSEntropy() if remote else SimulationSeed(config.seed),
+                                      record_client_metrics=config.dp_record_client_metrics)
     if name == "fedsgd":
         return fedsgd(**common)
     if name == "fedprox":

@@ -46,7 +46,7 @@ def server(
     model: Optional[str] = typer.Option(None, help="simple-cnn | 2nn | logreg | mlp."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds."),
     min_clients: Optional[int] = typer.Option(None, "--min-clients", help="Clients that must be connected before a round starts."),
-    min_fit_clients: Optional[int] = typer.Option(None, help="Fewest results for a round to count (default: --min-clients)."),
+    min_fit_clients: Optional[int] = typer.Option(None, help="Fewest results for a round to count (default: --min-clients; under central DP 1, the only valid value)."),
     fraction: Optional[float] = typer.Option(None, help="Fraction of connected clients sampled per round."),
     fraction_evaluate: Optional[float] = typer.Option(None, help="Fraction of clients evaluating locally each round."),
     local_epochs: Optional[int] = typer.Option(None, help="Local epochs sent to clients."),
@@ -95,7 +95,7 @@ def server(
 
     setup_logging(verbose)
     flags: dict[str, Any] = {"dataset": dataset, "data_dir": data_dir, "model": model, "rounds": rounds,
-                             "num_clients": min_clients, "min_fit_clients": min_fit_clients or min_clients,
+                             "num_clients": min_clients, "min_fit_clients": min_fit_clients,
                              "fraction_fit": fraction, "fraction_evaluate": fraction_evaluate,
                              "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
                              "seed": seed, "test_limit": test_limit, "strategy": strategy, "mu": mu,
@@ -105,8 +105,8 @@ def server(
                              "secagg_bound": secagg_bound}
     try:
         config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
-        if min_fit_clients is None and min_clients is None:
-            config.min_fit_clients = config.num_clients
+        if min_fit_clients is None:  # every client; under central DP 1 (every sampled round is released)
+            config.min_fit_clients = 1 if config.dp_clip > 0 else config.num_clients
         config.validate()
         test = load_csv(csv, label_column, num_classes) if csv is not None else load_dataset(config.dataset, "test", config.data_dir)
         if config.test_limit:

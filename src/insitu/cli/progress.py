@@ -29,6 +29,9 @@ def format_round(record: RoundRecord, num_rounds: int) -> str:
     asr = record.centralized.metrics.get("attack_success_rate") if record.centralized else None
     if asr is not None:
         parts.append(f"backdoor success {100 * asr:.1f}%")
+    if record.withheld:  # central DP: who and how many took part is not recorded (not covered by epsilon)
+        parts.append("(client details withheld under DP)")
+        return "  ".join(parts)
     rejected = f", {len(record.failures)} rejected" if record.failures else ""
     parts.append(f"({record.num_results} clients{rejected}, {seconds:.1f} s)")
     return "  ".join(parts)

@@ -23,6 +23,7 @@ from insitu.net.client import GRPC_OPTIONS
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
 from insitu.net.servicer import AttemptLimiter, FederationServicer
 from insitu.params import Parameters, describe_mismatch
+from insitu.privacy.randomness import OSEntropy
 from insitu.run.history import History, RoundRecord
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.run.store import RunStore
@@ -132,7 +133,9 @@ class FederationServer:
             if on_round is not None:
                 on_round(record, params, server_state)
 
-        coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed,
+        # Under DP who takes part must stay secret: the Poisson sample comes from OS entropy, never the seed.
+        sampling = OSEntropy() if strategy.privacy is not None else None
+        coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed, sampling=sampling,
                                   wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
         try:
             # Hand the model over without keeping a reference here: from round 2 on the server then

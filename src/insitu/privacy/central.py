@@ -8,8 +8,15 @@ Clients are Poisson-sampled with rate q, which is what that analysis assumes. Ev
 once (user-level privacy), whatever its number of examples.
 
 Adaptive clipping (Andrew et al. 2021) moves C towards the ``target_quantile`` of update norms
-with a geometric step, from a noised count of clipped clients; the noise of the update sum is then
-raised so that both releases together cost what ``noise_multiplier`` alone would.
+with a geometric step, from a noised *centred* count sum_i (b_i - 1/2) of the unclipped clients
+(sensitivity 1/2); the noise of the update sum is then raised so that both releases together cost
+what ``noise_multiplier`` alone would: (z_sum)^-2 + (2 sigma_b)^-2 = z^-2.
+
+Every round is released and accounted, whoever was sampled: a round with no sampled client releases
+noise / (q N), and a round whose aggregation failed is still counted (conservatively). The noise
+comes from ``randomness``: OS entropy through a CSPRNG (the default; a deployment's only choice), or
+:class:`~insitu.privacy.randomness.SimulationSeed` for reproducible simulations, which is not private
+against anyone who knows the seed.
 """
 
 from __future__ import annotations
@@ -19,9 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from insitu.aggregation.base import EmptyAggregationError
 from insitu.aggregation.transforms import l2_norm
 from insitu.privacy.accountant import RDPAccountant, pld_epsilon
+from insitu.privacy.randomness import (
+    Generator,
+    OSEntropy,
+    RandomnessSource,
+    SecureRandom,
+)
 
 PrivacyState = dict[str, np.ndarray]
 
@@ -38,8 +50,10 @@ class DPSum:
 class GaussianMean:
     """Clip each update to ``clip_norm``, sum, add N(0, (noise_std)^2), divide by ``denominator``.
 
-    Streaming (O(model) memory). ``rng`` draws the noise: pass a seeded Generator only for
-    reproducible simulations; a deployment should use fresh OS entropy (the default).
+    Streaming (O(model) memory). ``rng`` draws the noise: OS entropy through ChaCha20 by default;
+    pass a seeded numpy Generator only for reproducible simulations (not private against anyone who
+    knows the seed). With no update at all the release is the noise alone, divided the same way:
+    under DP a round is released whoever was sampled.
     """
 
     streaming = True
@@ -47,11 +61,11 @@ class GaussianMean:
     min_updates = 1
 
     def __init__(self, clip_norm: float, noise_std: float, denominator: float,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: Generator | None = None) -> None:
         if not clip_norm > 0 or not noise_std >= 0 or not denominator > 0:
             raise ValueError("clip_norm and denominator must be > 0 and noise_std >= 0")
         self.clip_norm, self.noise_std, self.denominator = float(clip_norm), float(noise_std), float(denominator)
-        self.rng = rng if rng is not None else np.random.default_rng()
+        self.rng: Generator = rng if rng is not None else SecureRandom()
 
     def start(self, dim: int) -> DPSum:
         return DPSum(np.zeros(dim, dtype=np.float64))
@@ -65,9 +79,9 @@ class GaussianMean:
         return acc
 
     def finish(self, acc: DPSum) -> np.ndarray:
-        if acc.count == 0:
-            raise EmptyAggregationError("no updates to average")
-        noisy = acc.total + self.rng.normal(0.0, self.noise_std, size=acc.total.shape)
+        noisy = acc.total
+        if self.noise_std > 0:
+            noisy = noisy + self.rng.normal(0.0, self.noise_std, size=acc.total.shape)
         return (noisy / self.denominator).astype(np.float32)
 
 
@@ -77,6 +91,15 @@ class CentralDP:
 
     ``sample_rate`` q is the Poisson sampling probability of each client per round (the strategy's
     ``fraction_fit``). With ``target_epsilon`` set, no round starts that would end above it.
+
+    ``randomness`` draws the noise (and, in the round loop, the Poisson sample): ``OSEntropy()``
+    by default; ``SimulationSeed(seed)`` is reproducible, simulation only, and not private against
+    anyone who knows the seed. Seeded draws are keyed by (release number, purpose), never by a
+    counter, so a resumed run does not reuse noise.
+
+    ``record_client_metrics``: epsilon covers only the released models. By default the round loop
+    therefore records nothing per client under DP (who was sampled, how many, their losses and
+    example counts, federated evaluation); True keeps them, NOT covered by epsilon.
     """
 
     noise_multiplier: float
@@ -89,8 +112,8 @@ class CentralDP:
     clip_lr: float = 0.2
     count_noise_fraction: float = 0.05  # sigma_b = this x expected clients (Andrew et al. use 1/20)
     accountant_kind: str = "rdp"  # "rdp" (built in) or "pld" (tighter, needs dp-accounting)
-    seed: int | None = None
-    _rounds_drawn: int = field(default=0, repr=False)
+    randomness: RandomnessSource = field(default_factory=OSEntropy)
+    record_client_metrics: bool = False  # True: per-client facts are recorded, NOT covered by epsilon
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0:
@@ -146,12 +169,19 @@ class CentralDP:
 
     # -- one round ---------------------------------------------------------------------------
     def _update_noise_multiplier(self, expected: float) -> float | None:
-        """z for the update sum such that it and the clip count together cost ``noise_multiplier``."""
+        """z for the update sum such that it and the clip count together cost ``noise_multiplier``.
+
+        The count release sum_i (b_i - 1/2) + N(0, sigma_b^2) has sensitivity 1/2, so its noise
+        multiplier is 2 sigma_b; two Gaussian releases compose as one of z^-2 = z_sum^-2 + (2 sigma_b)^-2.
+        """
         if not self.adaptive:
             return self.noise_multiplier
-        sigma_b = self.count_noise_fraction * expected
-        inv = self.noise_multiplier**-2 - (2 * sigma_b) ** -2
+        inv = self.noise_multiplier**-2 - (2 * self.count_noise_std(expected)) ** -2
         return inv**-0.5 if inv > 0 else None
+
+    def count_noise_std(self, expected: float) -> float:
+        """sigma_b, the noise std on the centred clip count (Andrew et al.: expected clients / 20)."""
+        return self.count_noise_fraction * expected
 
     def mechanism(self, state: PrivacyState, num_clients: int) -> tuple[float, float, float]:
         """This round's (clip norm, noise std on the sum, fixed denominator q N)."""
@@ -164,23 +194,45 @@ class CentralDP:
 
     def reducer(self, state: PrivacyState, num_clients: int) -> GaussianMean:
         clip, noise_std, denominator = self.mechanism(state, num_clients)
-        return GaussianMean(clip, noise_std, denominator, self.noise_rng())
+        return GaussianMean(clip, noise_std, denominator, self.noise_rng(state, "update"))
 
-    def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int) -> PrivacyState:
-        """The new state after one released round: accountant stepped, clip norm adapted."""
+    def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int, *,
+                    contributors: int) -> PrivacyState:
+        """The new state after one released round: accountant stepped, clip norm adapted.
+
+        ``acc_unclipped`` of the round's ``contributors`` updates were within the clip norm. Adaptive
+        clipping releases the centred count sum_i (b_i - 1/2) + N(0, sigma_b^2) = unclipped -
+        contributors / 2 + noise (sensitivity 1/2, as accounted), then adds back the public q N / 2.
+        """
         accountant = self.accountant(state)
         accountant.step(self.noise_multiplier, self.sample_rate, 1)
         clip = float(state["clip_norm"][0])
         if self.adaptive:
             expected = self.sample_rate * num_clients
-            sigma_b = self.count_noise_fraction * expected
-            noisy_fraction = (acc_unclipped + self.noise_rng().normal(0.0, sigma_b)) / expected
+            noise = float(self.noise_rng(state, "clip_count").normal(0.0, self.count_noise_std(expected)))
+            centred = acc_unclipped - contributors / 2 + noise  # the released value
+            noisy_fraction = (centred + expected / 2) / expected
             clip *= math.exp(-self.clip_lr * (noisy_fraction - self.target_quantile))
         return {**accountant.state_arrays(), "clip_norm": np.array([clip])}
 
-    def noise_rng(self) -> np.random.Generator:
-        """Fresh entropy, or (with a seed) a new stream per draw so no noise is ever reused."""
-        if self.seed is None:
-            return np.random.default_rng()
-        self._rounds_drawn += 1
-        return np.random.default_rng([self.seed, self._rounds_drawn])
+    def after_failed_round(self, state: PrivacyState) -> PrivacyState:
+        """A round whose aggregation failed: counted all the same (conservative), clip norm kept.
+
+        Whether a round fails can depend on who was sampled; counting it keeps epsilon an upper bound.
+        """
+        accountant = self.accountant(state)
+        accountant.step(self.noise_multiplier, self.sample_rate, 1)
+        return {**state, **accountant.state_arrays()}
+
+    def release_index(self, state: PrivacyState) -> int:
+        """The number of the next release: rounds accounted so far + 1 (the round number, as every
+        round is accounted). It is part of the persisted state, so it survives a resume."""
+        return self.accountant(state).steps + 1
+
+    def noise_rng(self, state: PrivacyState, purpose: str) -> Generator:
+        """The generator for one release's ``purpose`` ("update" or "clip_count").
+
+        OS entropy by default; with ``SimulationSeed`` keyed by (seed, release number, purpose), so
+        the same round always draws the same noise and no noise is ever reused across rounds.
+        """
+        return self.randomness.generator(self.release_index(state), purpose)

@@ -17,6 +17,7 @@ import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.aggregation.transforms import l2_norm
+from insitu.privacy.randomness import Generator, SecureRandom
 from insitu.privacy.secagg.encoding import split_weighted, with_weight
 from insitu.privacy.secagg.protocol import SecAggConfig
 from insitu.privacy.secagg.simulate import RoundReport, run_round
@@ -49,7 +50,7 @@ def secure_input(delta: np.ndarray, *, bound: float, weight: float | None = None
 
 
 def decode_secure_sum(total: np.ndarray, *, bound: float, dp: bool, noise_std: float = 0.0,
-                      denominator: float = 1.0, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+                      denominator: float = 1.0, rng: Generator | None = None) -> tuple[np.ndarray, int]:
     """(mean delta as float32, number of unclipped clients) from the protocol's sum of :func:`secure_input`.
 
     FedAvg: sum(w delta) / sum(w). DP: (clipped sum + N(0, noise_std^2)) / denominator, and the
@@ -59,7 +60,7 @@ def decode_secure_sum(total: np.ndarray, *, bound: float, dp: bool, noise_std: f
         return split_weighted(total, np.float32), 0
     mean = np.empty(total.size - 1, dtype=np.float32)  # divided straight into float32: no model-sized temporary
     unclipped = int(round(float(total[-1]) / bound))
-    noisy = (rng or np.random.default_rng()).normal(0.0, noise_std, size=mean.size) if noise_std > 0 else np.zeros(mean.size)
+    noisy = (rng or SecureRandom()).normal(0.0, noise_std, size=mean.size) if noise_std > 0 else np.zeros(mean.size)
     noisy += total[:-1]
     np.divide(noisy, denominator, out=mean, casting="same_kind")
     return mean, unclipped
@@ -108,7 +109,7 @@ class SecureAggregation:
         return SecAggConfig(n, self.threshold(n), dim, self.bound, session=session, degree=self.degree)
 
     def reducer(self, *, clip_norm: float | None = None, noise_std: float = 0.0,
-                denominator: float | None = None, rng: np.random.Generator | None = None) -> SecureMean:
+                denominator: float | None = None, rng: Generator | None = None) -> SecureMean:
         """A fresh reducer: weighted mean, or (with ``clip_norm``) DP-FedAvg's clipped noisy mean."""
         return SecureMean(self, clip_norm, noise_std, denominator, rng)
 
@@ -121,7 +122,7 @@ class SecureMean:
     min_updates = 2
 
     def __init__(self, settings: SecureAggregation, clip_norm: float | None, noise_std: float,
-                 denominator: float | None, rng: np.random.Generator | None = None) -> None:
+                 denominator: float | None, rng: Generator | None = None) -> None:
         self.settings, self.clip_norm, self.noise_std, self.denominator = settings, clip_norm, noise_std, denominator
         self.rng = rng
 

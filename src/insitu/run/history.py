@@ -37,6 +37,9 @@ class RoundRecord:
     federated: Evaluation | None = None
     centralized: Evaluation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Under central DP (without dp_record_client_metrics): selected, num_results, failures, clients,
+    # client fit metrics, federated evaluation and timings were not recorded, as epsilon does not cover them.
+    withheld: bool = False
 
     @property
     def headline(self) -> Evaluation | None:

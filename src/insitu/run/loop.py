@@ -22,6 +22,7 @@ from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregation
 from insitu.client.api import EvalResult, FitResult
 from insitu.engines.base import ClientPool, Task
 from insitu.params import Parameters
+from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
 from insitu.run.history import Evaluation, History, RoundRecord
 from insitu.run.secure_round import can_exchange, secure_fit
@@ -54,6 +55,11 @@ class Coordinator:
     ``start_round``/``history``/``server_state`` let a restarted server continue a run;
     ``on_round`` is called after every round (persistence, progress output); ``stop_when(record)``
     returning True ends the run after that round (e.g. a target accuracy was reached).
+
+    ``sampling`` draws who trains each round. By default: under central DP the privacy settings'
+    own randomness (OS entropy unless a simulation seeded it), otherwise ``SimulationSeed(seed)``
+    so runs without DP are reproducible. A DP deployment passes ``OSEntropy()``: anyone who can
+    recompute the sample learns who took part, which epsilon does not cover.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class Coordinator:
         on_round: RoundCallback | None = None,
         evaluate_initial: bool = True,
         stop_when: Callable[[RoundRecord], bool] | None = None,
+        sampling: RandomnessSource | None = None,
     ) -> None:
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -78,6 +85,9 @@ class Coordinator:
         self.on_round = on_round
         self.evaluate_initial = evaluate_initial
         self.stop_when = stop_when
+        if sampling is None:
+            sampling = strategy.privacy.randomness if strategy.privacy is not None else SimulationSeed(seed)
+        self.sampling = sampling
 
     def run(
         self,
@@ -88,6 +98,11 @@ class Coordinator:
         server_state: ServerState | None = None,
     ) -> RunResult:
         history = history if history is not None else History()
+        privacy = self.strategy.privacy
+        if privacy is not None:
+            level = logging.WARNING if privacy.randomness.reproducible or self.sampling.reproducible else logging.INFO
+            log.log(level, "central DP: noise from %s; client sampling from %s", privacy.randomness.describe(),
+                    self.sampling.describe())
         if server_state is None:
             server_state = self.strategy.init_state(parameters)
         if start_round == 1 and self.evaluate_initial and history.initial is None:
@@ -118,7 +133,7 @@ class Coordinator:
         available = self.pool.wait_for(strategy.min_available_clients, self.wait_timeout)
         started = time.perf_counter()
         record.timings["wait_s"] = started - waiting  # not part of the round's own time
-        rng = np.random.default_rng([self.seed, server_round])
+        rng = self.sampling.generator(server_round, "sampling")
         record.selected = strategy.sample_fit(available, rng)
         base_config = strategy.fit_config_for(server_round)
         base_config.update(strategy.algorithm_config(server_state, parameters.specs))
@@ -144,10 +159,14 @@ class Coordinator:
             record.num_results = outcome.num_results
             problem = (f"only {outcome.num_results} usable results of {len(tasks)} "
                        f"(min_fit_clients={strategy.min_fit_clients})")
-        if outcome is None or outcome.num_results < strategy.min_fit_clients or outcome.parameters is None:
+        # Under central DP every round is released whatever the number of results (refusing a round
+        # for too few would make the release depend on who was sampled).
+        too_few = outcome is not None and strategy.privacy is None and outcome.num_results < strategy.min_fit_clients
+        if outcome is None or too_few or outcome.parameters is None:
             record.status = "failed"
             record.error = f"round {server_round}: {problem}; global model left unchanged" + _failure_summary(record)
             log.error(record.error)
+            server_state = strategy.account_failed_round(server_state)  # DP: counted all the same
         else:
             parameters, server_state = outcome.parameters, outcome.server_state
             record.fit_metrics = outcome.metrics
@@ -156,6 +175,8 @@ class Coordinator:
         self._evaluate(server_round, parameters, available, record)
         record.timings["evaluate_s"] = time.perf_counter() - eval_started
         record.timings["total_s"] = time.perf_counter() - started
+        if strategy.withholds_client_facts:
+            _withhold_client_facts(record)
         return record, parameters, server_state
 
     def _task(self, client_id: str, server_round: int, base_config: dict[str, Any]) -> Task:
@@ -185,7 +206,8 @@ class Coordinator:
     def _evaluate(self, server_round: int, parameters: Parameters, available: list[str], record: RoundRecord) -> None:
         strategy = self.strategy
         rng = np.random.default_rng([self.seed, server_round, 1])
-        chosen = strategy.sample_evaluate(available, rng)
+        # Under central DP federated evaluation stays on the clients (epsilon does not cover it).
+        chosen = [] if strategy.withholds_client_facts else strategy.sample_evaluate(available, rng)
         if chosen:
             base_config = strategy.evaluate_config_for(server_round)
             tasks = [self._task(cid, server_round, base_config) for cid in chosen]
@@ -221,6 +243,20 @@ class Coordinator:
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
+def _withhold_client_facts(record: RoundRecord) -> None:
+    """Keep only what central DP's epsilon covers: the released model's post-processing (centralized
+    evaluation), epsilon and clip norm. Who was sampled, how many results came, per-client metrics,
+    rejections and timings stay out of the history (the server log keeps the operational details)."""
+    record.selected, record.clients, record.failures, record.timings = [], {}, [], {}
+    record.num_results = 0
+    record.federated = None
+    record.fit_metrics = {k: v for k, v in record.fit_metrics.items() if k in ("epsilon", "clip_norm")}
+    if record.error is not None:
+        record.error = (f"round {record.round}: aggregation failed; global model left unchanged (details in the "
+                        "server log; per-client facts are not recorded under central DP)")
+    record.withheld = True
 
 
 def _failure_summary(record: RoundRecord) -> str:

@@ -131,7 +131,7 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
     del server  # it holds the decoded sum as well
     if privacy is not None:
         mean, unclipped = decode_secure_sum(total, bound=settings.bound, dp=True, noise_std=noise_std,
-                                            denominator=denominator, rng=privacy.noise_rng())
+                                            denominator=denominator, rng=privacy.noise_rng(server_state.privacy, "update"))
     else:
         mean, unclipped = decode_secure_sum(total, bound=settings.bound, dp=False)
     del total

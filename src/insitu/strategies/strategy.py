@@ -19,6 +19,7 @@ from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
 from insitu.client.api import Config, EvalResult, FitResult, Metrics
 from insitu.params import Parameters, ParamSpec
 from insitu.privacy.central import CentralDP
+from insitu.privacy.randomness import Generator
 from insitu.privacy.secure import SecureAggregation
 from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
@@ -104,6 +105,20 @@ class Strategy:
         if self.secure_aggregation is not None and not self.algorithm.secure_compatible:
             raise ValueError(f"{type(self.algorithm).__name__} sends extra per-client arrays that secure aggregation "
                              "cannot hide: use it without secure aggregation, or choose fedavg/fedprox/fedsgd")
+        if self.privacy is not None:
+            self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Refuse settings under which whether (or what) a round releases depends on who was sampled,
+        or under which something leaves the server that epsilon does not cover."""
+        if self.min_fit_clients > 1:
+            raise ValueError(f"central DP releases every round, whoever was sampled (the accountant counts every "
+                             f"round); min_fit_clients={self.min_fit_clients} would release a round only when enough "
+                             f"clients were sampled, so the release would depend on the sample: use min_fit_clients=1")
+        if not self.algorithm.secure_compatible:
+            raise ValueError(f"{type(self.algorithm).__name__} aggregates extra per-client arrays (e.g. control "
+                             "variates) that central DP neither clips nor noises, so epsilon would not cover them: "
+                             "use fedavg, fedprox or fedsgd with central DP")
 
     # -- selection and configs --------------------------------------------------------------
     def num_fit_clients(self, num_available: int) -> int:
@@ -117,13 +132,15 @@ class Strategy:
         wanted = max(math.ceil(self.fraction_evaluate * num_available - 1e-9), self.min_evaluate_clients)
         return min(wanted, num_available)
 
-    def sample_fit(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+    def sample_fit(self, available: Sequence[str], rng: Generator) -> list[str]:
+        """The clients to train this round. Under central DP a Poisson sample (each client with
+        probability q), which must stay secret: draw it from OS entropy in a deployment."""
         if self.privacy is not None:  # the accountant's analysis assumes Poisson sampling
             keep = rng.random(len(available)) < self.privacy.sample_rate
             return [cid for cid, chosen in zip(available, keep) if chosen]
         return _sample(available, self.num_fit_clients(len(available)), rng)
 
-    def sample_evaluate(self, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+    def sample_evaluate(self, available: Sequence[str], rng: Generator) -> list[str]:
         return _sample(available, self.num_evaluate_clients(len(available)), rng)
 
     def fit_config_for(self, server_round: int) -> Config:
@@ -149,6 +166,18 @@ class Strategy:
         """Why the run must end before the next round (a spent privacy budget), or None."""
         return self.privacy.stop_reason(state.privacy) if self.privacy is not None else None
 
+    def account_failed_round(self, state: ServerState) -> ServerState:
+        """The state after a round that released nothing because its aggregation failed: under central
+        DP the accountant counts it all the same (conservative); otherwise unchanged."""
+        if self.privacy is None:
+            return state
+        return ServerState(state.optimizer, state.algorithm, self.privacy.after_failed_round(state.privacy))
+
+    @property
+    def withholds_client_facts(self) -> bool:
+        """Under central DP (unless opted in): record nothing per client, as epsilon does not cover it."""
+        return self.privacy is not None and not self.privacy.record_client_metrics
+
     def aggregate_fit(
         self,
         parameters: Parameters,
@@ -160,6 +189,7 @@ class Strategy:
 
         ``num_clients`` is the size of the federation this round (SCAFFOLD scales its control
         variate update by it); 0 means "the number of results". A None state starts a fresh one.
+        Under central DP every round is released, even one without results (the noise / (q N)).
         """
         if server_state is None:
             server_state = self.init_state(parameters)
@@ -180,7 +210,7 @@ class Strategy:
             extras_acc = algorithm.add(extras_acc, result)
             metric_entries.append((result.num_examples, result.metrics))
             del update, result  # released before the next result is fetched
-        if not metric_entries:
+        if not metric_entries and self.privacy is None:
             return Aggregate(None, server_state, {}, 0)
         delta = reducer.finish(acc)  # owned by us: transformed in place below
         unclipped = getattr(acc, "unclipped", 0)  # central DP: updates within the clip norm
@@ -198,7 +228,7 @@ class Strategy:
         ``metric_entries`` are the contributors' (num_examples, metrics); ``unclipped`` is central DP's
         count of updates within the clip norm. ``delta`` (float32) is consumed: it may be updated in place.
         """
-        if not metric_entries:
+        if not metric_entries and self.privacy is None:
             return Aggregate(None, server_state, {}, 0)
         algorithm_state = self.algorithm.finish(self.algorithm.start(delta.size), server_state.algorithm,
                                                 num_clients or len(metric_entries))
@@ -212,10 +242,12 @@ class Strategy:
         new_flat, optimizer_state = self.server_optimizer.update(parameters.flat(), delta, server_state.optimizer)
         del delta
         new_params = Parameters.from_flat(new_flat, parameters.specs, copy=False)
-        metrics = weighted_average_metrics(metric_entries)
         privacy, privacy_state = self.privacy, server_state.privacy
+        # Client-reported metrics are not covered by epsilon: under DP only on explicit opt-in.
+        metrics = {} if self.withholds_client_facts else weighted_average_metrics(metric_entries)
         if privacy is not None:
-            privacy_state = privacy.after_round(privacy_state, unclipped, num_clients or len(metric_entries))
+            privacy_state = privacy.after_round(privacy_state, unclipped, num_clients or len(metric_entries),
+                                                contributors=len(metric_entries))
             metrics.update(epsilon=privacy.epsilon(privacy_state), clip_norm=float(privacy_state["clip_norm"][0]))
         return Aggregate(new_params, ServerState(optimizer_state, algorithm_state, privacy_state),
                          metrics, len(metric_entries))
@@ -228,7 +260,8 @@ class Strategy:
                              "(the federation's size) to aggregate_fit")
         if secure is not None and privacy is not None:  # clients clip before masking; noise on the sum
             clip, noise_std, denominator = privacy.mechanism(state.privacy, num_clients)
-            return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator, rng=privacy.noise_rng())
+            return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator,
+                                  rng=privacy.noise_rng(state.privacy, "update"))
         if privacy is not None:
             return privacy.reducer(state.privacy, num_clients)
         if secure is not None:
@@ -249,10 +282,13 @@ class Strategy:
         return None if self.evaluate_fn is None else self.evaluate_fn(server_round, parameters)
 
 
-def _sample(available: Sequence[str], k: int, rng: np.random.Generator) -> list[str]:
+def _sample(available: Sequence[str], k: int, rng: Generator) -> list[str]:
     if k >= len(available):
         return list(available)
-    chosen = rng.choice(len(available), size=k, replace=False)
+    if isinstance(rng, np.random.Generator):
+        chosen = rng.choice(len(available), size=k, replace=False)
+    else:  # a CSPRNG: k smallest of uniform keys is a uniform k-subset
+        chosen = np.argsort(rng.random(len(available)))[:k]
     return [available[i] for i in sorted(chosen)]
 
 
@@ -260,16 +296,23 @@ def _resolve(source: ConfigSource, server_round: int) -> Config:
     return dict(source(server_round)) if callable(source) else dict(source)
 
 
+def _privacy_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Under central DP every round is released: min_fit_clients defaults to 1 (the only valid value)."""
+    if kwargs.get("privacy") is not None:
+        kwargs.setdefault("min_fit_clients", 1)
+    return kwargs
+
+
 def fedavg(**kwargs: Any) -> Strategy:
     """FedAvg (McMahan et al. 2017): example-weighted average of the clients' models."""
     kwargs.setdefault("name", "fedavg")
-    return Strategy(**kwargs)
+    return Strategy(**_privacy_defaults(kwargs))
 
 
 def fedprox(mu: float = 0.01, **kwargs: Any) -> Strategy:
     """FedProx (Li et al. 2020): FedAvg whose clients add the proximal term mu/2 ||w - w_global||^2."""
     kwargs.setdefault("name", "fedprox")
-    return Strategy(algorithm=FedProx(mu=mu), **kwargs)
+    return Strategy(algorithm=FedProx(mu=mu), **_privacy_defaults(kwargs))
 
 
 def scaffold(**kwargs: Any) -> Strategy:
@@ -292,4 +335,4 @@ def fedsgd(**kwargs: Any) -> Strategy:
         return cfg
 
     kwargs.setdefault("name", "fedsgd")
-    return Strategy(fit_config=config, **kwargs)
+    return Strategy(fit_config=config, **_privacy_defaults(kwargs))
