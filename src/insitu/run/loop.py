@@ -167,6 +167,9 @@ class Coordinator:
             record.error = f"round {server_round}: {problem}; global model left unchanged" + _failure_summary(record)
             log.error(record.error)
             server_state = strategy.account_failed_round(server_state)  # DP: counted all the same
+            if strategy.privacy is not None:
+                record.fit_metrics = {"epsilon": strategy.privacy.epsilon(server_state.privacy),
+                                      "clip_norm": float(server_state.privacy["clip_norm"][0])}
         else:
             parameters, server_state = outcome.parameters, outcome.server_state
             record.fit_metrics = outcome.metrics
