@@ -126,11 +126,11 @@ class TorchClient:
             scaffold = _ScaffoldStep(self.model, parameters, server_c, self._require_state(), settings)
             hooks.append(scaffold.hook)
         hook = _chain(hooks)
-        num_examples, mean_loss, steps = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
+        num_examples, mean_loss, _ = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
         metrics = {"train_loss": mean_loss} if num_examples else {}
         result = FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
         if scaffold is not None:
-            result.extras[SCAFFOLD_DELTA_C] = scaffold.finish(result.parameters, steps)
+            result.extras[SCAFFOLD_DELTA_C] = scaffold.finish()
         return result
 
     def evaluate(self, parameters: Parameters, config: Config) -> EvalResult:
@@ -249,54 +249,73 @@ def _proximal_hook(params: list[nn.Parameter], mu: float) -> GradHook:
 
 
 class _ScaffoldStep:
-    """One client's SCAFFOLD round (option II): corrected gradients, then the control-variate update."""
+    """One client's SCAFFOLD round: corrected gradients, then the control-variate update.
+
+    Every local gradient g (after backward, before the optimizer step) is corrected to g - c_i + c,
+    and the corrected gradient goes to whatever optimizer the client runs: with momentum, Adam or
+    weight decay that optimizer minimises the corrected local objective f_i(y) + <c - c_i, y>.
+
+    The new control variate is the mean of the raw (uncorrected) minibatch gradients of the K local
+    steps, c_i+ = (1/K) sum_k g_k. Under plain SGD this is exactly option II of the paper:
+    x - y = lr sum_k (g_k - c_i + c), so c_i - c + (x - y) / (K lr) = (1/K) sum_k g_k. Option II's
+    formula, though, reads the gradients back from the distance travelled and so assumes plain SGD;
+    with momentum 0.9 it makes c_i about ten times too large and SCAFFOLD diverges. The mean raw
+    gradient stays an estimate of this client's gradient (what c_i stands for) with any optimizer,
+    momentum, weight decay (applied by the optimizer, so not part of g) or learning-rate schedule.
+    """
 
     def __init__(self, model: nn.Module, global_params: Parameters, server_c: object, state: ClientState,
                  settings: TrainSettings) -> None:
-        if settings.optimizer != "sgd":
-            raise ValueError(f"SCAFFOLD's control-variate update (option II) assumes SGD local steps; "
-                             f"optimizer {settings.optimizer!r} is not supported, use optimizer='sgd'")
         if not isinstance(server_c, Parameters) or server_c.specs != global_params.specs:
             raise ValueError("the server's SCAFFOLD control variate does not match the model it sent")
         specs = global_params.specs
-        self.specs, self.lr, self.state = specs, settings.lr, state
-        self.x = global_params.flat().copy()
+        self.specs, self.state = specs, state
+        self.size = global_params.num_values
         self.c = server_c.flat()
         c_i = state.load(SCAFFOLD_STATE)
-        if c_i is not None and c_i.size != self.x.size:
+        if c_i is not None and c_i.size != self.size:
             log.warning("stored SCAFFOLD control variate has %d values, the model %d: starting it afresh",
-                        c_i.size, self.x.size)
+                        c_i.size, self.size)
             c_i = None
-        self.c_i = np.zeros_like(self.x) if c_i is None else np.asarray(c_i, dtype=np.float32)
+        self.c_i = np.zeros(self.size, dtype=np.float32) if c_i is None else np.asarray(c_i, dtype=np.float32)
         # Control variates cover trainable parameters only; buffers (BatchNorm statistics) stay 0.
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self.mask = np.zeros(self.x.size, dtype=bool)
         correction = torch.from_numpy(self.c - self.c_i)
         self.params: list[nn.Parameter] = []
+        self.offsets: list[int] = []
         self.corrections: list[torch.Tensor] = []
+        self.grad_sums: list[torch.Tensor] = []  # sum over the local steps of each raw gradient
         offset = 0
         for spec in specs:
             param = trainable.get(spec.name)
             if param is not None:
-                self.mask[offset : offset + spec.size] = True
                 self.params.append(param)
+                self.offsets.append(offset)
                 self.corrections.append(correction[offset : offset + spec.size].view_as(param).to(param.device))
+                self.grad_sums.append(torch.zeros_like(param, dtype=torch.float32))
             offset += spec.size
+        self.steps = 0
 
     def hook(self) -> None:
-        """g <- g - c_i + c for every trainable parameter."""
-        with torch.no_grad():
-            for param, correction in zip(self.params, self.corrections):
-                if param.grad is not None:
-                    param.grad.add_(correction)
+        """Add the raw gradient g to its running sum, then g <- g - c_i + c (every trainable parameter).
 
-    def finish(self, trained: Parameters, steps: int) -> Parameters:
-        """c_i+ = c_i - c + (x - y) / (K lr); stores c_i+ and returns delta_c = c_i+ - c_i."""
-        if steps == 0:
-            return Parameters.from_flat(np.zeros_like(self.x), self.specs)
-        y = trained.flat()
-        new_c_i = np.where(self.mask, self.c_i - self.c + (self.x - y) / np.float32(steps * self.lr), 0.0)
-        new_c_i = new_c_i.astype(np.float32)
+        A parameter without a gradient in a step (unused by that batch) counts as g = 0 there, as
+        option II would see it (plain SGD does not move it)."""
+        with torch.no_grad():
+            for param, correction, grad_sum in zip(self.params, self.corrections, self.grad_sums):
+                if param.grad is not None:
+                    grad_sum.add_(param.grad)
+                    param.grad.add_(correction)
+        self.steps += 1
+
+    def finish(self) -> Parameters:
+        """c_i+ = (1/K) sum_k g_k; stores c_i+ and returns delta_c = c_i+ - c_i (zeros if nothing trained)."""
+        if self.steps == 0:
+            return Parameters.from_flat(np.zeros(self.size, dtype=np.float32), self.specs)
+        new_c_i = np.zeros(self.size, dtype=np.float32)
+        for offset, grad_sum in zip(self.offsets, self.grad_sums):
+            mean = (grad_sum / self.steps).reshape(-1).cpu().numpy()
+            new_c_i[offset : offset + mean.size] = mean
         self.state.save(SCAFFOLD_STATE, new_c_i)
         return Parameters.from_flat(new_c_i - self.c_i, self.specs)
 

@@ -83,21 +83,33 @@ class FedProx(LocalSGD):
 
 @dataclass
 class _DeltaSum:
-    total: np.ndarray
+    total: np.ndarray  # sum of w_i delta_c_i
+    weight: float = 0.0  # sum of w_i
     count: int = 0
 
 
 @dataclass(frozen=True)
 class Scaffold:
-    """SCAFFOLD (Karimireddy et al. 2020), option II control variates.
+    """SCAFFOLD (Karimireddy et al. 2020) with option II control variates.
 
     The server sends its control variate c; each client corrects every local gradient by
-    (c - c_i), then returns delta_c = c_i+ - c_i with c_i+ = c_i - c + (x - y) / (K lr). The server
-    updates c <- c + sum(delta_c) / N, N being the number of clients in the federation.
+    (c - c_i) and returns delta_c = c_i+ - c_i, where c_i+ is the mean of its raw minibatch gradients
+    over the K local steps (under plain SGD exactly option II's c_i - c + (x - y) / (K lr); unlike
+    that formula it stays right with momentum, Adam, weight decay or a schedule).
+
+    c must be the gradient of the objective the server descends, or the corrected local objectives
+    f_i(y) + <c - c_i, y> do not add up to it and the correction biases every step. With
+    ``weighted`` (the default, matching FedAvg's example-weighted mean) c is the example-weighted
+    mean of the c_i: c <- c + (|S| / N) sum_S n_i delta_c_i / sum_S n_i, N being the number of
+    clients in the federation (exact when every client takes part; with sampling the total example
+    count is estimated from the sample's). With ``weighted=False`` (for a reducer that ignores
+    example counts, such as the median) c is the plain mean: c <- c + sum_S delta_c_i / N, as in the
+    paper.
     """
 
     name: str = "scaffold"
     secure_compatible: bool = False  # delta_c travels per client, in the clear
+    weighted: bool = True
 
     def init_state(self, parameters: Parameters) -> AlgorithmState:
         return {"c": np.zeros(parameters.num_values, dtype=np.float32)}
@@ -122,14 +134,18 @@ class Scaffold:
         return _DeltaSum(np.zeros(dim, dtype=np.float32))
 
     def add(self, acc: _DeltaSum, result: FitResult) -> _DeltaSum:
-        acc.total += result.extras[SCAFFOLD_DELTA_C].flat()
+        weight = float(result.num_examples) if self.weighted else 1.0
+        if weight > 0:
+            acc.total += np.float32(weight) * result.extras[SCAFFOLD_DELTA_C].flat()
+            acc.weight += weight
         acc.count += 1
         return acc
 
     def finish(self, acc: _DeltaSum, state: AlgorithmState, num_clients: int) -> AlgorithmState:
-        if acc.count == 0:
+        if acc.count == 0 or acc.weight == 0:
             return state
-        c = state["c"] + acc.total / np.float32(max(num_clients, acc.count))
+        share = acc.count / max(num_clients, acc.count)  # the sampled share of the federation
+        c = state["c"] + acc.total * np.float32(share / acc.weight)
         return {"c": c.astype(np.float32, copy=False)}
 
 
@@ -141,5 +157,5 @@ def fedprox_algorithm(mu: float) -> FedProx:
     return FedProx(mu=mu)
 
 
-def scaffold_algorithm() -> Scaffold:
-    return Scaffold()
+def scaffold_algorithm(weighted: bool = True) -> Scaffold:
+    return Scaffold(weighted=weighted)
