@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.rdp import rdp_privacy_accountant
+from opacus.accountants.analysis import rdp as opacus_rdp
 
 from insitu.privacy.accountant import (
     RDPAccountant,
@@ -28,20 +31,15 @@ SETTINGS = [  # (q, z, steps, delta)
 
 @pytest.mark.parametrize(("q", "z", "steps", "delta"), SETTINGS)
 def test_epsilon_matches_dp_accounting_within_one_percent(q, z, steps, delta):
-    dp_accounting = pytest.importorskip("dp_accounting")
-    from dp_accounting.rdp import rdp_privacy_accountant
-
     reference = rdp_privacy_accountant.RdpAccountant()
     reference.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
     ours = compute_epsilon(z, q, steps, delta)
-    assert ours == pytest.approx(reference.get_epsilon(delta), rel=0.01)
+    # dp-accounting drops a few fractional orders it cannot converge, so it is a little looser: <= 0.52% here
+    assert reference.get_epsilon(delta) * 0.994 <= ours <= reference.get_epsilon(delta) * (1 + 1e-6)
 
 
 @pytest.mark.parametrize(("q", "z", "steps", "delta"), SETTINGS)
 def test_epsilon_matches_opacus_rdp_analysis(q, z, steps, delta):
-    pytest.importorskip("opacus")
-    from opacus.accountants.analysis import rdp as opacus_rdp
-
     from insitu.privacy.accountant import DEFAULT_ORDERS
 
     rdp = opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=list(DEFAULT_ORDERS))
@@ -156,7 +154,6 @@ def test_dp_fedavg_simulation_stops_at_its_budget():
 
 
 def test_pld_accountant_is_tighter_and_drives_the_budget():
-    pytest.importorskip("dp_accounting")
     from insitu.privacy.accountant import pld_epsilon
 
     rdp = compute_epsilon(1.5, 0.05, 114, 1e-5)
