@@ -58,7 +58,7 @@ class GaussianMean:
 
     streaming = True
     shift_equivariant = False
-    min_updates = 1
+    min_updates = 0  # no update: the noise alone is released
 
     def __init__(self, clip_norm: float, noise_std: float, denominator: float,
                  rng: Generator | None = None) -> None:
