@@ -374,3 +374,14 @@ def test_structurally_broken_messages_are_excluded(config, inputs) -> None:
     report = run_round(config, inputs, tamper=tamper)
     assert_sum(report, inputs, config, set(config.client_ids) - {8})
     assert "malformed" in report.server.excluded[8]
+
+
+def test_an_integer_round_sums_signed_integers_exactly_mod_2_32_even_with_dropouts():
+    config = SecAggConfig(5, 3, 40, 1.0, session=9, integer=True)  # bound is unused in an integer round
+    rng = np.random.default_rng(5)
+    inputs = {c: rng.integers(-(2**28), 2**28, size=40) for c in config.client_ids}
+    report = run_round(config, inputs, drop_before={"unmask": [2]})
+    assert report.total.dtype == np.int64
+    assert np.array_equal(report.total, np.sum(list(inputs.values()), axis=0))  # the dropped client still counts
+    with pytest.raises(ValueError, match="integer input"):
+        run_round(config, {c: np.zeros(40) for c in config.client_ids})

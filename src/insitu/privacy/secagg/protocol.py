@@ -77,7 +77,13 @@ class SecAggRefused(SecAggError, ValueError):
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """Public round parameters: n clients with ids 1..n, threshold t, vector length, clipping bound."""
+    """Public round parameters: n clients with ids 1..n, threshold t, vector length, clipping bound.
+
+    With ``integer=True`` the inputs are already integers (distributed DP's noised, rounded vectors):
+    they enter Z_R as they are (mod 2**32, no fixed-point scaling and no clipping to ``bound``) and the
+    server reads the sum as a two's-complement 32-bit integer, so it must lie in [-2**31, 2**31)
+    (choosing the scale for that is the input's owner's job, see :mod:`insitu.privacy.distributed`).
+    """
 
     n: int
     t: int
@@ -85,6 +91,7 @@ class SecAggConfig:
     bound: float
     session: int = 0
     degree: int | None = None
+    integer: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -104,7 +111,8 @@ class SecAggConfig:
                 f"threshold t={self.t} must exceed half the {who} (n/2={size / 2:g}) "
                 "or the server could unmask individual updates"
             )
-        FixedPoint(self.n, self.bound)  # validate the bound early
+        if not self.integer:
+            FixedPoint(self.n, self.bound)  # validate the bound early
 
     @property
     def group_size(self) -> int:
@@ -291,7 +299,12 @@ class SecAggClient:
         if len(self._u2) < cfg.t:
             self._phase = _Phase.ABORTED
             raise SecAggAbort(f"client {self.id}: only {len(self._u2)} clients of its group shared keys, need t={cfg.t}")
-        y, self.n_clipped = cfg.fixed_point.encode(x)
+        if cfg.integer:
+            if x.dtype.kind not in "iu":
+                raise ValueError(f"client {self.id}: an integer round needs an integer input, got dtype {x.dtype}")
+            y = x.astype(np.int64).astype(np.uint32)  # keeps the low 32 bits: x mod 2**32
+        else:
+            y, self.n_clipped = cfg.fixed_point.encode(x)
         assert self._seed is not None and self._mask_keys is not None
         y += prg.expand(self._seed, cfg.dim)
         for v in sorted(self._u2 - {self.id}):
@@ -553,7 +566,7 @@ class SecAggServer:
                 self.reconstructed[v] = "key"
         except ValueError as exc:
             raise self._abort(f"inconsistent shares: {exc}") from exc
-        self.result = cfg.fixed_point.decode_sum(total)
+        self.result = total.view(np.int32).astype(np.int64) if cfg.integer else cfg.fixed_point.decode_sum(total)
         self._masked_sum = None
         self._phase = _Phase.DONE
         return self.result
