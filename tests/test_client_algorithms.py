@@ -284,7 +284,7 @@ def test_scaffold_result_without_its_delta_is_rejected_and_the_round_goes_on():
     assert "scaffold_delta_c" in record.failures[0]["reason"] and record.failures[0]["client"] == "0"
 
 
-def test_disk_state_survives_a_new_process_and_writes_atomically(tmp_path):
+def test_disk_state_round_trips_and_refuses_damaged_files_and_bad_names(tmp_path):
     state = DiskState(tmp_path / "client-a")
     assert state.load("scaffold_c_i") is None
     state.save("scaffold_c_i", np.arange(5, dtype=np.float32))
@@ -296,6 +296,34 @@ def test_disk_state_survives_a_new_process_and_writes_atomically(tmp_path):
         again.load("scaffold_c_i")
     with pytest.raises(ValueError, match="letters, digits"):
         again.save("../escape", np.zeros(1))
+
+
+def test_disk_state_is_read_back_by_a_new_process(tmp_path):
+    import subprocess
+    import sys
+
+    DiskState(tmp_path).save("scaffold_c_i", np.array([1.5, -2.0, 3.25], np.float32))
+    code = ("import sys; from insitu.client.state import DiskState; "
+            "print(DiskState(sys.argv[1]).load('scaffold_c_i').tolist())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[1.5, -2.0, 3.25]"
+
+
+def test_disk_state_save_that_fails_midway_leaves_the_old_state_and_no_temporary_file(tmp_path, monkeypatch):
+    import insitu.files
+
+    state = DiskState(tmp_path)
+    state.save("scaffold_c_i", np.ones(4, np.float32))
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(insitu.files.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        state.save("scaffold_c_i", np.full(4, 7, np.float32))
+    monkeypatch.undo()
+    assert np.array_equal(state.load("scaffold_c_i"), np.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["scaffold_c_i.insitu"]
 
 
 def test_server_state_round_trips_through_named_arrays():
