@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -14,11 +16,13 @@ from insitu.net import client as net_client
 from insitu.net.client import connect
 from insitu.net.server import FederationServer, ServerSettings
 from insitu.params import Parameters
+from insitu.privacy import skellam
 from insitu.privacy.secagg import codec
 from insitu.privacy.secagg.messages import AdvertiseKeys, MaskedInput
 from insitu.privacy.secagg.participant import STEP, SecAggParticipant, message_bytes, message_parameters
-from insitu.privacy.secagg.protocol import SecAggRefused
+from insitu.privacy.secagg.protocol import SecAggRefused, SecAggServer
 from insitu.privacy.secure import SecureAggregation
+from insitu.run import secure_round
 from insitu.run.loop import client_seed
 from insitu.simulation import SimulationConfig, build_experiment, simulate
 from insitu.strategies import fedavg, scaffold
@@ -199,3 +203,82 @@ def test_a_client_reports_a_task_kind_it_does_not_know_instead_of_guessing():
     finally:
         server.stop(grace_s=2)
     assert cid == "0" and isinstance(outcome, RuntimeError) and "unknown task kind 'reveal'" in str(outcome)
+
+
+class RecordingServer(SecAggServer):
+    """The protocol's server side, keeping what it decoded (what a curious server would hold)."""
+
+    decoded: ClassVar[list[np.ndarray]] = []
+
+    def unmask(self, messages):
+        total = super().unmask(messages)
+        RecordingServer.decoded.append(total.copy())
+        return total
+
+
+DISTRIBUTED = {"dp_clip": 1.0, "dp_noise": 1.0, "dp_mode": "distributed", "fraction_fit": 1.0,
+               "min_fit_clients": 1, "dp_record_client_metrics": True}
+
+
+def clipped_sum(config: SimulationConfig, client_ids: list[str], gamma: float) -> np.ndarray:
+    """gamma x the sum of these clients' first-round updates clipped to dp_clip: the sum without noise."""
+    experiment = build_experiment(dataclasses.replace(config, secure_aggregation=False, dp_clip=0.0,
+                                                      dp_mode="central"))
+    start = experiment.initial_parameters.flat()
+    total = np.zeros(start.size)
+    for cid in client_ids:
+        fitted = experiment.client_fn(cid).fit(experiment.initial_parameters,
+                                               {"round": 1, "seed": client_seed(config.seed, 1, cid)})
+        delta = fitted.parameters.flat().astype(np.float64) - start
+        total += delta * min(1.0, config.dp_clip / np.linalg.norm(delta))
+    return gamma * total
+
+
+def test_distributed_dp_over_grpc_the_server_decodes_only_the_noised_sum(monkeypatch):
+    monkeypatch.setattr(secure_round, "SecAggServer", RecordingServer)
+    RecordingServer.decoded = []
+    config = SimulationConfig(**BASE, num_clients=4, rounds=1, **DISTRIBUTED)
+    remote, got = run_federation(config, 1)
+    record = got.history.rounds[0]
+    assert record.status == "ok" and record.num_results == 4
+    plan = remote.strategy.privacy._last_plan
+    [total] = RecordingServer.decoded
+    exact = clipped_sum(config, ["0", "1", "2", "3"], plan.gamma)
+    noise = total[:-1] - exact  # the clients' noise (plus at most 1 of rounding per client and coordinate)
+    assert noise.std() == pytest.approx(math.sqrt(4 * plan.client_variance), rel=0.12)
+    assert np.abs(noise).max() > 1e3 * 4 and total[-1] == 0  # never the unnoised sum
+    # epsilon: one round of Skellam noise with variance mu (4 >= m contributors), sampling rate 1
+    expected = skellam.epsilon(skellam.round_rdp(plan.mu, 1.0, plan.l1, plan.l2), config.dp_delta)
+    assert record.fit_metrics["epsilon"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_distributed_dp_over_grpc_charges_a_dropout_for_the_noise_it_did_not_add(monkeypatch):
+    config = SimulationConfig(**BASE, num_clients=5, rounds=1, dp_min_contributors=5, **DISTRIBUTED)
+    remote, got = run_federation(config, 1, {"2": ("truncate", "masked")}, monkeypatch)
+    record = got.history.rounds[0]
+    assert record.status == "ok" and record.num_results == 4
+    assert any(f["client"] == "2" and "masked vector has" in f["reason"] for f in record.failures)
+    plan = remote.strategy.privacy._last_plan
+    [row] = got.server_state.privacy["history"]
+    assert row[0] == pytest.approx(plan.mu * 4 / 5)  # 4 of the m = 5 planned shares reached the sum
+    expected = skellam.epsilon(skellam.round_rdp(plan.mu * 4 / 5, 1.0, plan.l1, plan.l2), config.dp_delta)
+    assert record.fit_metrics["epsilon"] == pytest.approx(expected, rel=1e-12)
+    full = skellam.epsilon(skellam.round_rdp(plan.mu, 1.0, plan.l1, plan.l2), config.dp_delta)
+    assert record.fit_metrics["epsilon"] > full
+
+
+def test_a_client_refuses_a_distributed_round_without_noise():
+    from insitu.privacy.secagg.participant import _Round
+    from insitu.privacy.secagg.protocol import SecAggClient, SecAggConfig
+
+    protocol = SecAggClient(1, SecAggConfig(3, 2, 11, 1.0, integer=True))
+    current = _Round(0, protocol, np.ones(10), 5)
+    with pytest.raises(ValueError, match="refusing"):
+        SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 1000.0,
+                                           "secagg_dp_variance": 0.0})
+    with pytest.raises(ValueError, match="exceed the 32-bit field"):
+        SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 2.0**31,
+                                           "secagg_dp_variance": 1.0})
+    got = SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 1000.0,
+                                             "secagg_dp_variance": 100.0})
+    assert got.dtype == np.int64 and got.size == 11 and got[-1] == 0

@@ -39,6 +39,7 @@ from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, flatten_module_
 from insitu.privacy.central import CentralDP
+from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import OSEntropy, SimulationSeed
 from insitu.privacy.secure import SecureAggregation
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
@@ -158,6 +159,8 @@ class SimulationConfig:
     dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
     dp_accountant: str = "rdp"  # "rdp" (built in) or "pld" (tighter; needs dp-accounting)
     dp_record_client_metrics: bool = False  # keep per-client facts in the history under DP: NOT covered by epsilon
+    dp_mode: str = "central"  # "central": the server noises the sum; "distributed": each client adds a Skellam share
+    dp_min_contributors: int = 0  # distributed DP: clients whose shares make up the full noise (0 = q N - 2 sd)
     local_dp_noise: float = 0.0  # local DP (DP-SGD via Opacus) in every client when > 0: noise multiplier
     local_dp_clip: float = 1.0  # per-example gradient clip norm for local DP
     local_dp_target_epsilon: float = 0.0  # each client refuses rounds past this epsilon (0 = no budget)
@@ -218,6 +221,14 @@ class SimulationConfig:
             raise ValueError(f"poison_fraction must be in (0, 1], got {self.poison_fraction}")
         if not self.backdoor_boost >= 1:
             raise ValueError(f"backdoor_boost must be >= 1 (1 = no boosting), got {self.backdoor_boost}")
+        if self.dp_mode not in ("central", "distributed"):
+            raise ValueError(f"unknown dp_mode {self.dp_mode!r}; choose central or distributed")
+        if self.dp_mode == "distributed" and not (self.dp_clip > 0 and self.secure_aggregation):
+            raise ValueError("dp_mode 'distributed' adds the noise in the clients before secure aggregation: set "
+                             "dp_clip > 0 and secure_aggregation = true")
+        if self.dp_mode == "distributed" and (self.dp_adaptive_clip or self.dp_accountant != "rdp"):
+            raise ValueError("dp_mode 'distributed' has a fixed clip norm and its own (Skellam RDP) accountant: "
+                             "drop dp_adaptive_clip and dp_accountant")
         if self.dp_clip > 0 and (self.aggregator != "mean" or self.clip_norm > 0 or self.screen):
             raise ValueError("central DP (dp_clip > 0) clips and noises the mean itself: use aggregator 'mean' "
                              "without clip_norm or screen")
@@ -351,7 +362,12 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     if config.secure_aggregation:
         common["secure_aggregation"] = SecureAggregation(  # a deployment's dropouts are real, not simulated
             config.secagg_bound, dropout_fraction=0.0 if remote else config.secagg_dropout, seed=config.seed)
-    if config.dp_clip > 0:
+    if config.dp_clip > 0 and config.dp_mode == "distributed":
+        common["privacy"] = DistributedDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
+                                          config.dp_target_epsilon or None, config.dp_min_contributors or None,
+                                          randomness=OSEntropy() if remote else SimulationSeed(config.seed),
+                                          record_client_metrics=config.dp_record_client_metrics)
+    elif config.dp_clip > 0:
         common["privacy"] = CentralDP(config.dp_noise, config.dp_clip, config.fraction_fit, config.dp_delta,
                                       config.dp_target_epsilon or None, adaptive=config.dp_adaptive_clip,
                                       accountant_kind=config.dp_accountant,

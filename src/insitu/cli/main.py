@@ -53,6 +53,7 @@ def simulate(
     dp_clip: Optional[float] = typer.Option(None, help="Central DP (DP-FedAvg): clip each client's update to this L2 norm (0 = off)."),
     dp_noise: Optional[float] = typer.Option(None, help="Central DP noise multiplier z (noise std z x clip on the sum)."),
     dp_target_epsilon: Optional[float] = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
+    dp_mode: Optional[str] = typer.Option(None, help="central: the server noises the sum | distributed: each client adds a Skellam noise share before secure aggregation (needs --secure-aggregation)."),
     dp_delta: Optional[float] = typer.Option(None, help="Central DP delta (default 1e-5)."),
     dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--no-dp-adaptive-clip", help="Adapt the clip norm to the median update norm."),
     secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Sum each round through the SecAgg protocol (simulated parties)."),
@@ -78,7 +79,7 @@ def simulate(
         "lr_decay": lr_decay, "aggregator": aggregator, "byzantine_f": byzantine_f,
         "trim_fraction": trim_fraction, "clip_norm": clip_norm, "screen": screen, "attack": attack,
         "attack_fraction": attack_fraction, "eval_every": eval_every, "stop_at_accuracy": stop_at_accuracy,
-        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_target_epsilon": dp_target_epsilon, "dp_delta": dp_delta,
+        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_target_epsilon": dp_target_epsilon, "dp_mode": dp_mode, "dp_delta": dp_delta,
         "dp_adaptive_clip": dp_adaptive_clip, "secure_aggregation": secure_aggregation, "secagg_dropout": secagg_dropout,
         "train_limit": train_limit, "test_limit": test_limit,
     }

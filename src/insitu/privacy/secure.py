@@ -11,12 +11,19 @@ message (:mod:`insitu.run.secure_round`, client side :mod:`insitu.privacy.secagg
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.aggregation.transforms import l2_norm
+from insitu.privacy.distributed import (
+    RoundPlan,
+    client_rng,
+    decode_distributed_sum,
+    distributed_input,
+)
 from insitu.privacy.randomness import Generator, SecureRandom
 from insitu.privacy.secagg.encoding import split_weighted, with_weight
 from insitu.privacy.secagg.protocol import SecAggConfig
@@ -71,6 +78,7 @@ class SecureBuffer:
     updates: list[np.ndarray] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     unclipped: int = 0  # known only once the sum is decoded
+    contributors: int = 0  # distributed DP: clients whose noised input reached the sum
 
 
 @dataclass
@@ -104,14 +112,18 @@ class SecureAggregation:
         size = n if self.degree is None else self.degree + 1
         return max(int(size * self.threshold_fraction) + 1, size // 2 + 1)
 
-    def protocol_config(self, n: int, dim: int, session: int) -> SecAggConfig:
-        """The public parameters of one round of n clients over vectors of length dim."""
-        return SecAggConfig(n, self.threshold(n), dim, self.bound, session=session, degree=self.degree)
+    def protocol_config(self, n: int, dim: int, session: int, *, integer: bool = False) -> SecAggConfig:
+        """The public parameters of one round of n clients over vectors of length dim (integer: distributed DP)."""
+        return SecAggConfig(n, self.threshold(n), dim, self.bound, session=session, degree=self.degree,
+                            integer=integer)
 
     def reducer(self, *, clip_norm: float | None = None, noise_std: float = 0.0,
-                denominator: float | None = None, rng: Generator | None = None) -> SecureMean:
-        """A fresh reducer: weighted mean, or (with ``clip_norm``) DP-FedAvg's clipped noisy mean."""
-        return SecureMean(self, clip_norm, noise_std, denominator, rng)
+                denominator: float | None = None, rng: Generator | None = None,
+                distributed: Callable[[int], RoundPlan] | None = None) -> SecureMean:
+        """A fresh reducer: weighted mean, (with ``clip_norm``) DP-FedAvg's clipped noisy mean, or (with
+        ``distributed``, which gives the round's plan for a model of d values) the mean of inputs each client
+        clipped, rounded and noised itself (distributed DP)."""
+        return SecureMean(self, clip_norm, noise_std, denominator, rng, distributed)
 
 
 class SecureMean:
@@ -122,11 +134,16 @@ class SecureMean:
     min_updates = 2
 
     def __init__(self, settings: SecureAggregation, clip_norm: float | None, noise_std: float,
-                 denominator: float | None, rng: Generator | None = None) -> None:
+                 denominator: float | None, rng: Generator | None = None,
+                 distributed: Callable[[int], RoundPlan] | None = None) -> None:
         self.settings, self.clip_norm, self.noise_std, self.denominator = settings, clip_norm, noise_std, denominator
         self.rng = rng
+        self.planner = distributed
+        self.plan: RoundPlan | None = None
 
     def start(self, dim: int) -> SecureBuffer:
+        if self.planner is not None:
+            self.plan = self.planner(dim)
         return SecureBuffer()
 
     def add(self, acc: SecureBuffer, update: np.ndarray, weight: float) -> SecureBuffer:
@@ -143,6 +160,8 @@ class SecureMean:
                                              "is that client's update")
         settings = self.settings
         rng = np.random.default_rng(settings.seed)
+        if self.plan is not None:
+            return self._finish_distributed(acc, rng)
         dp = self.clip_norm is not None
         bound = settings.bound
         scale = weight_scale(max(acc.weights), bound)
@@ -160,3 +179,20 @@ class SecureMean:
         mean, acc.unclipped = decode_secure_sum(report.total, bound=bound, dp=dp, noise_std=self.noise_std,
                                                 denominator=self.denominator or n, rng=self.rng)
         return mean
+
+    def _finish_distributed(self, acc: SecureBuffer, rng: np.random.Generator) -> np.ndarray:
+        """Distributed DP: every simulated client noises its own integer input; the server decodes the noised sum."""
+        plan = self.plan
+        assert plan is not None
+        n = len(acc.updates)
+        inputs = {i + 1: distributed_input(u, clip_norm=plan.clip_norm, gamma=plan.gamma,
+                                           client_variance=plan.client_variance,
+                                           rng=client_rng(plan.seed, plan.round_index, i + 1))
+                  for i, u in enumerate(acc.updates)}
+        acc.updates.clear()
+        config = self.settings.protocol_config(n, len(inputs[1]), session=int(rng.integers(2**63)), integer=True)
+        drop = rng.choice(np.arange(1, n + 1), size=int(self.settings.dropout_fraction * n), replace=False)
+        report = run_round(config, inputs, drop_before={"unmask": [int(c) for c in drop]})
+        self.settings.last_report = report
+        acc.contributors = len(report.included)
+        return decode_distributed_sum(report.total, plan)

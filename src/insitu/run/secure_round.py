@@ -19,6 +19,7 @@ from insitu.aggregation.base import AggregationAssumptionError
 from insitu.client.api import Config, Metrics
 from insitu.engines.base import Task
 from insitu.params import Parameters
+from insitu.privacy.distributed import DistributedDP, decode_distributed_sum
 from insitu.privacy.secagg import codec
 from insitu.privacy.secagg.messages import AdvertiseKeys, MaskedInput, ShareKeys, UnmaskResponse
 from insitu.privacy.secagg.participant import MESSAGE, SESSION, STEP, message_parameters, protocol_keys
@@ -59,10 +60,11 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
                                          "a sum of one is that client's update")
     protocol_id = {task.client_id: i + 1 for i, task in enumerate(tasks)}
     client_of = {i: cid for cid, i in protocol_id.items()}
-    config = settings.protocol_config(n, parameters.num_values + 1, session)
+    privacy = strategy.privacy
+    distributed = isinstance(privacy, DistributedDP)
+    config = settings.protocol_config(n, parameters.num_values + 1, session, integer=distributed)
     server = SecAggServer(config)
     public = protocol_keys(config)
-    privacy = strategy.privacy
 
     def step(name: str, expected: type, messages: dict[str, Config],
              params: Parameters | None = None) -> Iterator[tuple[str, _Contributor, Any]]:
@@ -110,9 +112,13 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
         blob = message_parameters(codec.encode(broadcast))
         shares = step("share", ShareKeys, {client_of[a.client_id]: {MESSAGE: blob} for a in broadcast.keys})
         routed = server.route_shares(only_messages(shares))
-        if privacy is not None:
+        if isinstance(privacy, DistributedDP):  # each client clips, rounds and noises its own input
+            plan = privacy.plan(server_state.privacy, num_clients, parameters.num_values)
+            scaling: Config = {"secagg_clip_norm": plan.clip_norm, "secagg_dp_gamma": plan.gamma,
+                               "secagg_dp_variance": plan.client_variance}
+        elif privacy is not None:
             clip, noise_std, denominator = privacy.mechanism(server_state.privacy, num_clients)
-            scaling: Config = {"secagg_clip_norm": clip}
+            scaling = {"secagg_clip_norm": clip}
         else:
             top = max(contributors[client_of[u]].num_examples for u in routed)
             if top <= 0:
@@ -129,7 +135,9 @@ def secure_fit(pool: Any, strategy: Strategy, server_round: int, parameters: Par
             reject(client_of[u], "secagg", reason)
     survivors = server.survivors
     del server  # it holds the decoded sum as well
-    if privacy is not None:
+    if isinstance(privacy, DistributedDP):  # the decoded sum already carries the clients' noise
+        mean, unclipped = decode_distributed_sum(total, plan), 0
+    elif privacy is not None:
         mean, unclipped = decode_secure_sum(total, bound=settings.bound, dp=True, noise_std=noise_std,
                                             denominator=denominator, rng=privacy.noise_rng(server_state.privacy, "update"))
     else:

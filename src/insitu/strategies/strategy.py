@@ -8,6 +8,7 @@ strategy runs in simulation and in deployment. Variants are factory functions (`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
 from insitu.client.api import Config, EvalResult, FitResult, Metrics
 from insitu.params import Parameters, ParamSpec
 from insitu.privacy.central import CentralDP
+from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import Generator
 from insitu.privacy.secure import SecureAggregation
 from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
@@ -84,7 +86,7 @@ class Strategy:
     reducer: Reducer = field(default_factory=weighted_mean)
     server_optimizer: ServerOptimizer = field(default_factory=sgd)
     algorithm: ClientAlgorithm = field(default_factory=local_sgd)
-    privacy: CentralDP | None = None  # DP-FedAvg: Poisson sampling, clipped noisy mean, accountant
+    privacy: CentralDP | DistributedDP | None = None  # DP-FedAvg: Poisson sampling, clipped noisy mean, accountant
     secure_aggregation: SecureAggregation | None = None  # the sum through the SecAgg protocol (simulation)
     fit_config: ConfigSource = field(default_factory=dict)
     evaluate_config: ConfigSource = field(default_factory=dict)
@@ -107,6 +109,9 @@ class Strategy:
                              "cannot hide: use it without secure aggregation, or choose fedavg/fedprox/fedsgd")
         if self.privacy is not None:
             self._check_privacy()
+        if isinstance(self.privacy, DistributedDP) and self.secure_aggregation is None:
+            raise ValueError("distributed DP adds each client's noise share before secure aggregation: it needs "
+                             "secure_aggregation (without it the server would see every noised update)")
 
     def _check_privacy(self) -> None:
         """Refuse settings under which whether (or what) a round releases depends on who was sampled,
@@ -258,6 +263,9 @@ class Strategy:
         if privacy is not None and num_clients < 1:
             raise ValueError("central DP divides by the expected number of clients q N: pass num_clients "
                              "(the federation's size) to aggregate_fit")
+        if isinstance(privacy, DistributedDP):  # clients clip, round and noise before masking
+            assert secure is not None  # refused at construction otherwise
+            return secure.reducer(distributed=functools.partial(privacy.plan, state.privacy, num_clients))
         if secure is not None and privacy is not None:  # clients clip before masking; noise on the sum
             clip, noise_std, denominator = privacy.mechanism(state.privacy, num_clients)
             return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator,

@@ -16,6 +16,7 @@ import numpy as np
 
 from insitu.client.api import Client, Config, ProtocolReply
 from insitu.params import Parameters, describe_mismatch
+from insitu.privacy.distributed import check_field, client_rng, distributed_input
 from insitu.privacy.secagg import codec
 from insitu.privacy.secagg.messages import KeyBroadcast, RoutedShares, UnmaskRequest
 from insitu.privacy.secagg.protocol import SecAggClient, SecAggConfig, SecAggRefused
@@ -48,7 +49,7 @@ def message_bytes(value: object) -> bytes:
 def protocol_keys(config: SecAggConfig) -> dict[str, int | float]:
     """The public round parameters as task config entries."""
     return {SESSION: config.session, "secagg_n": config.n, "secagg_t": config.t, "secagg_dim": config.dim,
-            "secagg_bound": config.bound, "secagg_degree": config.degree or 0}
+            "secagg_bound": config.bound, "secagg_degree": config.degree or 0, "secagg_integer": int(config.integer)}
 
 
 def _protocol_config(config: Config) -> SecAggConfig:
@@ -56,7 +57,7 @@ def _protocol_config(config: Config) -> SecAggConfig:
         degree = int(config["secagg_degree"])  # type: ignore[arg-type]
         return SecAggConfig(int(config["secagg_n"]), int(config["secagg_t"]), int(config["secagg_dim"]),  # type: ignore[arg-type]
                             float(config["secagg_bound"]), session=int(config[SESSION]),  # type: ignore[arg-type]
-                            degree=degree or None)
+                            degree=degree or None, integer=bool(int(config.get("secagg_integer", 0))))  # type: ignore[arg-type]
     except KeyError as missing:
         raise ValueError(f"secure-aggregation task lacks {missing}") from None
 
@@ -124,9 +125,34 @@ class SecAggParticipant:
         """This client's protocol input: weighted delta, or clipped delta under central DP."""
         assert current.delta is not None
         bound = current.protocol.config.bound
+        if "secagg_dp_gamma" in config:
+            return SecAggParticipant._distributed_input(current, config)
         if "secagg_clip_norm" in config:
             return secure_input(current.delta, bound=bound, clip_norm=float(config["secagg_clip_norm"]))  # type: ignore[arg-type]
         if "secagg_weight_scale" not in config:
             raise ValueError("the masked-input step names neither a weight scale nor a clip norm")
         scale = float(config["secagg_weight_scale"])  # type: ignore[arg-type]
         return secure_input(current.delta, bound=bound, weight=current.num_examples * scale)
+
+    @staticmethod
+    def _distributed_input(current: _Round, config: Config) -> np.ndarray:
+        """Distributed DP: clip, scale, round and add this client's Skellam noise share, all here.
+
+        The noise always comes from this machine's OS entropy (never a seed from the server). The server's
+        numbers are checked: an integer round, a positive noise variance, and a sum that fits the field.
+        """
+        assert current.delta is not None
+        protocol_config = current.protocol.config
+        if not protocol_config.integer:
+            raise ValueError("distributed DP needs an integer secure round (secagg_integer = 1)")
+        try:
+            clip, gamma = float(config["secagg_clip_norm"]), float(config["secagg_dp_gamma"])  # type: ignore[arg-type]
+            variance = float(config["secagg_dp_variance"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"distributed-DP masked step with missing or malformed parameters: {error}") from None
+        if not (variance > 0 and gamma > 0 and clip > 0):
+            raise ValueError(f"distributed DP: refusing clip {clip}, gamma {gamma}, noise variance {variance} "
+                             "(each must be > 0: a client always adds its noise share)")
+        check_field(protocol_config.n, gamma, clip, variance, current.delta.size)
+        return distributed_input(current.delta, clip_norm=clip, gamma=gamma, client_variance=variance,
+                                 rng=client_rng(None, 0, protocol_config.session))
