@@ -248,16 +248,21 @@ def test_scaffold_server_c_is_the_example_weighted_mean_of_the_client_deltas():
 
 def test_scaffold_with_momentum_is_not_worse_than_fedavg_on_non_iid_digits():
     """The digits preset trains with momentum 0.9; option II's update then made SCAFFOLD diverge
-    (57% against FedAvg's 91% here). 10 clients, Dirichlet alpha 0.1, 5 rounds of 5 epochs."""
+    (27% against FedAvg's 84% here). 10 clients, Dirichlet alpha 0.1, 4 rounds of 3 epochs."""
     from insitu.simulation import SimulationConfig, run_simulation
 
     final = {}
-    for strategy in ("fedavg", "scaffold"):
-        config = SimulationConfig(dataset="digits", model="mlp", num_clients=10, rounds=5, local_epochs=5,
-                                  batch_size=32, lr=0.1, momentum=0.9, partition="dirichlet", alpha=0.1,
-                                  strategy=strategy, seed=0)
-        final[strategy] = run_simulation(config)[1].history.final_accuracy
-    assert final["fedavg"] > 0.8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny MLP: thread hand-offs would cost more than the maths
+    try:
+        for strategy in ("fedavg", "scaffold"):
+            config = SimulationConfig(dataset="digits", model="mlp", num_clients=10, rounds=4, local_epochs=3,
+                                      batch_size=32, lr=0.1, momentum=0.9, partition="dirichlet", alpha=0.1,
+                                      strategy=strategy, seed=0)
+            final[strategy] = run_simulation(config)[1].history.final_accuracy
+    finally:
+        torch.set_num_threads(threads)
+    assert final["fedavg"] > 0.75
     assert final["scaffold"] >= final["fedavg"]
 
 
