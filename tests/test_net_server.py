@@ -13,94 +13,25 @@ import time
 import grpc
 import numpy as np
 import pytest
+from net_harness import (
+    GLOBAL,
+    Federation,
+    ValueClient,
+    auth,
+    pull,
+    raw_session,
+    stub_for,
+)
 
 from insitu import serde
-from insitu.client.api import EvalResult, FitResult
+from insitu.client.api import FitResult
 from insitu.net import security
-from insitu.net.client import Backoff, ConnectionRefused, connect
+from insitu.net.client import ConnectionRefused, connect
 from insitu.net.proto import federation_pb2 as pb
-from insitu.net.proto import federation_pb2_grpc as pb_grpc
 from insitu.net.server import FederationServer, ResumeError, ServerSettings
+from insitu.net.servicer import PROTOCOL_VERSIONS
 from insitu.params import Parameters
 from insitu.strategies import fedavg
-
-GLOBAL = Parameters.from_arrays({"w": np.zeros(3, np.float32)})
-
-
-class ValueClient:
-    """Returns fixed parameters and count; optionally sleeps first (a straggler)."""
-
-    def __init__(self, w, n=1, delay=0.0):
-        self.w, self.n, self.delay = np.asarray(w, np.float32), n, delay
-        self.configs = []
-
-    def fit(self, parameters, config):
-        self.configs.append(config)
-        time.sleep(self.delay)
-        return FitResult(Parameters.from_arrays({"w": self.w}), self.n, {"seen": float(dict(parameters)["w"][0])})
-
-    def evaluate(self, parameters, config):
-        return EvalResult(float(self.n), self.n, {"accuracy": 0.5})
-
-
-class Federation:
-    """A server running ``num_rounds`` in a background thread; clients join with ``add``."""
-
-    def __init__(self, num_rounds=1, strategy=None, **settings):
-        settings.setdefault("insecure", True)
-        settings.setdefault("heartbeat_interval_s", 0.5)
-        self.server = FederationServer(ServerSettings(address="127.0.0.1:0", **settings))
-        self.address = f"127.0.0.1:{self.server.port}"
-        self.strategy = strategy or fedavg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0)
-        self.result = None
-        self.error = None
-        self.rounds = []
-        self._threads = []
-        self._thread = threading.Thread(target=self._run, args=(num_rounds,), daemon=True)
-        self._thread.start()
-
-    def _run(self, num_rounds):
-        try:
-            self.result = self.server.run(self.strategy, GLOBAL, num_rounds=num_rounds,
-                                          on_round=lambda r, p, s: self.rounds.append(r))
-        except BaseException as error:  # surfaced by finish()
-            self.error = error
-
-    def add(self, client, client_id, **kwargs):
-        kwargs.setdefault("backoff", Backoff(0.05, 0.2))
-        kwargs.setdefault("poll_wait_s", 0.5)
-        thread = threading.Thread(target=connect, args=(client, self.address), kwargs=dict(client_id=client_id, **kwargs), daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        return thread
-
-    def finish(self, timeout=60):
-        self._thread.join(timeout)
-        self.server.stop(grace_s=2)
-        for thread in self._threads:
-            thread.join(10)
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None, "federation did not finish"
-        return self.result
-
-
-def stub_for(address):
-    return pb_grpc.FederationStub(grpc.insecure_channel(address))
-
-
-def raw_session(stub, client_id):
-    hello = stub.Hello(pb.HelloRequest(protocol_versions=[1], client_id=client_id))
-    return stub.Authenticate(pb.AuthRequest(client_id=client_id, nonce=hello.nonce)).session_token
-
-
-def pull(stub, token):
-    """The next task's header (waiting for one)."""
-    for _ in range(100):
-        messages = list(stub.PullTask(pb.PullRequest(session_token=token, wait_s=0.5)))
-        if messages[0].WhichOneof("body") == "header":
-            return messages[0].header
-    raise AssertionError("no task arrived")
 
 
 def test_fedavg_through_the_network_matches_hand_computation():
@@ -145,7 +76,7 @@ def test_bad_update_is_rejected_and_the_round_goes_on(case):
         for start in range(0, len(payload), 7):
             yield pb.ResultMessage(chunk=payload[start : start + 7])
 
-    reply = stub.PushResult(messages())
+    reply = stub.PushResult(messages(), metadata=auth(token))
     result = fed.finish()
     record = result.history.rounds[0]
     assert record.status == "ok" and record.num_results == 2
@@ -167,10 +98,10 @@ def test_bad_metrics_and_oversized_updates_are_refused():
     bad_metrics = stub.PushResult(iter([
         pb.ResultMessage(header=pb.ResultHeader(session_token=tokens[0], task_id=headers[0].task_id, num_examples=1,
                                                 metrics_json='{"acc": "high"}')),
-        pb.ResultMessage(chunk=good)]))
+        pb.ResultMessage(chunk=good)]), metadata=auth(tokens[0]))
     oversized = stub.PushResult(iter([
         pb.ResultMessage(header=pb.ResultHeader(session_token=tokens[1], task_id=headers[1].task_id, num_examples=1,
-                                                payload_bytes=10**9))]))
+                                                payload_bytes=10**9))]), metadata=auth(tokens[1]))
     record = fed.finish().history.rounds[0]
     assert not bad_metrics.accepted and "metric 'acc'" in bad_metrics.message
     assert not oversized.accepted and "exceeds the server's limit" in oversized.message
@@ -185,12 +116,14 @@ def test_a_message_over_grpc_limits_breaks_only_that_upload():
     header = pull(stub, token)
     with pytest.raises(grpc.RpcError) as info:
         stub.PushResult(iter([
-            pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=header.task_id, num_examples=1)),
-            pb.ResultMessage(chunk=b"x" * (8 << 20))]))
+            pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=header.task_id, num_examples=1,
+                                                    payload_bytes=serde.encoded_size(GLOBAL))),
+            pb.ResultMessage(chunk=b"x" * (8 << 20))]), metadata=auth(token))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     record = fed.finish().history.rounds[0]
     assert record.num_results == 1
-    assert any(f["client"] == "huge" for f in record.failures)
+    reasons = [f["reason"] for f in record.failures if f["client"] == "huge"]
+    assert reasons and "over the server's limit" in reasons[0] and "ended early" not in reasons[0], reasons
 
 
 def test_unknown_protocol_version_is_told_what_the_server_speaks():
@@ -199,7 +132,7 @@ def test_unknown_protocol_version_is_told_what_the_server_speaks():
     with pytest.raises(grpc.RpcError) as info:
         stub.Hello(pb.HelloRequest(protocol_versions=[7, 8], client_id="future"))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "client speaks [7, 8], this server speaks [1]" in info.value.details()
+    assert f"client speaks [7, 8], this server speaks {list(PROTOCOL_VERSIONS)}" in info.value.details()
     fed.add(ValueClient([0, 0, 0]), "0")
     fed.add(ValueClient([0, 0, 0]), "1")
     fed.finish()
@@ -209,9 +142,9 @@ def test_no_parameters_without_a_valid_session():
     fed = Federation(num_rounds=1)
     stub = stub_for(fed.address)
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.PullTask(pb.PullRequest(session_token="forged", wait_s=0.1)))
+        list(stub.PullTask(pb.PullRequest(session_token="forged", wait_s=0.1), metadata=auth("forged")))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    hello = stub.Hello(pb.HelloRequest(protocol_versions=[1], client_id="x"))
+    hello = stub.Hello(pb.HelloRequest(protocol_versions=list(PROTOCOL_VERSIONS), client_id="x"))
     with pytest.raises(grpc.RpcError) as info:  # a challenge is for the id that asked for it, once
         stub.Authenticate(pb.AuthRequest(client_id="y", nonce=hello.nonce))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -4,8 +4,9 @@ The round loop sees the same ``wait_for``/``fit``/``evaluate`` calls as in simul
 tasks wait in each connected client's mailbox until the client pulls them; results arrive from the
 gRPC handler threads and are yielded to the loop as they come. A client whose heartbeats stop, or
 that misses the round deadline, is reported as a failure for that round; its late result, if any,
-is discarded. Decoding is limited to one update at a time and each is released only after the loop
-has folded it, so server memory stays O(model) whatever the number of clients.
+is discarded. The servicer decodes at most a few uploads at a time (its upload slots) and each is
+released only after the loop has folded it, so server memory stays O(slots x model) whatever the
+number of clients.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class GrpcClientPool:
         self._pending: dict[str, PendingTask] = {}
         self._results: queue.Queue[_Delivery] = queue.Queue()
         self._closed = False
-        self.decode_slot = threading.Semaphore(1)
+        self.model_values = 0  # values of the last model dispatched: bounds what a client may upload
         self.listeners: list[Any] = []  # callables(event: str, client_id: str, detail: str)
 
     # -- registry (called by the gRPC servicer) ----------------------------------------------
@@ -213,6 +214,8 @@ class GrpcClientPool:
     # -- internals ---------------------------------------------------------------------------
     def _dispatch(self, kind: str, parameters: Parameters | None, tasks: Sequence[Task]) -> Iterator[tuple[str, Any]]:
         expected = parameters.specs if parameters is not None else ()
+        if parameters is not None:
+            self.model_values = parameters.num_values
         waiting: dict[str, PendingTask] = {}
         with self._lock:
             for task in tasks:

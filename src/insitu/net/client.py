@@ -25,14 +25,14 @@ from insitu.client.api import Client, EvalResult, FitResult, ProtocolReply
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
-from insitu.net.servicer import CHUNK_SIZE, PROTOCOL_VERSIONS
+from insitu.net.servicer import CHUNK_SIZE, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, SESSION_METADATA
 from insitu.privacy.secagg.participant import MESSAGE, SecAggParticipant, message_parameters
 
 log = logging.getLogger("insitu.client")
 
 GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", CHUNK_SIZE + (64 << 10)),
-    ("grpc.max_receive_message_length", CHUNK_SIZE + (64 << 10)),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
@@ -152,7 +152,8 @@ def _handshake(stub: pb_grpc.FederationStub, client_id: str, key: Ed25519Private
 def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, participant: SecAggParticipant,
                wait_s: float) -> str:
     """Pull one task and answer it: returns "done", "idle" or "shutdown"."""
-    stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60)
+    stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60,
+                           metadata=((SESSION_METADATA, token),))
     first = next(stream, None)
     if first is None or first.WhichOneof("body") == "idle":
         return "idle"
@@ -211,7 +212,7 @@ def _push(stub: pb_grpc.FederationStub, head: pb.ResultHeader, chunks: Iterator[
         for chunk in chunks:
             yield pb.ResultMessage(chunk=bytes(chunk))
 
-    reply = stub.PushResult(messages(), timeout=3600)
+    reply = stub.PushResult(messages(), timeout=3600, metadata=((SESSION_METADATA, head.session_token),))
     if not reply.accepted:
         log.warning("server did not accept the result: %s", reply.message)
 

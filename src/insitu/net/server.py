@@ -21,7 +21,14 @@ from insitu.engines.grpc_pool import GrpcClientPool
 from insitu.net import security
 from insitu.net.client import GRPC_OPTIONS
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
-from insitu.net.servicer import AttemptLimiter, FederationServicer
+from insitu.net.servicer import (
+    MAX_EXAMPLES_PER_CLIENT,
+    UPLOAD_SLOTS,
+    UPLOAD_STALL_S,
+    UPLOAD_TIMEOUT_S,
+    AttemptLimiter,
+    FederationServicer,
+)
 from insitu.params import Parameters, describe_mismatch
 from insitu.privacy.randomness import OSEntropy
 from insitu.run.history import History, RoundRecord
@@ -76,7 +83,11 @@ class ServerSettings:
     wait_timeout_s: float | None = None
     heartbeat_interval_s: float = 3.0
     heartbeat_timeout_s: float = 15.0
-    max_update_bytes: int = 4 << 30
+    max_update_bytes: int = 4 << 30  # and never more than the model (plus its algorithm's extras) needs
+    upload_slots: int = UPLOAD_SLOTS  # uploads decoded at once (memory O(slots x model))
+    upload_stall_s: float = UPLOAD_STALL_S  # an upload silent this long while awaited is cancelled
+    upload_timeout_s: float = UPLOAD_TIMEOUT_S  # an upload holding a decode slot longer is cancelled
+    max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT  # larger claimed example counts are capped
     max_clients: int = 1000
     max_handshakes_per_minute: int = 600  # per peer host (clients behind one NAT share it)
     server_name: str = "insitu"
@@ -95,11 +106,15 @@ class FederationServer:
                                    heartbeat_timeout=settings.heartbeat_timeout_s, max_clients=settings.max_clients)
         self.servicer = FederationServicer(self.pool, allow_list=settings.allow_list, server_name=settings.server_name,
                                            max_update_bytes=settings.max_update_bytes,
+                                           upload_slots=settings.upload_slots, upload_stall_s=settings.upload_stall_s,
+                                           upload_timeout_s=settings.upload_timeout_s,
+                                           max_examples_per_client=settings.max_examples_per_client,
                                            heartbeat_interval_s=settings.heartbeat_interval_s,
                                            limiter=AttemptLimiter(settings.max_handshakes_per_minute, 60.0))
         _return_freed_memory_promptly()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=min(settings.max_clients, 200) * 2 + 8),
-                                   options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+                                   options=SERVER_OPTIONS, maximum_concurrent_rpcs=None,
+                                   interceptors=[self.servicer.gate])  # refuses calls without a session first
         pb_grpc.add_FederationServicer_to_server(self.servicer, self._server)
         if settings.tls is not None:
             creds = security.server_credentials(settings.tls.cert, settings.tls.key, settings.tls.client_ca)

@@ -4,6 +4,13 @@ It authenticates clients (Ed25519 signature over a one-time challenge, checked a
 allow-list) before they can pull anything, streams parameters out in chunks and decodes pushed
 updates chunk by chunk into preallocated arrays. Every refusal names its reason; a bad update is
 reported to the round loop as that client's failure and never stops the server.
+
+Hostile peers are bounded (threat model: docs/deployment.md#limits): a PullTask or PushResult call
+without a live session token in its metadata is refused before any message is read; an upload may
+declare no more bytes than the model (and the extras a client algorithm returns) needs; it waits
+for one of ``upload_slots`` decode slots without holding memory, and a watchdog cancels it when
+its peer stays silent for ``upload_stall_s`` or it exceeds ``upload_timeout_s``; a client has at
+most one upload in flight; claimed example counts are capped at ``max_examples_per_client``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from insitu import serde
 from insitu.client.api import EvalResult, FitResult, ProtocolReply
+from insitu.client.torch_client import SCAFFOLD_DELTA_C
 from insitu.engines.grpc_pool import SHUTDOWN, GrpcClientPool, PendingTask, PoolClosedError
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
@@ -30,10 +38,140 @@ from insitu.privacy.secagg.participant import MESSAGE, message_bytes
 
 log = logging.getLogger("insitu.server")
 
-PROTOCOL_VERSIONS = (1,)
+PROTOCOL_VERSIONS = (2,)  # 2: the session token travels in the call metadata of PullTask and PushResult
+SESSION_METADATA = "insitu-session"  # metadata key of the session token (sent before any message)
+GATED_METHODS = frozenset({"/insitu.v1.Federation/PullTask", "/insitu.v1.Federation/PushResult"})
 CHUNK_SIZE = 128 << 10  # small: uploads waiting for their turn each buffer about one chunk
+MAX_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)  # gRPC's message size limit on both ends
 MAX_WAIT_S = 30.0
 CHALLENGE_TTL_S = 60.0
+
+# Upload limits (ServerSettings and `insitu server` flags of the same names override them).
+UPLOAD_SLOTS = 4  # uploads decoded at once: server memory is O(slots x model)
+UPLOAD_STALL_S = 10.0  # the server waited this long for the next message of an upload: cancel it
+UPLOAD_TIMEOUT_S = 300.0  # an upload that holds a decode slot longer than this is cancelled
+MAX_EXAMPLES_PER_CLIENT = 100_000  # a result claiming more examples counts as this many
+# Extras a client algorithm returns with a fit result (each at most the model's size); others are refused.
+RESULT_EXTRAS = frozenset({SCAFFOLD_DELTA_C})
+SECTION_SLACK_BYTES = 4 << 10  # a section's serde header may differ a little from ours (names are the same)
+SECAGG_SLACK_BYTES = 4 << 20  # key and share messages of a secure round (one per peer)
+
+
+def session_token(metadata: Any) -> str:
+    """The session token in a call's invocation metadata, or ""."""
+    for key, value in metadata or ():
+        if key == SESSION_METADATA and isinstance(value, str):
+            return value
+    return ""
+
+
+class SessionGate(grpc.ServerInterceptor):
+    """Refuses PullTask and PushResult calls that carry no live session token in their metadata.
+
+    The check runs before gRPC hands the call to a handler thread that would wait for its first
+    message, so streams opened without credentials (a stolen TLS certificate without its signing
+    key, or anyone on a --no-mtls server) cost one short refusal each and hold no thread.
+    """
+
+    def __init__(self, pool: GrpcClientPool) -> None:
+        self.pool = pool
+        self._refusal = grpc.stream_unary_rpc_method_handler(self._refuse)
+        self._refused = 0
+        self._last_log = 0.0
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        if handler_call_details.method in GATED_METHODS:
+            token = session_token(handler_call_details.invocation_metadata)
+            if not token or self.pool.session(token) is None:
+                self._note(handler_call_details.method)
+                return self._refusal
+        return continuation(handler_call_details)
+
+    def _note(self, method: str) -> None:
+        with self._lock:  # logged at most every 5 s: a flood of refusals must not flood the log
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._last_log < 5.0:
+                return
+            count, self._refused, self._last_log = self._refused, 0, now
+        log.warning("refused %d call(s) (latest %s) without a valid session token", count, method.rsplit("/", 1)[-1])
+
+    @staticmethod
+    def _refuse(request_iterator: Any, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      f"no valid session: authenticate, then send the session token in the {SESSION_METADATA!r} "
+                      "call metadata (insitu protocol 2)")
+
+
+class _Upload:
+    """One upload in progress, as the watchdog sees it."""
+
+    def __init__(self, client_id: str, context: grpc.ServicerContext) -> None:
+        self.client_id = client_id
+        self.context = context
+        self.waiting_since: float | None = None  # the server has been waiting for the peer since
+        self.deadline: float | None = None  # it must be received by then (set once it holds a slot)
+        self.limit_s = 0.0
+        self.reason: str | None = None  # why the watchdog cancelled it
+        self.received = 0  # payload bytes received
+
+
+class UploadWatchdog:
+    """Cancels an upload whose peer stays silent for ``stall_s`` while the server waits for it, or
+    that is still being received at its deadline. One thread, running only while uploads exist."""
+
+    def __init__(self, stall_s: float, interval_s: float = 0.1) -> None:
+        self.stall_s = stall_s
+        self.interval_s = min(interval_s, stall_s / 4)
+        self._uploads: set[_Upload] = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def watch(self, client_id: str, context: grpc.ServicerContext) -> _Upload:
+        upload = _Upload(client_id, context)
+        with self._lock:
+            self._uploads.add(upload)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="insitu-upload-watchdog", daemon=True).start()
+        return upload
+
+    def forget(self, upload: _Upload) -> None:
+        with self._lock:
+            self._uploads.discard(upload)
+
+    def read(self, upload: _Upload, messages: Iterator[pb.ResultMessage]) -> pb.ResultMessage | None:
+        """The next message (None at the end of the stream), waited for at most ``stall_s``."""
+        upload.waiting_since = time.monotonic()
+        try:
+            return next(messages, None)
+        finally:
+            upload.waiting_since = None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._uploads:
+                    self._running = False
+                    return
+                uploads = list(self._uploads)
+            now = time.monotonic()
+            for upload in uploads:
+                since, deadline = upload.waiting_since, upload.deadline
+                if upload.reason is not None:
+                    continue
+                if since is not None and now - since > self.stall_s:
+                    upload.reason = (f"stalled: no data for {self.stall_s:g} s after {upload.received} bytes "
+                                     "(the upload stall limit)")
+                elif deadline is not None and now > deadline:
+                    upload.reason = (f"too slow: not received within the upload time limit of {upload.limit_s:g} s "
+                                     f"({upload.received} bytes arrived)")
+                else:
+                    continue
+                log.warning("cancelled the upload of client %s: %s", upload.client_id, upload.reason)
+                upload.context.cancel()
+            time.sleep(self.interval_s)
 
 
 class AttemptLimiter:
@@ -63,7 +201,11 @@ class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, pool: GrpcClientPool, *, allow_list: dict[str, Ed25519PublicKey] | None,
                  server_name: str = "insitu", max_update_bytes: int = 4 << 30,
                  heartbeat_interval_s: float = 3.0, limiter: AttemptLimiter | None = None,
-                 download_slots: int = 4) -> None:
+                 download_slots: int = 4, upload_slots: int = UPLOAD_SLOTS,
+                 upload_stall_s: float = UPLOAD_STALL_S, upload_timeout_s: float = UPLOAD_TIMEOUT_S,
+                 max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT) -> None:
+        if upload_slots < 1 or upload_stall_s <= 0 or upload_timeout_s <= 0 or max_examples_per_client < 1:
+            raise ValueError("upload_slots and max_examples_per_client must be >= 1, the upload limits > 0 s")
         self.pool = pool
         self.allow_list = allow_list
         self.server_name = server_name
@@ -73,6 +215,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         # Parameter downloads in flight at once: each holds a few chunk buffers in gRPC, so
         # bounding them bounds the server's send-side memory whatever the number of clients.
         self.download_slots = threading.BoundedSemaphore(download_slots)
+        # Uploads decoded at once. Each holds a model-sized buffer from its first chunk until the loop
+        # has folded it; an upload waiting for a slot holds one chunk.
+        self.upload_slots = threading.BoundedSemaphore(upload_slots)
+        self.upload_timeout_s = upload_timeout_s
+        self.max_examples_per_client = max_examples_per_client
+        self.watchdog = UploadWatchdog(upload_stall_s)
+        self.gate = SessionGate(pool)  # install with grpc.server(interceptors=[servicer.gate])
+        self._uploading: set[str] = set()  # clients with an upload in flight
         self._challenges: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
@@ -142,7 +292,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.LeaveReply()
 
     def PullTask(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
-        session = self._session(request.session_token, context)
+        session = self._session(session_token(context.invocation_metadata()), context)
         wait_s = min(max(request.wait_s, 0.0), MAX_WAIT_S)
         task = self.pool.next_task(session, wait_s)
         if task is SHUTDOWN:
@@ -164,61 +314,164 @@ class FederationServicer(pb_grpc.FederationServicer):
                 yield pb.TaskMessage(chunk=bytes(chunk))
 
     def PushResult(self, request_iterator: Iterator[pb.ResultMessage], context: grpc.ServicerContext) -> pb.PushReply:
-        first = next(request_iterator, None)
+        token = session_token(context.invocation_metadata())
+        session = self._session(token, context)
+        client_id = session.client_id
+        with self._lock:
+            busy = client_id in self._uploading
+            self._uploading.add(client_id)
+        if busy:
+            log.warning("refused an upload of client %s: another of its uploads is in progress", client_id)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "another upload of this client is in progress: one at a time")
+        upload = self.watchdog.watch(client_id, context)
+        try:
+            return self._push(client_id, token, upload, request_iterator, context)
+        finally:
+            self.watchdog.forget(upload)
+            with self._lock:
+                self._uploading.discard(client_id)
+
+    def _push(self, client_id: str, token: str, upload: _Upload, messages: Iterator[pb.ResultMessage],
+              context: grpc.ServicerContext) -> pb.PushReply:
+        try:
+            first = self.watchdog.read(upload, messages)
+        except grpc.RpcError:  # cancelled by the watchdog, or the client went away
+            log.warning("upload of client %s ended before its header: %s", client_id,
+                        upload.reason or "the stream broke off")
+            return pb.PushReply(accepted=False, message=f"upload failed: {upload.reason or 'the stream broke off'}")
         if first is None or first.WhichOneof("body") != "header":
             return pb.PushReply(accepted=False, message="a result must start with a ResultHeader")
         header = first.header
-        session = self._session(header.session_token, context)
+        if header.session_token != token:
+            return pb.PushReply(accepted=False, message="the header's session token is not the call's")
         task = self.pool.pending_task(header.task_id)
-        if task is None or task.client_id != session.client_id:
+        if task is None or task.client_id != client_id:
             log.info("discarded result from client %s for task %s: not awaited (late or unknown)",
-                     session.client_id, header.task_id)
+                     client_id, header.task_id)
             return pb.PushReply(accepted=False, message="this task is no longer awaited (late or unknown)")
         if header.error:
             self.pool.deliver(task, RuntimeError(f"client reported an error: {header.error}"))
             return pb.PushReply(accepted=True, message="error recorded")
+        declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
         try:
             metrics = _parse_metrics(header.metrics_json)
+            num_examples = self._count(client_id, int(header.num_examples))
             if task.kind == "evaluate":
-                outcome: Any = EvalResult(float(header.loss), int(header.num_examples), metrics)
-                self.pool.deliver(task, outcome)
+                self.pool.deliver(task, EvalResult(float(header.loss), num_examples, metrics))
                 return pb.PushReply(accepted=True, message="ok")
-            with self.pool.decode_slot:  # one update (or masked vector) decoded at a time, released once folded
-                outcome = self._decode_upload(task, header, metrics, request_iterator)
-                self.pool.deliver(task, outcome, wait_consumed=600.0)
-                del outcome
+            self._check_declared(task, header)  # before any slot or buffer is taken
+            if not self._receive(upload, task, header, num_examples, metrics, messages, context):
+                return pb.PushReply(accepted=False, message="this task is no longer awaited (late or unknown)")
         except (serde.SerdeError, ValueError) as error:
-            self.pool.deliver(task, ValueError(f"bad update: {error}"))
-            return pb.PushReply(accepted=False, message=f"update rejected: {error}")
-        except grpc.RpcError as error:  # stream broke mid-upload (client died, message too large)
-            self.pool.deliver(task, ConnectionError(f"upload failed: {error.code().name}: {error.details()}"))
-            return pb.PushReply(accepted=False, message="upload failed")
+            return self._fail(task, ValueError(f"bad update: {error}"), f"update rejected: {error}")
+        except (grpc.RpcError, ConnectionError):  # the watchdog cancelled the call, or the stream broke off
+            reason = upload.reason or _broken_off(upload.received, declared)
+            return self._fail(task, ConnectionError(f"upload failed: {reason}"), f"upload failed: {reason}")
+        except Exception as error:  # a bug here must fail this task now, not leave the round waiting
+            log.exception("receiving the upload of client %s failed", client_id)
+            reason = f"server error while receiving the upload: {type(error).__name__}: {error}"
+            return self._fail(task, RuntimeError(reason), reason)
         return pb.PushReply(accepted=True, message="ok")
 
-    def _decode_upload(self, task: PendingTask, header: pb.ResultHeader, metrics: dict[str, float],
-                       request_iterator: Iterator[pb.ResultMessage]) -> FitResult | ProtocolReply:
-        """A fit result, or a secure-aggregation reply (no parameters, one extra holding the message bytes),
-        decoded chunk by chunk into preallocated arrays."""
+    def _fail(self, task: PendingTask, error: BaseException, message: str) -> pb.PushReply:
+        log.warning("upload of client %s for round %d refused: %s", task.client_id, task.server_round, error)
+        self.pool.deliver(task, error)
+        return pb.PushReply(accepted=False, message=message)
+
+    def _count(self, client_id: str, claimed: int) -> int:
+        """The example count a result is weighted by: what the client claims, at most the server's cap."""
+        if claimed > self.max_examples_per_client:
+            log.warning("client %s claimed %d examples; counted as %d (max_examples_per_client)",
+                        client_id, claimed, self.max_examples_per_client)
+            return self.max_examples_per_client
+        return claimed
+
+    def _check_declared(self, task: PendingTask, header: pb.ResultHeader) -> None:
+        """Refuse an upload whose declared sections are more than the model and the task's kind need."""
+        sections = [(None, header.payload_bytes), *((e.name, e.payload_bytes) for e in header.extras)]
+        total = sum(size for _, size in sections)
+        if total > self.max_update_bytes:
+            raise serde.SerdeError(f"update of {total} bytes exceeds the server's limit of {self.max_update_bytes}")
+        if task.kind == "secagg":
+            if header.payload_bytes or [e.name for e in header.extras] != [MESSAGE]:
+                raise serde.SerdeError(f"a secure-aggregation reply carries exactly one extra named {MESSAGE!r} "
+                                       "and no parameters")
+            values = self.pool.model_values  # a masked vector holds at most 8 bytes per model value
+            limit = 8 * values + SECAGG_SLACK_BYTES if values else self.max_update_bytes
+            if total > limit:
+                raise serde.SerdeError(f"secure-aggregation reply of {total} bytes exceeds the {limit} bytes a "
+                                       f"model of {values} values needs")
+            return
+        if not header.payload_bytes:
+            raise serde.SerdeError("a fit result must carry parameters (payload_bytes was 0)")
+        model = serde.encoded_size_of(task.expected)
+        for name, size in sections:
+            what = "parameters" if name is None else f"extra {name!r}"
+            if name is not None and name not in RESULT_EXTRAS:
+                raise serde.SerdeError(f"{what} ({size} bytes) is not a result any client algorithm returns "
+                                       f"(accepted extras: {', '.join(sorted(RESULT_EXTRAS))})")
+            if size > model + SECTION_SLACK_BYTES:
+                raise serde.SerdeError(f"{what} of {size} bytes exceeds the model's size ({model} bytes)")
+
+    def _receive(self, upload: _Upload, task: PendingTask, header: pb.ResultHeader, num_examples: int,
+                 metrics: dict[str, float], messages: Iterator[pb.ResultMessage],
+                 context: grpc.ServicerContext) -> bool:
+        """Decode the upload chunk by chunk into preallocated arrays and hand it to the loop.
+
+        The first chunk is awaited without a slot; the slot is then held until the loop has folded
+        the result. False if the task stopped being awaited while the upload waited for a slot."""
+        chunk = self._next_chunk(upload, messages)
+        while not self.upload_slots.acquire(timeout=0.25):
+            if not context.is_active() or self.pool.pending_task(task.task_id) is None:
+                return False
+        try:
+            upload.limit_s = self.upload_timeout_s
+            upload.deadline = time.monotonic() + self.upload_timeout_s
+            outcome = self._decode(upload, task, header, num_examples, metrics, chunk, messages, context)
+            del chunk
+            upload.deadline = None  # received: waiting for the loop is not the peer's doing
+            self.pool.deliver(task, outcome, wait_consumed=600.0)
+            del outcome
+        finally:
+            self.upload_slots.release()
+        return True
+
+    def _decode(self, upload: _Upload, task: PendingTask, header: pb.ResultHeader, num_examples: int,
+                metrics: dict[str, float], chunk: bytes | None, messages: Iterator[pb.ResultMessage],
+                context: grpc.ServicerContext) -> FitResult | ProtocolReply:
+        """A fit result, or a secure-aggregation reply (no parameters, one extra holding the message bytes)."""
         secagg = task.kind == "secagg"
-        if secagg and (header.payload_bytes or [e.name for e in header.extras] != [MESSAGE]):
-            raise serde.SerdeError(f"a secure-aggregation reply carries exactly one extra named {MESSAGE!r} and no "
-                                   "parameters")
-        if header.payload_bytes > self.max_update_bytes:
-            raise serde.SerdeError(f"update of {header.payload_bytes} bytes exceeds the server's limit "
-                                   f"of {self.max_update_bytes}")
         decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=self.max_update_bytes,
                                          expected=task.expected)
-        for message in request_iterator:
-            if message.WhichOneof("body") != "chunk":
-                raise serde.SerdeError("expected payload chunks after the header")
-            decoder.feed(message.chunk)
+        declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
+        while chunk is not None:
+            decoder.feed(chunk)
+            upload.received += len(chunk)
+            chunk = self._next_chunk(upload, messages)
+        if upload.reason is not None:  # the watchdog cancelled it (the stream may end quietly then)
+            raise ConnectionError(upload.reason)
+        if upload.received < declared and not context.is_active():
+            raise ConnectionError(_broken_off(upload.received, declared))
         parameters, extras = decoder.finish()
         del decoder
         if secagg:
-            return ProtocolReply(message_bytes(extras.pop(MESSAGE)), int(header.num_examples), metrics)
-        if parameters is None:
-            raise serde.SerdeError("a fit result must carry parameters (payload_bytes was 0)")
-        return FitResult(parameters, int(header.num_examples), metrics, extras)
+            return ProtocolReply(message_bytes(extras.pop(MESSAGE)), num_examples, metrics)
+        assert parameters is not None  # _check_declared required a parameter section
+        return FitResult(parameters, num_examples, metrics, extras)
+
+    def _next_chunk(self, upload: _Upload, messages: Iterator[pb.ResultMessage]) -> bytes | None:
+        message = self.watchdog.read(upload, messages)
+        if message is None:
+            return None
+        if message.WhichOneof("body") != "chunk":
+            raise serde.SerdeError("expected payload chunks after the header")
+        return message.chunk
+
+
+def _broken_off(received: int, declared: int) -> str:
+    return (f"the stream broke off after {received} of {declared} bytes: the client sent a message over the server's "
+            f"limit of {MAX_MESSAGE_BYTES} bytes, or it disconnected or cancelled")
 
 
 def _parse_metrics(text: str) -> dict[str, float]:

@@ -26,7 +26,7 @@ from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
 from insitu.run.history import Evaluation, History, RoundRecord
 from insitu.run.secure_round import can_exchange, secure_fit
-from insitu.run.validation import check_eval_result, check_fit_result
+from insitu.run.validation import check_aggregate, check_eval_result, check_fit_result, magnitude_bound
 from insitu.strategies.strategy import ServerState, Strategy
 
 log = logging.getLogger("insitu")
@@ -154,6 +154,10 @@ class Coordinator:
         except (AggregationAssumptionError, EmptyAggregationError, SecAggAbort) as error:
             outcome = None
             problem = f"aggregation refused: {error}"
+        if outcome is not None and outcome.parameters is not None:  # never commit a non-finite or absurd model
+            absurd = check_aggregate(outcome.parameters, magnitude_bound(parameters))
+            if absurd is not None:
+                outcome, problem = None, f"aggregation refused: {absurd}"
         record.timings["fit_s"] = time.perf_counter() - started
         if outcome is not None:
             record.num_results = outcome.num_results
@@ -192,12 +196,12 @@ class Coordinator:
         self, server_round: int, parameters: Parameters, tasks: list[Task], record: RoundRecord
     ) -> Iterator[tuple[str, FitResult]]:
         """Validated results, streamed to the aggregator as they arrive; rejections are recorded."""
-        expected = parameters.specs
+        expected, bound = parameters.specs, magnitude_bound(parameters)
         for client_id, result in self.pool.fit(parameters, tasks):
             if isinstance(result, BaseException):
                 reason = f"fit failed: {type(result).__name__}: {result}"
             else:
-                reason = check_fit_result(result, expected) or self.strategy.check_fit_result(result, expected)
+                reason = check_fit_result(result, expected, bound) or self.strategy.check_fit_result(result, expected)
             if reason is not None:
                 self._reject(server_round, client_id, "fit", reason, record)
                 continue

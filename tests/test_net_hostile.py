@@ -1,0 +1,357 @@
+"""Hostile clients against a real server on loopback (issue 11, part B).
+
+Threat model: an insider holds a valid key (it authenticates) and sends whatever the protocol lets
+it send; an outsider holds nothing, or a stolen TLS certificate without its signing key. For each
+attack: the server stays up, the honest clients finish every round, the log and the round record
+name the client and the reason, and the server's Python-visible memory stays bounded (tracemalloc
+peak; gRPC core's own buffers are measured by bench/hostile_insiders.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import tracemalloc
+
+import grpc
+import numpy as np
+import pytest
+from net_harness import Federation, ValueClient, auth, raw_session, stub_for
+
+from insitu import serde
+from insitu.net.client import connect
+from insitu.net.proto import federation_pb2 as pb
+from insitu.net.servicer import CHUNK_SIZE
+from insitu.params import Parameters
+from insitu.strategies import fedavg
+
+VALUES = 1 << 16  # a 256 KiB model: large enough that per-model buffers show in the memory peak
+MODEL = Parameters.from_arrays({"w": np.zeros(VALUES, np.float32)})
+MODEL_BYTES = VALUES * 4
+# Everything the test process allocates in Python while a round runs (server, honest clients,
+# attacker) stays far below this; each attack below would allocate at least 4x more without its limit.
+MEMORY_BOUND = 64 << 20
+
+
+@pytest.fixture
+def peak_memory():
+    """Peak of Python-visible allocations during the test, in bytes."""
+    tracemalloc.start()
+    try:
+        yield lambda: tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def honest(value, n=10):
+    return ValueClient(np.full(VALUES, value, np.float32), n=n)
+
+
+def federation(num_rounds=2, min_fit=2, available=3, **settings):
+    settings.setdefault("round_timeout_s", 20.0)
+    return Federation(num_rounds=num_rounds, initial=MODEL, **settings,
+                      strategy=fedavg(min_fit_clients=min_fit, min_available_clients=available, fraction_evaluate=0.0))
+
+
+def assert_named(caplog, client_id, words):
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(client_id in line and words in line for line in lines), lines
+
+
+class RawInsider(threading.Thread):
+    """An authenticated client that answers each fit task with ``push(stub, token, header)``."""
+
+    def __init__(self, address, client_id, push):
+        super().__init__(daemon=True)
+        self.address, self.client_id, self.push = address, client_id, push
+        self.replies, self.errors = [], []
+        self.start()
+
+    def run(self):
+        stub = stub_for(self.address)
+        token = raw_session(stub, self.client_id)
+        while True:
+            messages = list(stub.PullTask(pb.PullRequest(session_token=token, wait_s=0.5), metadata=auth(token)))
+            body = messages[0].WhichOneof("body")
+            if body == "shutdown":
+                return
+            if body == "header":
+                try:
+                    self.replies.append(self.push(stub, token, messages[0].header))
+                except grpc.RpcError as error:
+                    self.errors.append(error)
+
+
+def result_header(token, task, n=10, payload_bytes=0, extras=()):
+    return pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=task.task_id, num_examples=n,
+                                                   payload_bytes=payload_bytes, extras=list(extras)))
+
+
+def chunks_of(data):
+    for start in range(0, len(data), CHUNK_SIZE):
+        yield pb.ResultMessage(chunk=data[start : start + CHUNK_SIZE])
+
+
+# -- B1: absurd magnitudes -------------------------------------------------------------------------
+def test_finite_but_huge_weights_are_rejected_and_never_committed(tmp_path, caplog, peak_memory):
+    fed = federation(store_path=tmp_path / "server.db")
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    fed.add(ValueClient(np.full(VALUES, 1e38, np.float32), n=100), "evil")
+    result = fed.finish()
+    for record in result.history.rounds:
+        assert record.status == "ok" and record.num_results == 2
+        [failure] = record.failures
+        assert failure["client"] == "evil" and "above the bound" in failure["reason"]
+    assert np.array_equal(dict(result.parameters)["w"], np.full(VALUES, 2.0, np.float32))
+    assert_named(caplog, "evil", "above the bound")
+    assert peak_memory() < MEMORY_BOUND
+
+
+def test_an_aggregate_that_overflows_fails_the_round_and_leaves_the_model(caplog):
+    # Each update is within the bound (1e6 x the global's largest value, 1e32) but their float32
+    # sum is not finite: the final check fails the round instead of committing +inf.
+    initial = Parameters.from_arrays({"w": np.array([1e32, 0, 0], np.float32)})
+    fed = Federation(num_rounds=1, initial=initial,
+                     strategy=fedavg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0))
+    fed.add(ValueClient([1e38, 1e38, 1e38], n=10), "0")
+    fed.add(ValueClient([1e38, 1e38, 1e38], n=10), "1")
+    result = fed.finish()
+    [record] = result.history.rounds
+    assert record.status == "failed" and "aggregation refused" in record.error and "NaN or Inf" in record.error
+    assert result.parameters == initial
+    assert any("aggregation refused" in r.getMessage() for r in caplog.records)
+
+
+# -- B2: claimed example counts ---------------------------------------------------------------------
+def test_a_claimed_example_count_counts_at_most_the_cap(caplog, peak_memory):
+    fed = federation(num_rounds=1, max_examples_per_client=20)
+    fed.add(honest(1.0, n=10), "0")
+    fed.add(honest(3.0, n=10), "1")
+    fed.add(ValueClient(np.full(VALUES, 100.0, np.float32), n=2**63), "liar")
+    result = fed.finish()
+    [record] = result.history.rounds
+    assert record.status == "ok" and record.num_results == 3
+    assert record.clients["liar"]["num_examples"] == 20
+    expected = (10 * 1.0 + 10 * 3.0 + 20 * 100.0) / 40  # the liar weighs 20, not 2^63
+    assert np.allclose(dict(result.parameters)["w"], expected)
+    assert_named(caplog, "liar", "claimed 9223372036854775808 examples; counted as 20")
+    assert peak_memory() < MEMORY_BOUND
+
+
+# -- B3: stalled uploads ----------------------------------------------------------------------------
+def stall_after_first_chunk(release):
+    def push(stub, token, task):
+        data = serde.dumps(MODEL)
+
+        def messages():
+            yield result_header(token, task, payload_bytes=len(data))
+            yield pb.ResultMessage(chunk=data[:CHUNK_SIZE])  # then silence, holding the stream open
+            release.wait()
+
+        return stub.PushResult(messages(), metadata=auth(token))
+
+    return push
+
+
+def test_a_stalled_upload_is_cancelled_and_blocks_no_one(caplog, peak_memory):
+    release = threading.Event()
+    fed = federation(upload_slots=1, upload_stall_s=1.0, round_timeout_s=15.0)
+    staller = RawInsider(fed.address, "staller", stall_after_first_chunk(release))
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    try:
+        result = fed.finish()
+    finally:
+        release.set()
+    for record in result.history.rounds:
+        assert record.status == "ok" and record.num_results == 2
+        [failure] = record.failures
+        assert failure["client"] == "staller" and "stalled" in failure["reason"]
+    assert np.allclose(dict(result.parameters)["w"], 2.0)
+    assert len(staller.errors) == 2 and all(e.code() == grpc.StatusCode.CANCELLED for e in staller.errors)
+    assert_named(caplog, "staller", "stalled: no data for 1 s")
+    assert peak_memory() < MEMORY_BOUND
+
+
+def test_one_upload_per_client_at_a_time(caplog):
+    release = threading.Event()
+    second = []
+
+    def push_twice(stub, token, task):
+        first = threading.Thread(target=stall_after_first_chunk(release), args=(stub, token, task), daemon=True)
+        first.start()
+        time.sleep(0.3)
+        try:
+            stub.PushResult(iter([result_header(token, task)]), metadata=auth(token))
+        except grpc.RpcError as error:
+            second.append(error)
+        release.set()
+        first.join(10)
+
+    fed = federation(num_rounds=1, upload_stall_s=5.0)
+    RawInsider(fed.address, "twice", push_twice)
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    [record] = fed.finish().history.rounds
+    assert record.status == "ok" and record.num_results == 2
+    assert second and second[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "one at a time" in second[0].details()
+    assert_named(caplog, "twice", "another of its uploads is in progress")
+
+
+# -- B4: streams opened without credentials -----------------------------------------------------------
+def open_idle_uploads(address, count, metadata=None):
+    """``count`` PushResult streams that send nothing until ``release`` is set."""
+    release = threading.Event()
+
+    def nothing():
+        release.wait()
+        return
+        yield
+
+    stub = stub_for(address)
+    return release, [stub.PushResult.future(nothing(), metadata=metadata) for _ in range(count)]
+
+
+def test_unauthenticated_streams_hold_no_server_threads(caplog):
+    # max_clients=8: the server has 8 * 2 + 8 = 24 handler threads; 60 idle streams would take them all.
+    fed = federation(num_rounds=2, available=2, max_clients=8)
+    release, calls = open_idle_uploads(fed.address, 60)
+    forged_release, forged = open_idle_uploads(fed.address, 20, metadata=auth("forged-token"))
+    try:
+        for call in calls + forged:
+            assert call.exception(timeout=10).code() == grpc.StatusCode.UNAUTHENTICATED
+        fed.add(honest(1.0), "0")
+        fed.add(honest(3.0), "1")
+        result = fed.finish(timeout=60)
+    finally:
+        release.set()
+        forged_release.set()
+    assert [r.status for r in result.history.rounds] == ["ok", "ok"]
+    assert "no valid session" in calls[0].exception().details()
+    assert any("without a valid session token" in r.getMessage() for r in caplog.records)
+
+
+def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog):
+    fed = federation(num_rounds=1, available=2, upload_stall_s=0.5)
+    token = raw_session(stub_for(fed.address), "idler")
+    release, [call] = open_idle_uploads(fed.address, 1, metadata=auth(token))
+    try:
+        assert call.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
+    finally:
+        release.set()
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    fed.finish()
+    assert_named(caplog, "idler", "ended before its header: stalled")
+
+
+# -- B5: a stream that breaks mid-upload ------------------------------------------------------------
+def test_a_broken_upload_fails_its_task_at_once(caplog):
+    def break_midway(stub, token, task):
+        data = serde.dumps(MODEL)
+
+        def messages():
+            yield result_header(token, task, payload_bytes=len(data))
+            yield pb.ResultMessage(chunk=data[:CHUNK_SIZE])
+            raise RuntimeError("client crashed mid-upload")  # gRPC cancels the call
+
+        return stub.PushResult(messages(), metadata=auth(token))
+
+    # The round deadline (300 s) is far beyond finish()'s patience: only a failure reported at
+    # once lets the round end.
+    fed = federation(round_timeout_s=300.0)
+    RawInsider(fed.address, "crash", break_midway)
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    result = fed.finish(timeout=40)
+    for record in result.history.rounds:
+        assert record.status == "ok" and record.num_results == 2
+        [failure] = record.failures
+        assert failure["client"] == "crash" and "the stream broke off after" in failure["reason"]
+    assert_named(caplog, "crash", "stream broke off")
+
+
+# -- B9: uploads larger than the model needs ---------------------------------------------------------
+JUNK_BYTES = 256 << 20
+
+
+def junk_extra(name):
+    """A valid update plus an extra ``name`` declaring a 256 MiB array (streamed lazily if asked for)."""
+    def push(stub, token, task):
+        data = serde.dumps(Parameters.from_arrays({"w": np.full(VALUES, 5.0, np.float32)}))
+        head, _ = serde._preamble([("junk", np.dtype(np.uint8), (JUNK_BYTES,))])
+        extra = pb.Extra(name=name, payload_bytes=len(head) + JUNK_BYTES)
+
+        def messages():
+            yield result_header(token, task, payload_bytes=len(data), extras=[extra])
+            yield from chunks_of(data)
+            yield pb.ResultMessage(chunk=head)
+            zeros = bytes(CHUNK_SIZE)
+            for _ in range(JUNK_BYTES // CHUNK_SIZE):
+                yield pb.ResultMessage(chunk=zeros)
+
+        return stub.PushResult(messages(), metadata=auth(token))
+
+    return push
+
+
+def test_extras_beyond_what_the_algorithm_returns_are_refused(caplog, peak_memory):
+    fed = federation(num_rounds=1, available=4)
+    junk = RawInsider(fed.address, "junk", junk_extra("junk"))
+    big = RawInsider(fed.address, "bigc", junk_extra("scaffold_delta_c"))
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    [record] = fed.finish().history.rounds
+    assert record.status == "ok" and record.num_results == 2
+    reasons = {f["client"]: f["reason"] for f in record.failures}
+    assert "is not a result any client algorithm returns" in reasons["junk"]
+    assert "exceeds the model's size" in reasons["bigc"]
+    assert not junk.replies[0].accepted and not big.replies[0].accepted
+    assert_named(caplog, "junk", "extra 'junk'")
+    assert_named(caplog, "bigc", "exceeds the model's size")
+    assert peak_memory() < MEMORY_BOUND
+
+
+@pytest.mark.slow
+def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_path):
+    from insitu.net import security
+    from insitu.net.server import ServerTLS
+
+    files = security.generate_federation(tmp_path / "fed", ["0", "1", "2"])
+    tls = ServerTLS(files.server_cert, files.server_key, files.ca_cert)
+    fed = Federation(num_rounds=1, initial=MODEL, insecure=False, tls=tls, max_clients=8,
+                     allow_list=security.load_allow_list(files.allow_list),
+                     strategy=fedavg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0))
+    address = f"localhost:{fed.server.port}"
+    stolen = files.clients["2"]
+    creds = security.channel_credentials(stolen.ca_cert, stolen.tls_cert, stolen.tls_key)
+    from insitu.net.proto import federation_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.FederationStub(grpc.secure_channel(address, creds))
+    release = threading.Event()
+
+    def nothing():
+        release.wait()
+        return
+        yield
+
+    calls = [stub.PushResult.future(nothing()) for _ in range(450)]
+    try:
+        for call in calls:
+            assert call.exception(timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
+        from insitu.net.client import ClientTLS
+
+        for cid in ("0", "1"):
+            c = files.clients[cid]
+            fed._threads.append(threading.Thread(target=connect, daemon=True, args=(honest(float(cid)), address),
+                                                 kwargs={"client_id": cid, "signing_key": c.signing_key,
+                                                         "tls": ClientTLS(c.ca_cert, c.tls_cert, c.tls_key),
+                                                         "poll_wait_s": 0.5}))
+            fed._threads[-1].start()
+        [record] = fed.finish(timeout=120).history.rounds
+    finally:
+        release.set()
+    assert record.status == "ok" and record.num_results == 2
