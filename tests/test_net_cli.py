@@ -127,10 +127,38 @@ def test_a_client_without_a_valid_key_is_refused(procs, certs, tmp_path):
     assert procs.wait("server") == 0
 
 
-def test_plaintext_on_a_public_address_is_refused(procs, tmp_path):
-    procs.start("server", "server", "--address", f"0.0.0.0:{free_port()}", "--rounds", "1")
+def test_plaintext_or_unauthenticated_on_a_public_address_is_refused(procs):
+    """--insecure too: it is for loopback. Refused before binding, so this test never opens a socket
+    off loopback (the plain case without --insecure is in test_net_security's bind-policy table)."""
+    procs.start("server", "server", "--insecure", "--address", f"0.0.0.0:{free_port()}", "--rounds", "1")
+    assert procs.wait("server", 60) == 2, procs.log("server")
+    log = " ".join(procs.log("server").split())
+    assert "refusing to listen on 0.0.0.0" in log and "without TLS and client authentication" in log
+    assert "--dangerously-allow-insecure-network" in log and "server listening" not in log
+
+
+def test_a_busy_port_is_a_clear_error(procs, certs):
+    port = free_port()
+    procs.start("first", *server_args(port, certs, "one", "--rounds", "1", "--min-clients", "1"))
+    procs.wait_for_text("first", "server listening")
+    procs.start("second", *server_args(port, certs, "two", "--rounds", "1", "--min-clients", "1"))
+    with socket.socket() as other:  # a port held by another program
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        procs.start("third", *server_args(other.getsockname()[1], certs, "three", "--rounds", "1", "--min-clients", "1"))
+        for name in ("second", "third"):  # not a second federation silently sharing the port
+            assert procs.wait(name, 60) == 2, procs.log(name)
+            log = " ".join(procs.log(name).split())
+            assert "the port is in use" in log and "Traceback" not in log, log
+    assert procs.procs["first"].poll() is None  # the first server is untouched
+
+
+def test_more_required_clients_than_the_allow_list_admits_is_refused_at_start(procs, certs):
+    procs.start("server", *server_args(free_port(), certs, "out", "--rounds", "1", "--min-clients", "5"))
     assert procs.wait("server", 60) == 2
-    assert "--insecure" in " ".join(procs.log("server").split())
+    log = " ".join(procs.log("server").split())
+    assert "--min-clients is 5 but the allow-list" in log and "admits only 3 clients" in log
+    assert "--add-client" in log and "server listening" not in log
 
 
 def test_kill_9_of_a_client_mid_round_the_round_completes_with_the_others(procs, certs, tmp_path):
@@ -194,6 +222,39 @@ def test_ctrl_c_stops_the_server_cleanly(procs, certs):
     procs.procs["server"].send_signal(signal.SIGINT)
     assert procs.wait("server", 30) == 130
     assert "completed rounds are saved; continue with --resume" in " ".join(procs.log("server").split())
+
+
+def test_ctrl_c_mid_run_clients_wait_and_rejoin_the_resumed_server(procs, certs, tmp_path):
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1"))
+    procs.start("client0", "client", "--certs", str(certs / "clients" / "0"), "--client-id", "0",
+                "--address", f"localhost:{port}")  # its partition defaults to its id
+    procs.wait_for_text("server", "Round 1/3")
+    procs.procs["server"].send_signal(signal.SIGINT)
+    assert procs.wait("server", 30) == 130, procs.log("server")  # not ~600 s in an upload handler
+    assert "completed rounds are saved; continue with --resume" in " ".join(procs.log("server").split())
+    # The client is told the run can be resumed: it waits instead of ending with "Done" and exit 0.
+    procs.wait_for_text("client0", "for it to resume", 30)
+    time.sleep(1.0)
+    assert procs.procs["client0"].poll() is None, procs.log("client0")
+    assert "Done" not in procs.log("client0")
+    procs.start("resumed", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1", "--resume"))
+    assert procs.wait("resumed") == 0, procs.log("resumed")
+    assert "resuming after round" in procs.log("resumed") and "Round 3/3" in procs.log("resumed")
+    assert [r["round"] for r in final_history(tmp_path, "out")["rounds"]] == [1, 2, 3]  # nothing lost or torn
+    assert procs.wait("client0") == 0, procs.log("client0")
+    assert "partition 0 of 3" in procs.log("client0") and "Done:" in procs.log("client0")
+
+
+def test_a_run_whose_every_round_failed_exits_non_zero(procs, certs, tmp_path):
+    port = free_port()
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "1", "--min-clients", "1"))
+    # The server trains digits; this client's data has another shape, so every update it sends fails.
+    procs.start("client0", *client_args(port, certs, 0, "--dataset", "breast-cancer"))
+    assert procs.wait("server") == 1, procs.log("server")
+    log = " ".join(procs.log("server").split())
+    assert "1 of 1 round(s) failed" in log
+    assert final_history(tmp_path, "out")["rounds"][0]["status"] != "ok"
 
 
 def test_scaffold_across_real_processes_keeps_client_state_on_disk(procs, certs, tmp_path):

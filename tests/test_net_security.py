@@ -51,7 +51,11 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationFiles:
 
 def test_layout_and_permissions(fed: FederationFiles) -> None:
     root = fed.root
-    assert fed.ca_cert == root / "ca.pem" and fed.ca_key == root / "ca.key"
+    assert fed.ca_cert == root / "ca.pem" and fed.ca_key == root / "keep-offline" / "ca.key"
+    # The CA key sits alone in its own private folder, so it can be moved offline in one step;
+    # nothing the server reads (--certs DIR) is in there.
+    assert sorted(p.name for p in fed.ca_key.parent.iterdir()) == ["ca.key"]
+    assert _mode(fed.ca_key.parent) == 0o700 and not (root / "ca.key").exists()
     assert fed.server_cert == root / "server.pem" and fed.server_key == root / "server.key"
     assert fed.allow_list == root / "allowed_clients.json"
     assert set(fed.clients) == set(CLIENTS)
@@ -218,10 +222,45 @@ def test_add_client_needs_a_federation(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="insitu keygen"):
         sec.add_client(tmp_path, "a")
     files = sec.generate_federation(tmp_path / "f", ["a"])
-    files.ca_key.unlink()
-    with pytest.raises(FileNotFoundError, match=r"ca\.key"):
+    offline = tmp_path / "vault" / "ca.key"  # the user moved the CA key offline, as keygen advises
+    offline.parent.mkdir()
+    files.ca_key.rename(offline)
+    with pytest.raises(FileNotFoundError, match=r"ca\.key not found.*--ca-key"):
         sec.add_client(files.root, "b")
     assert set(sec.load_allow_list(files.allow_list)) == {"a"}
+    b = sec.add_client(files.root, "b", ca_key=offline)
+    assert set(sec.load_allow_list(files.allow_list)) == {"a", "b"}
+    assert b.tls_cert is not None
+    _cert(b.tls_cert).verify_directly_issued_by(_cert(files.ca_cert))
+
+
+def test_add_client_finds_the_ca_key_of_an_older_layout(tmp_path: Path) -> None:
+    files = sec.generate_federation(tmp_path, ["a"])
+    files.ca_key.rename(tmp_path / "ca.key")  # federations made before keep-offline/ existed
+    assert sec.ca_key_path(tmp_path) == tmp_path / "ca.key"
+    assert sec.FederationFiles.in_dir(tmp_path).ca_key == tmp_path / "ca.key"
+    sec.add_client(tmp_path, "b")
+    assert set(sec.load_allow_list(files.allow_list)) == {"a", "b"}
+    fresh = sec.generate_federation(tmp_path, ["a"], overwrite=True)  # re-keying leaves one CA key, not two
+    assert fresh.ca_key == tmp_path / "keep-offline" / "ca.key" and not (tmp_path / "ca.key").exists()
+
+
+def test_reloading_allow_list_picks_up_added_and_removed_clients(tmp_path: Path, caplog) -> None:
+    files = sec.generate_federation(tmp_path, ["a"], mutual_tls=False)
+    allowed = sec.ReloadingAllowList(files.allow_list)
+    assert set(allowed) == {"a"} and allowed.get("dave") is None
+    dave = sec.add_client(tmp_path, "dave", mutual_tls=False)
+    key = sec.load_signing_key(dave.signing_key)
+    nonce = sec.new_challenge()
+    # verify_challenge (what the server calls) now admits dave, with no restart of anything
+    sec.verify_challenge(allowed, "dave", nonce, SERVER, sec.sign_challenge(key, nonce, "dave", SERVER))
+    assert len(allowed) == 2
+    files.allow_list.write_text("{ half a file")  # a broken edit keeps the last good list in force
+    assert set(allowed) == {"a", "dave"}
+    assert "cannot be read" in caplog.text
+    sec.save_allow_list(files.allow_list, {"a": allowed["a"]})  # dave is removed: refused at once
+    with pytest.raises(AuthenticationError, match="not allowed"):
+        sec.verify_challenge(allowed, "dave", nonce, SERVER, sec.sign_challenge(key, nonce, "dave", SERVER))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,24 +496,32 @@ def test_is_loopback(address: str, expected: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "address, tls, insecure, refused",
+    "address, tls, authenticated, override, refused",
     [
-        ("127.0.0.1:8080", False, False, False),
-        ("[::1]:8080", False, False, False),
-        ("localhost:8080", False, False, False),
-        ("0.0.0.0:8080", False, False, True),
-        ("[::]:8080", False, False, True),
-        ("10.0.0.5:8080", False, False, True),
-        ("0.0.0.0:8080", True, False, False),
-        ("0.0.0.0:8080", False, True, False),
-        ("[::]:8080", True, True, False),
+        ("127.0.0.1:8080", False, False, False, False),  # loopback: only this machine can connect
+        ("[::1]:8080", False, False, False, False),
+        ("localhost:8080", False, True, False, False),
+        ("0.0.0.0:8080", True, True, False, False),  # TLS and an allow-list: safe on a network
+        ("0.0.0.0:8080", False, False, False, True),  # what `--insecure --address 0.0.0.0:...` asked for
+        ("0.0.0.0:8080", False, True, False, True),  # plaintext
+        ("[::]:8080", True, False, False, True),  # TLS but anyone may join
+        ("10.0.0.5:8080", False, True, False, True),
+        ("0.0.0.0:8080", False, False, True, False),  # the loud override
+        ("[::]:8080", True, False, True, False),
     ],
 )
-def test_check_bind_allowed(address: str, tls: bool, insecure: bool, refused: bool) -> None:
+def test_check_bind_allowed(address: str, tls: bool, authenticated: bool, override: bool, refused: bool) -> None:
+    def check() -> None:
+        sec.check_bind_allowed(address, tls=tls, authenticated=authenticated, allow_insecure_network=override)
+
     if not refused:
-        sec.check_bind_allowed(address, tls=tls, insecure=insecure)
+        check()
         return
     with pytest.raises(InsecureBindError) as info:
-        sec.check_bind_allowed(address, tls=tls, insecure=insecure)
-    message = str(info.value)
-    assert address in message and "--certs DIR" in message and "--insecure" in message
+        check()
+    message = " ".join(str(info.value).split())
+    assert address in message and "--certs DIR" in message
+    assert "--dangerously-allow-insecure-network" in message
+    assert ("TLS" in message) == (not tls) or tls
+    if not authenticated:
+        assert "client authentication" in message

@@ -21,11 +21,25 @@ def keygen(
     host: Optional[list[str]] = typer.Option(None, "--host", help="Server DNS name or IP for its certificate (repeatable; default localhost, 127.0.0.1)."),
     days: int = typer.Option(365, help="Certificate validity in days."),
     mutual_tls: bool = typer.Option(True, "--mtls/--no-mtls", help="Also issue client TLS certificates."),
-    overwrite: bool = typer.Option(False, help="Replace existing files."),
+    overwrite: bool = typer.Option(False, help="Replace existing files (with --add-client: re-key that client)."),
+    add_client: Optional[list[str]] = typer.Option(None, "--add-client", help="Add this client id to the existing federation in --out (repeatable): signs its certificate with the federation's CA key and appends it to the allow-list; a running server admits it without a restart."),
+    ca_key: Optional[Path] = typer.Option(None, "--ca-key", help="With --add-client: the CA key, if you moved it out of OUT/keep-offline/ca.key."),
 ) -> None:
-    """Create a CA, the server's TLS certificate, one signing key per client and the allow-list."""
+    """Create a CA, the server's TLS certificate, one signing key per client and the allow-list;
+    or, with --add-client, add clients to an existing federation."""
     from insitu.net import security
 
+    if add_client:
+        try:
+            added = [security.add_client(out, cid, days=days, mutual_tls=mutual_tls, overwrite=overwrite, ca_key=ca_key)
+                     for cid in add_client]
+        except (ValueError, FileExistsError, FileNotFoundError, security.SecurityError) as error:
+            raise fail(str(error)) from None
+        for cid, paths in zip(add_client, added):
+            console.print(f"Added client {cid} to {out / security.ALLOW_LIST}: hand over the folder {paths.dir}")
+        console.print("A running server admits the new clients without a restart (it re-reads the allow-list).")
+        _warn_ca_key(ca_key or security.ca_key_path(out))
+        return
     ids = list(client_id) if client_id else [str(i) for i in range(clients)]
     try:
         files = security.generate_federation(out, ids, hosts=tuple(host) if host else ("localhost", "127.0.0.1"),
@@ -37,6 +51,14 @@ def keygen(
     for cid, paths in files.clients.items():
         console.print(f"  client {cid}: hand over the folder {paths.dir}")
     console.print(f"Start the server with --certs {out}; each client with --certs {out}/clients/<id> --client-id <id>.")
+    _warn_ca_key(files.ca_key)
+
+
+def _warn_ca_key(path: Path) -> None:
+    console.print(f"[bold yellow]Keep {path} offline[/]: the CA private key is needed only to add clients "
+                  "(`insitu keygen --add-client`); the server never reads it, and whoever holds it can mint "
+                  "certificates its clients and server trust. Move it off the server (to a vault or an offline "
+                  "disk) and bring it back, or pass --ca-key, when adding a client.")
 
 
 def server(
@@ -73,7 +95,8 @@ def server(
     certs: Optional[Path] = typer.Option(None, help="Folder from `insitu keygen` (server.pem, server.key, ca.pem, allowed_clients.json)."),
     allow: Optional[Path] = typer.Option(None, help="Allow-list of client keys (default: CERTS/allowed_clients.json)."),
     mtls: bool = typer.Option(True, "--mtls/--no-mtls", help="With --certs: require client TLS certificates."),
-    insecure: bool = typer.Option(False, help="Allow plaintext and no authentication (tests, trusted networks)."),
+    insecure: bool = typer.Option(False, help="Allow plaintext and no authentication, on a loopback address only (tests)."),
+    dangerously_allow_insecure_network: bool = typer.Option(False, "--dangerously-allow-insecure-network", help="Serve a non-loopback address without TLS or without client authentication: anyone who reaches the port can read the models and join. Only on a network you fully trust."),
     store: Optional[Path] = typer.Option(None, help="SQLite file for round-by-round persistence (default OUTPUT/server.db)."),
     resume: bool = typer.Option(False, help="Continue the run in --store from its last completed round."),
     round_timeout: float = typer.Option(600.0, help="Seconds a round waits for results before dropping stragglers."),
@@ -118,11 +141,16 @@ def server(
         if certs is not None:
             tls = ServerTLS(certs / "server.pem", certs / "server.key", certs / "ca.pem" if mtls else None)
             allow = allow or certs / "allowed_clients.json"
-        if allow is not None:
-            allow_list = security.load_allow_list(allow)
+        if allow is not None:  # re-read when it changes: `insitu keygen --add-client` needs no restart
+            allow_list = security.ReloadingAllowList(allow)
+            if len(allow_list) < config.num_clients:
+                raise ValueError(f"--min-clients is {config.num_clients} but the allow-list {allow} admits only "
+                                 f"{len(allow_list)} clients, so no round could ever start: lower --min-clients or "
+                                 f"add clients with `insitu keygen --out DIR --add-client ID`")
         out = output_dir or Path("insitu-runs") / "server"
         out.mkdir(parents=True, exist_ok=True)
         settings = ServerSettings(address=address, tls=tls, allow_list=allow_list, insecure=insecure,
+                                  allow_insecure_network=dangerously_allow_insecure_network, model=config.model,
                                   store_path=store or out / "server.db", resume=resume, round_timeout_s=round_timeout,
                                   wait_timeout_s=wait_timeout, heartbeat_timeout_s=heartbeat_timeout,
                                   heartbeat_interval_s=min(3.0, heartbeat_timeout / 4),
@@ -144,6 +172,11 @@ def server(
                   + (f", final accuracy {100 * final:.2f}%" if final is not None else "") + f". Outputs in {out}:")
     for label, path in paths.items():
         console.print(f"  {label:<8} {path}")
+    failed = result.history.failed_rounds
+    if failed:
+        err_console.print(f"[bold red]{len(failed)} of {len(result.history.rounds)} round(s) failed[/]: "
+                          f"{', '.join(map(str, failed))} (the reasons are in history.json and the log above)")
+        raise typer.Exit(code=1)
 
 
 def client(
@@ -154,7 +187,7 @@ def client(
     insecure: bool = typer.Option(False, help="Plaintext connection (the server must run with --insecure)."),
     dataset: str = typer.Option("digits", help="Named dataset to take a partition of."),
     data_dir: Optional[str] = typer.Option(None, help="Folder with the IDX files."),
-    partition_id: int = typer.Option(0, help="Which partition of the dataset this client holds."),
+    partition_id: Optional[int] = typer.Option(None, help="Which partition of the dataset this client holds (default: the client id, when it is a number below --num-partitions)."),
     num_partitions: int = typer.Option(3, help="Into how many partitions the dataset is split."),
     partition: str = typer.Option("iid", help="iid | dirichlet | shards | quantity (same on every client)."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
@@ -162,7 +195,7 @@ def client(
     csv: Optional[Path] = typer.Option(None, help="Train on this CSV file instead of a named dataset."),
     label_column: str = typer.Option("label", help="CSV column holding the class label."),
     num_classes: Optional[int] = typer.Option(None, help="Classes in the CSV labels (default: largest label + 1; set it on every party)."),
-    model: Optional[str] = typer.Option(None, help="Architecture (must match the server's); default per dataset."),
+    model: Optional[str] = typer.Option(None, help="Architecture; default: the one the server trains (it tells the client). A different one is refused."),
     train_limit: int = typer.Option(0, help="Use only the first N examples of the dataset before partitioning."),
     give_up_after: float = typer.Option(600.0, help="Stop if the server is unreachable this long (seconds)."),
     state_dir: Optional[Path] = typer.Option(None, help="Where this client keeps state between rounds (SCAFFOLD's control variate); default .insitu-client/CLIENT_ID."),
@@ -173,6 +206,7 @@ def client(
     from insitu.client.torch_client import TorchClient
     from insitu.data import load_dataset
     from insitu.data import partition as split
+    from insitu.data.datasets import TensorDataset
     from insitu.data.tabular import load_csv
     from insitu.models import build_model
     from insitu.net import security
@@ -180,24 +214,37 @@ def client(
 
     setup_logging(verbose)
     try:
+        test: TensorDataset | None
         if csv is not None:
             train, test, indices, test_indices = load_csv(csv, label_column, num_classes), None, None, None
-            name = model or "mlp"
+            fallback = "mlp"
         else:
+            partition_id = _partition_id(partition_id, client_id, num_partitions)
             train = load_dataset(dataset, "train", data_dir)
             if train_limit:
                 train = train.subset(np.arange(min(train_limit, len(train))))
             test = load_dataset(dataset, "test", data_dir)
-            if not 0 <= partition_id < num_partitions:
-                raise ValueError(f"--partition-id must be in 0..{num_partitions - 1}, got {partition_id}")
             parts = split(train.labels_numpy(), num_partitions, partition, seed=partition_seed, alpha=alpha)
             test_parts = split(test.labels_numpy(), num_partitions, partition, seed=partition_seed + 1, alpha=alpha)
             indices, test_indices = parts[partition_id], test_parts[partition_id]
-            name = model or resolve_config(None, {"dataset": dataset}).model
-        torch.manual_seed(0)
-        net = build_model(name, train.input_shape, train.num_classes)
+            fallback = resolve_config(None, {"dataset": dataset}).model
         state = DiskState(state_dir or Path(".insitu-client") / client_id)
-        local = TorchClient(net, train, test, train_indices=indices, test_indices=test_indices, state=state)
+
+        def build(server_model: str) -> TorchClient:
+            """The local client, built once the server has said which architecture it trains."""
+            if model and server_model and model != server_model:
+                raise ConnectionRefused(f"--model {model} does not match the server, which trains {server_model}: "
+                                        f"drop --model (the client builds the server's model) or pass "
+                                        f"--model {server_model}")
+            name = server_model or model or fallback
+            torch.manual_seed(0)
+            try:
+                net = build_model(name, train.input_shape, train.num_classes)
+            except ValueError as error:
+                raise ConnectionRefused(f"cannot build the server's model {name!r} for this data: {error}") from None
+            console.print(f"model {name}" + (" (told by the server)" if server_model and not model else ""))
+            return TorchClient(net, train, test, train_indices=indices, test_indices=test_indices, state=state)
+
         tls = None
         if certs is not None and not insecure:
             files = security.ClientFiles.in_dir(certs)
@@ -206,8 +253,9 @@ def client(
         elif not insecure:
             raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
         size = len(indices) if indices is not None else len(train)
-        console.print(f"[bold]insitu client[/] {client_id}: {size} training examples, {name}, connecting to {address}")
-        tasks = connect(local, address, client_id=client_id, signing_key=key, tls=tls, give_up_after_s=give_up_after)
+        where = f"partition {partition_id} of {num_partitions}" if csv is None else str(csv)
+        console.print(f"[bold]insitu client[/] {client_id}: {size} training examples ({where}), connecting to {address}")
+        tasks = connect(build, address, client_id=client_id, signing_key=key, tls=tls, give_up_after_s=give_up_after)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(code=130) from None
@@ -216,3 +264,16 @@ def client(
     except (ValueError, FileNotFoundError, TimeoutError, security.SecurityError) as error:
         raise fail(str(error)) from None
     console.print(f"Done: {tasks} tasks completed.")
+
+
+def _partition_id(given: int | None, client_id: str, num_partitions: int) -> int:
+    """--partition-id, or the client id when that is a number in range (so clients never share data by default)."""
+    if given is None:
+        if not (client_id.isdigit() and int(client_id) < num_partitions):
+            raise ValueError(f"give --partition-id (0..{num_partitions - 1}): it defaults to the client id only when "
+                             f"that is a number below --num-partitions ({num_partitions}), and {client_id!r} is not. "
+                             "Each client needs its own partition, or they train on the same data")
+        return int(client_id)
+    if not 0 <= given < num_partitions:
+        raise ValueError(f"--partition-id must be in 0..{num_partitions - 1}, got {given}")
+    return given

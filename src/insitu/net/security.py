@@ -12,7 +12,9 @@ Two independent layers protect a deployment:
 
     OUT_DIR/
       ca.pem                  self-signed CA certificate (public; give to everyone)
-      ca.key                  CA private key (0600; keep offline, needed by add_client)
+      keep-offline/ca.key     CA private key (0600). Only `insitu keygen --add-client` needs it; the
+                              server never reads it. Move it off the server to offline storage:
+                              whoever holds it can mint client certificates.
       server.pem, server.key  server TLS certificate (SAN = hosts) and key (0600)
       allowed_clients.json    {"version": 1, "clients": {"<id>": "<base64 Ed25519 public key>"}}
       clients/<id>/           self-contained folder to hand to client <id>:
@@ -21,8 +23,10 @@ Two independent layers protect a deployment:
         tls.pem, tls.key      client TLS certificate (CN = id, SAN URI urn:insitu:client:<id>)
                               and key (0600), only with mutual TLS
 
-Without TLS a server may bind only loopback addresses unless told ``--insecure``
-(:func:`check_bind_allowed`).
+A server without TLS or without client authentication may bind only loopback addresses, unless
+told ``--dangerously-allow-insecure-network`` (:func:`check_bind_allowed`). A running server
+re-reads its allow-list file when it changes (:class:`ReloadingAllowList`), so a client added with
+:func:`add_client` is admitted, and one removed from the file refused, without a restart.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import binascii
 import datetime as _dt
 import ipaddress
 import json
+import logging
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +58,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from insitu.files import write_atomic
 
+_log = logging.getLogger("insitu.server")
+
 __all__ = [
     "ALLOW_LIST",
     "ALLOW_LIST_VERSION",
     "CA_CERT",
     "CA_KEY",
+    "CA_KEY_DIR",
     "CHALLENGE_DOMAIN",
     "CLIENTS_DIR",
     "CLIENT_SIGNING_KEY",
@@ -71,8 +80,10 @@ __all__ = [
     "FederationFiles",
     "InsecureBindError",
     "KeyFileError",
+    "ReloadingAllowList",
     "SecurityError",
     "add_client",
+    "ca_key_path",
     "challenge_message",
     "channel_credentials",
     "check_bind_allowed",
@@ -92,6 +103,7 @@ __all__ = [
 # File names of the layout written by generate_federation (relative to its out_dir / client folder).
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
+CA_KEY_DIR = "keep-offline"  # the CA key's own folder: easy to move off the server
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 ALLOW_LIST = "allowed_clients.json"
@@ -126,7 +138,7 @@ class AuthenticationError(SecurityError):
 
 
 class InsecureBindError(SecurityError):
-    """Binding a non-loopback address without TLS was refused (plaintext on a network)."""
+    """Binding a non-loopback address without TLS or authentication was refused."""
 
 
 class AllowListError(SecurityError, ValueError):
@@ -190,7 +202,7 @@ class FederationFiles:
         return cls(
             root=root,
             ca_cert=root / CA_CERT,
-            ca_key=root / CA_KEY,
+            ca_key=ca_key_path(root),
             server_cert=root / SERVER_CERT,
             server_key=root / SERVER_KEY,
             allow_list=allow,
@@ -473,19 +485,22 @@ def generate_federation(
     files = FederationFiles(
         root=root,
         ca_cert=root / CA_CERT,
-        ca_key=root / CA_KEY,
+        ca_key=root / CA_KEY_DIR / CA_KEY,
         server_cert=root / SERVER_CERT,
         server_key=root / SERVER_KEY,
         allow_list=root / ALLOW_LIST,
         clients={cid: _client_paths(root, cid, mutual_tls) for cid in ids},
     )
-    targets = [files.ca_cert, files.ca_key, files.server_cert, files.server_key, files.allow_list]
+    targets = [files.ca_cert, files.ca_key, root / CA_KEY, files.server_cert, files.server_key, files.allow_list]
     for cf in files.clients.values():
         targets += _client_file_list(cf)
     _refuse_existing(targets, overwrite)
 
     _mkdir_private(root)
+    _mkdir_private(files.ca_key.parent)
     ca_key, ca_cert = _make_ca(days)
+    if overwrite:  # a CA key of an older layout must not survive beside the new one
+        (root / CA_KEY).unlink(missing_ok=True)
     write_atomic(files.ca_key, _pem_private_key(ca_key), 0o600)
     write_atomic(files.ca_cert, _pem_cert(ca_cert), 0o644)
 
@@ -502,14 +517,29 @@ def generate_federation(
     return files
 
 
-def _load_ca(root: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def ca_key_path(root: Path | str) -> Path:
+    """Where a federation folder keeps its CA key: ``keep-offline/ca.key``, or ``ca.key`` at the top
+    in federations made before that folder existed."""
+    r = Path(root)
+    legacy = r / CA_KEY
+    return legacy if legacy.exists() and not (r / CA_KEY_DIR / CA_KEY).exists() else r / CA_KEY_DIR / CA_KEY
+
+
+def _load_ca(root: Path, ca_key: Path | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """Load and cross-check a federation's CA key and certificate."""
     cert = _load_cert(root / CA_CERT)
-    key = _load_private_key(root / CA_KEY)
+    key_path = ca_key or ca_key_path(root)
+    try:
+        key = _load_private_key(key_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"CA key {key_path} not found: adding a client needs the federation's CA key. If you "
+            "moved it offline, bring it back for this command or point to it with --ca-key"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise KeyFileError(f"{root / CA_KEY}: expected an EC CA private key")
+        raise KeyFileError(f"{key_path}: expected an EC CA private key")
     if key.public_key() != cert.public_key():
-        raise KeyFileError(f"{root / CA_KEY}: does not match the CA certificate {root / CA_CERT}")
+        raise KeyFileError(f"{key_path}: does not match the CA certificate {root / CA_CERT}")
     return key, cert
 
 
@@ -520,9 +550,12 @@ def add_client(
     days: int = 365,
     mutual_tls: bool = True,
     overwrite: bool = False,
+    ca_key: Path | None = None,
 ) -> ClientFiles:
-    """Add one client to an existing federation (signed by its ``ca.key``) and to its allow-list.
+    """Add one client to an existing federation (signed by its CA key) and to its allow-list.
 
+    The CA key is ``ca_key``, or the federation's ``keep-offline/ca.key`` (:func:`ca_key_path`). The
+    allow-list is replaced atomically, so a running server reads either the old or the new one.
     With ``overwrite`` an existing client of that id gets new keys (revoking the old signing key).
     """
     validate_client_id(client_id)
@@ -535,14 +568,14 @@ def add_client(
             f"client {client_id!r} is already in {allow_path}; "
             "pass overwrite=True / --overwrite to replace its keys"
         )
-    ca_key, ca_cert = _load_ca(root)
+    ca_private, ca_cert = _load_ca(root, ca_key)
     files = _client_paths(root, client_id, mutual_tls)
     _refuse_existing(_client_file_list(files), overwrite)
     if overwrite and not mutual_tls:
         # Do not leave a stale TLS pair beside fresh keys.
         for stale in (files.dir / CLIENT_TLS_CERT, files.dir / CLIENT_TLS_KEY):
             stale.unlink(missing_ok=True)
-    allowed[client_id] = _write_client(files, client_id, ca_key, ca_cert, days)
+    allowed[client_id] = _write_client(files, client_id, ca_private, ca_cert, days)
     save_allow_list(allow_path, allowed)
     return files
 
@@ -603,6 +636,57 @@ def load_allow_list(path: Path) -> dict[str, Ed25519PublicKey]:
             )
         out[cid] = Ed25519PublicKey.from_public_bytes(raw)
     return out
+
+
+class ReloadingAllowList(Mapping[str, Ed25519PublicKey]):
+    """An allow-list file that is re-read whenever it changed on disk, checked at every lookup.
+
+    A server holding one admits a client added with ``insitu keygen --add-client`` (and stops
+    admitting one removed from the file) without a restart. The file is replaced atomically by
+    :func:`save_allow_list`, so a lookup sees the old or the new list, never half of one; a file
+    that became unreadable or malformed is reported once and the last good list stays in force.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._keys = load_allow_list(self.path)
+        self._problem: str | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _current(self) -> dict[str, Ed25519PublicKey]:
+        with self._lock:
+            stamp = self._stat()
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    keys = load_allow_list(self.path)
+                except (OSError, SecurityError) as error:
+                    if str(error) != self._problem:
+                        self._problem = str(error)
+                        _log.warning("allow-list %s changed but cannot be read (%s); keeping the previous "
+                                     "one", self.path, error)
+                else:
+                    added, removed = sorted(set(keys) - set(self._keys)), sorted(set(self._keys) - set(keys))
+                    _log.info("allow-list %s re-read: %d clients (added %s, removed %s)", self.path, len(keys),
+                              added or "none", removed or "none")
+                    self._keys, self._stamp, self._problem = keys, stamp, None
+            return self._keys
+
+    def __getitem__(self, client_id: str) -> Ed25519PublicKey:
+        return self._current()[client_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._current()))
+
+    def __len__(self) -> int:
+        return len(self._current())
 
 
 def save_allow_list(path: Path, mapping: Mapping[str, Ed25519PublicKey]) -> None:
@@ -816,13 +900,26 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
-def check_bind_allowed(address: str, tls: bool, insecure: bool) -> None:
-    """Refuse to serve plaintext on a network-reachable address unless explicitly insecure."""
-    if tls or insecure or is_loopback(address):
+def check_bind_allowed(
+    address: str, *, tls: bool, authenticated: bool, allow_insecure_network: bool = False
+) -> None:
+    """Refuse to serve a network-reachable address without TLS or without client authentication.
+
+    Loopback addresses are always allowed (only this machine can connect). Anything else needs
+    both TLS and an allow-list, unless ``allow_insecure_network`` (the CLI's loudly named
+    ``--dangerously-allow-insecure-network``) says the risk is accepted. Call it before binding.
+    """
+    if (tls and authenticated) or allow_insecure_network or is_loopback(address):
         return
+    missing = " and ".join(
+        part for part, ok in (("TLS", tls), ("client authentication", authenticated)) if not ok
+    )
     raise InsecureBindError(
-        f"refusing to listen on {address} without TLS: traffic (models, updates) would be "
-        "unencrypted and unauthenticated on the network. Use TLS with --certs DIR "
-        "(create DIR with `insitu keygen`), bind a loopback address such as 127.0.0.1:PORT, "
-        "or pass --insecure to accept the risk."
+        f"refusing to listen on {address} without {missing}: anyone on the network could read the "
+        "models and updates" + ("" if tls else " in plaintext") + " and join the federation"
+        + ("" if authenticated else " without a key")
+        + ". Use --certs DIR (create DIR with `insitu keygen`; it holds the TLS files and the "
+        "allow-list), or bind a loopback address such as 127.0.0.1:PORT (--insecure is for loopback "
+        "tests only). To accept the risk on a network you fully trust, add "
+        "--dangerously-allow-insecure-network."
     )
