@@ -66,7 +66,7 @@ class Session:
     alive: bool = True
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity (a set of waiting deliveries)
 class _Delivery:
     task: PendingTask
     outcome: Union[FitResult, EvalResult, ProtocolReply, BaseException]
@@ -96,6 +96,8 @@ class GrpcClientPool:
         self._pending: dict[str, PendingTask] = {}
         self._results: queue.Queue[_Delivery] = queue.Queue()
         self._closed = False
+        self.resumable = False  # set by close(): the run stopped early and can be resumed
+        self._delivering: set[_Delivery] = set()  # uploads whose handler waits until the loop folds them
         self.model_values = 0  # values of the last model dispatched: bounds what a client may upload
         self.listeners: list[Any] = []  # callables(event: str, client_id: str, detail: str)
 
@@ -164,7 +166,15 @@ class GrpcClientPool:
         delivery = _Delivery(task, outcome)
         self._results.put(delivery)
         if wait_consumed is not None:
-            delivery.consumed.wait(wait_consumed)
+            with self._lock:
+                if self._closed:  # nobody will fold it: do not hold the handler thread
+                    return True
+                self._delivering.add(delivery)
+            try:
+                delivery.consumed.wait(wait_consumed)
+            finally:
+                with self._lock:
+                    self._delivering.discard(delivery)
         return True
 
     def connected(self) -> list[str]:
@@ -205,10 +215,18 @@ class GrpcClientPool:
         """One step of secure aggregation: each task's config carries that client's protocol message."""
         return self._dispatch("secagg", parameters, tasks)
 
-    def close(self) -> None:
-        """Tell every client to shut down (at its next pull) and fail what is in flight."""
+    def close(self, resumable: bool = False) -> None:
+        """Tell every client to shut down (at its next pull) and fail what is in flight.
+
+        ``resumable``: the run stopped before its end and may be resumed, so clients should wait and
+        reconnect rather than leave. Every handler waiting on the loop is woken."""
         with self._lock:
+            if not self._closed:
+                self.resumable = resumable
             self._closed = True
+            for delivery in self._delivering:
+                delivery.consumed.set()
+            self._delivering.clear()
             self._lock.notify_all()
 
     # -- internals ---------------------------------------------------------------------------

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +71,17 @@ class Backoff:
             delay = min(self.max_s, delay * self.factor)
 
 
+ClientFactory = Callable[[str], Client]
+"""Builds the local client once the server has said which architecture it trains (its model name,
+"" from a server that does not say); it may raise ``ConnectionRefused`` if that cannot work here."""
+
+
+class _Suspended(Exception):
+    """The server stopped before the end of the run and can be resumed: wait and reconnect."""
+
+
 def connect(
-    client: Client,
+    client: Client | ClientFactory,
     address: str,
     *,
     client_id: str,
@@ -82,44 +93,82 @@ def connect(
 ) -> int:
     """Serve ``client`` to the server at ``address`` until it says the federation is over.
 
-    Returns the number of tasks completed. Raises :class:`ConnectionRefused` if the server refuses
-    this client, and ``TimeoutError`` if it stays unreachable for ``give_up_after_s`` seconds.
+    ``client`` may be a factory called with the server's model name at the first handshake, so the
+    local model matches the server's. Returns the number of tasks completed. Raises
+    :class:`ConnectionRefused` if the server refuses this client (bad key, TLS certificate not
+    accepted, another model), and ``TimeoutError`` if it stays unreachable for ``give_up_after_s``
+    seconds. A server stopped before the end of its run (Ctrl-C) says so; the client then keeps
+    reconnecting, within the same ``give_up_after_s``, until the server resumes.
     """
     if isinstance(signing_key, (str, Path)):
         signing_key = security.load_signing_key(Path(signing_key))
     backoff = backoff or Backoff()
     done = 0
     delays = backoff.delays()
-    participant = SecAggParticipant(client)  # secure rounds: keeps this client's protocol state between steps
+    local: Client | None = client if isinstance(client, Client) else None
+    factory: ClientFactory | None = None if isinstance(client, Client) else client
+    server_model: str | None = None
+    participant: SecAggParticipant | None = None  # secure rounds: this client's protocol state between steps
     unreachable_since: float | None = None
+    tls_refusals = 0
     while True:
         channel = _channel(address, tls)
         try:
             stub = pb_grpc.FederationStub(channel)
-            token, interval = _handshake(stub, client_id, signing_key)
+            token, interval, model = _handshake(stub, client_id, signing_key)
+            if server_model is None:
+                server_model = model
+                if local is None:
+                    assert factory is not None
+                    local = factory(model)
+                participant = SecAggParticipant(local)
+            elif model != server_model:
+                _leave(stub, token)
+                raise ConnectionRefused(f"the server at {address} now trains {model!r}, but this client joined a "
+                                        f"federation of {server_model!r}: restart the client")
+            assert local is not None and participant is not None
             log.info("connected to %s as %s", address, client_id)
-            delays, unreachable_since = backoff.delays(), None
+            delays, unreachable_since, tls_refusals = backoff.delays(), None, 0
             beat = _Heartbeat(stub, token, interval)
             try:
                 while True:
-                    outcome = _serve_one(stub, token, client, participant, poll_wait_s)
+                    outcome = _serve_one(stub, token, local, participant, poll_wait_s)
                     if outcome == "shutdown":
                         log.info("server finished the federation after %d tasks", done)
                         _leave(stub, token)
                         return done
+                    if outcome == "suspended":
+                        _leave(stub, token)
+                        raise _Suspended
                     if outcome == "done":
                         done += 1
             finally:
                 beat.stop()
+        except _Suspended:
+            unreachable_since = time.monotonic()
+            wait = "" if give_up_after_s is None else f" for up to {give_up_after_s:.0f} s (--give-up-after)"
+            log.warning("the server at %s stopped before the end of the run: waiting%s for it to resume "
+                        "(insitu server ... --resume)", address, wait)
+            delays = backoff.delays()
+            time.sleep(next(delays))
         except grpc.RpcError as error:
             code = error.code()
             details = error.details() or ""
+            if "WRONG_VERSION_NUMBER" in details:
+                raise ConnectionRefused(f"the server at {address} does not speak TLS: it runs with --insecure (give "
+                                        "this client --insecure too, on loopback or a trusted network only)") from None
             if "CERTIFICATE_VERIFY_FAILED" in details or "handshake failed" in details.lower():
                 raise ConnectionRefused(f"TLS handshake with {address} failed: the server's certificate is not signed "
-                                        f"by this client's CA, or this client's certificate is not accepted "
-                                        f"(check --certs): {details}") from None
+                                        f"by this client's CA (ca.pem of another federation?), or does not name "
+                                        f"this address (keygen --host): check --certs and --address. {details}"
+                                        ) from None
             if code not in RETRYABLE:
                 raise ConnectionRefused(f"server at {address} refused {client_id}: {error.details()}") from None
+            if tls is not None and code == grpc.StatusCode.UNAVAILABLE and "Connection refused" not in details:
+                problem = diagnose_tls(address, tls)
+                tls_refusals = tls_refusals + 1 if problem else 0
+                if problem and tls_refusals >= 2:  # twice in a row: not a server that was just stopping
+                    raise ConnectionRefused(problem) from None
             now = time.monotonic()
             unreachable_since = unreachable_since or now
             if give_up_after_s is not None and now - unreachable_since > give_up_after_s:
@@ -131,6 +180,54 @@ def connect(
             channel.close()
 
 
+def diagnose_tls(address: str, tls: ClientTLS, timeout_s: float = 5.0) -> str | None:
+    """Why a TLS server at ``address`` refuses this client, or None if it does not (or is unreachable).
+
+    gRPC reports a server's refusal of the client certificate only as "Socket closed", like any
+    dropped connection. A direct TLS handshake with the same files tells them apart: a server that
+    accepts the client speaks HTTP/2 first; one that refuses its certificate closes the connection.
+    """
+    host = security._bind_host(address)
+    try:
+        port = int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as conn:
+            conn.settimeout(timeout_s)
+            first = conn.recv(1)
+    except ssl.SSLCertVerificationError as error:
+        return (f"TLS handshake with {address} failed: this client does not trust the server's certificate "
+                f"({error.verify_message}): its ca.pem is from another federation, or the server certificate "
+                f"does not name {host} (insitu keygen --host). Check --certs and --address.")
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        if "CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper() or "ALERT" in reason.upper():
+            return _refused_certificate(address, tls, reason)
+        if "WRONG_VERSION_NUMBER" in reason.upper():
+            return (f"the server at {address} does not speak TLS: it runs with --insecure (give this client "
+                    "--insecure too, on a trusted network only) or this is not an insitu server")
+        return None
+    except OSError:
+        return None  # unreachable, reset or timed out: a network problem, retried by the caller
+    return None if first else _refused_certificate(address, tls, "connection closed after the TLS handshake")
+
+
+def _refused_certificate(address: str, tls: ClientTLS, detail: str) -> str:
+    if tls.cert is None:
+        return (f"the server at {address} refused the TLS connection ({detail}): it requires a client certificate "
+                f"(mutual TLS) and this client has none; use the client folder made by `insitu keygen` "
+                f"(with tls.pem and tls.key) as --certs")
+    return (f"the server at {address} refused this client's TLS certificate {tls.cert} ({detail}): it was "
+            f"signed by another federation's CA, or has expired. Use the client folder the server's "
+            f"`insitu keygen` made (or `insitu keygen --out DIR --add-client ID`) as --certs")
+
+
 def _channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
     if tls is None:
         return grpc.insecure_channel(address, options=GRPC_OPTIONS)
@@ -138,7 +235,8 @@ def _channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
     return grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
 
 
-def _handshake(stub: pb_grpc.FederationStub, client_id: str, key: Ed25519PrivateKey | None) -> tuple[str, float]:
+def _handshake(stub: pb_grpc.FederationStub, client_id: str,
+               key: Ed25519PrivateKey | None) -> tuple[str, float, str]:
     hello = stub.Hello(pb.HelloRequest(protocol_versions=list(PROTOCOL_VERSIONS), client_id=client_id), timeout=30)
     signature = b""
     if hello.auth_required:
@@ -146,19 +244,19 @@ def _handshake(stub: pb_grpc.FederationStub, client_id: str, key: Ed25519Private
             raise ConnectionRefused("the server requires authentication: pass the client's signing key (--key)")
         signature = security.sign_challenge(key, hello.nonce, client_id, hello.server_name)
     reply = stub.Authenticate(pb.AuthRequest(client_id=client_id, nonce=hello.nonce, signature=signature), timeout=30)
-    return reply.session_token, reply.heartbeat_interval_s or 3.0
+    return reply.session_token, reply.heartbeat_interval_s or 3.0, reply.model
 
 
 def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, participant: SecAggParticipant,
                wait_s: float) -> str:
-    """Pull one task and answer it: returns "done", "idle" or "shutdown"."""
+    """Pull one task and answer it: returns "done", "idle", "shutdown" or "suspended" (resumable)."""
     stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60,
                            metadata=((SESSION_METADATA, token),))
     first = next(stream, None)
     if first is None or first.WhichOneof("body") == "idle":
         return "idle"
     if first.WhichOneof("body") == "shutdown":
-        return "shutdown"
+        return "suspended" if first.shutdown.resumable else "shutdown"
     header = first.header
     declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
     decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=max(declared, 1))

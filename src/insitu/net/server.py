@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ log = logging.getLogger("insitu.server")
 
 # Uploads waiting for their turn to be decoded must not each buffer megabytes: keep HTTP/2 receive
 # windows at their small default instead of letting bandwidth probing grow them per stream.
-SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0)]
+# No SO_REUSEPORT: a second server on a busy port must fail to bind, not share the port and split the
+# clients between two federations that then both wait forever.
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.http2.bdp_probe", 0), ("grpc.so_reuseport", 0)]
 
 
 def _return_freed_memory_promptly() -> None:
@@ -69,14 +72,19 @@ class ResumeError(RuntimeError):
     """The store cannot be resumed (or would be overwritten without --resume)."""
 
 
+class BindError(OSError):
+    """The server could not listen on its address (port in use by another server or program)."""
+
+
 @dataclass
 class ServerSettings:
     """Network, security and fault-tolerance settings of a federation server."""
 
     address: str = "127.0.0.1:8080"
     tls: ServerTLS | None = None
-    allow_list: dict[str, Ed25519PublicKey] | None = None
-    insecure: bool = False
+    allow_list: Mapping[str, Ed25519PublicKey] | None = None  # a ReloadingAllowList picks up added clients
+    insecure: bool = False  # no allow-list needed (on loopback only, unless allow_insecure_network)
+    allow_insecure_network: bool = False  # serve a non-loopback address without TLS or authentication
     store_path: Path | None = None
     resume: bool = False
     round_timeout_s: float | None = 600.0
@@ -91,16 +99,23 @@ class ServerSettings:
     max_clients: int = 1000
     max_handshakes_per_minute: int = 600  # per peer host (clients behind one NAT share it)
     server_name: str = "insitu"
+    model: str = ""  # architecture name told to clients at authentication (they build the same model)
 
 
 class FederationServer:
     """A started gRPC server plus its pool; use ``run`` then ``stop`` (or the context manager)."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        security.check_bind_allowed(settings.address, settings.tls is not None, settings.insecure)
+        security.check_bind_allowed(settings.address, tls=settings.tls is not None,
+                                    authenticated=settings.allow_list is not None,
+                                    allow_insecure_network=settings.allow_insecure_network)
         if settings.allow_list is None and not settings.insecure:
             raise ValueError("client authentication is required: give the allow-list of client keys "
                              "(--allow FILE, made by `insitu keygen`) or --insecure for a test federation")
+        if not security.is_loopback(settings.address) and (settings.tls is None or settings.allow_list is None):
+            log.warning("DANGER: serving %s to the network %s: anyone who can reach this port can read the "
+                        "models and join the federation", settings.address,
+                        "in plaintext" if settings.tls is None else "without client authentication")
         self.settings = settings
         self.pool = GrpcClientPool(round_timeout=settings.round_timeout_s,
                                    heartbeat_timeout=settings.heartbeat_timeout_s, max_clients=settings.max_clients)
@@ -110,19 +125,26 @@ class FederationServer:
                                            upload_timeout_s=settings.upload_timeout_s,
                                            max_examples_per_client=settings.max_examples_per_client,
                                            heartbeat_interval_s=settings.heartbeat_interval_s,
-                                           limiter=AttemptLimiter(settings.max_handshakes_per_minute, 60.0))
+                                           limiter=AttemptLimiter(settings.max_handshakes_per_minute, 60.0),
+                                           model=settings.model)
         _return_freed_memory_promptly()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=min(settings.max_clients, 200) * 2 + 8),
                                    options=SERVER_OPTIONS, maximum_concurrent_rpcs=None,
                                    interceptors=[self.servicer.gate])  # refuses calls without a session first
         pb_grpc.add_FederationServicer_to_server(self.servicer, self._server)
-        if settings.tls is not None:
-            creds = security.server_credentials(settings.tls.cert, settings.tls.key, settings.tls.client_ca)
-            self.port = self._server.add_secure_port(settings.address, creds)
-        else:
-            self.port = self._server.add_insecure_port(settings.address)
+        try:
+            if settings.tls is not None:
+                creds = security.server_credentials(settings.tls.cert, settings.tls.key, settings.tls.client_ca)
+                self.port = self._server.add_secure_port(settings.address, creds)
+            else:
+                self.port = self._server.add_insecure_port(settings.address)
+        except RuntimeError:  # grpc raises a bare "Failed to bind to address ..."
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {settings.address} (address in use?); choose another --address")
+            self._server.stop(None)
+            raise BindError(f"cannot listen on {settings.address}: the port is in use (another insitu server, "
+                            "or another program) or the address is not this machine's. Stop the other server, "
+                            "or choose a free port with --address HOST:PORT")
         self._server.start()
         mode = "TLS" + (" + client certificates" if settings.tls and settings.tls.client_ca else "") if settings.tls else "plaintext"
         auth = f"{len(settings.allow_list)} allowed client keys" if settings.allow_list is not None else "no authentication"
@@ -179,9 +201,12 @@ class FederationServer:
         log.info("resuming after round %d from %s", last, self.settings.store_path)
         return last + 1, parameters, history, state
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Tell clients the federation is over (they receive it at their next pull), then stop."""
-        self.pool.close()
+    def stop(self, grace_s: float = 5.0, *, resumable: bool = False) -> None:
+        """Tell clients the federation is over (they receive it at their next pull), then stop.
+
+        ``resumable``: the run stopped early (Ctrl-C, an error) and can go on with ``resume=True``:
+        clients are told to wait and reconnect instead of leaving."""
+        self.pool.close(resumable=resumable)
         deadline = time.monotonic() + grace_s
         while self.pool.connected() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -190,8 +215,14 @@ class FederationServer:
     def __enter__(self) -> FederationServer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        # A run that ended by an exception (Ctrl-C included) kept its completed rounds: resumable.
+        # Long-polling clients hear of it within a fraction of a second; those still training find
+        # the server gone and reconnect, so there is no need to wait long for them.
+        if kind is None:
+            self.stop()
+        else:
+            self.stop(grace_s=2.0, resumable=True)
 
 
 def serve(strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, settings: ServerSettings,

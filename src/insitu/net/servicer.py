@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -198,15 +198,16 @@ class AttemptLimiter:
 class FederationServicer(pb_grpc.FederationServicer):
     """Hello -> Authenticate -> (PullTask / PushResult / Heartbeat)* -> Leave."""
 
-    def __init__(self, pool: GrpcClientPool, *, allow_list: dict[str, Ed25519PublicKey] | None,
+    def __init__(self, pool: GrpcClientPool, *, allow_list: Mapping[str, Ed25519PublicKey] | None,
                  server_name: str = "insitu", max_update_bytes: int = 4 << 30,
                  heartbeat_interval_s: float = 3.0, limiter: AttemptLimiter | None = None,
-                 download_slots: int = 4, upload_slots: int = UPLOAD_SLOTS,
+                 download_slots: int = 4, model: str = "", upload_slots: int = UPLOAD_SLOTS,
                  upload_stall_s: float = UPLOAD_STALL_S, upload_timeout_s: float = UPLOAD_TIMEOUT_S,
                  max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT) -> None:
         if upload_slots < 1 or upload_stall_s <= 0 or upload_timeout_s <= 0 or max_examples_per_client < 1:
             raise ValueError("upload_slots and max_examples_per_client must be >= 1, the upload limits > 0 s")
         self.pool = pool
+        self.model = model  # the architecture's name, told to clients so they build the same one
         self.allow_list = allow_list
         self.server_name = server_name
         self.max_update_bytes = max_update_bytes
@@ -268,7 +269,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             session = self.pool.register(request.client_id, peer)
         except PoolClosedError as error:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        return pb.AuthReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s)
+        return pb.AuthReply(session_token=session.token, heartbeat_interval_s=self.heartbeat_interval_s,
+                            model=self.model)
 
     def _refuse(self, context: grpc.ServicerContext, client_id: str, peer: str, reason: str) -> None:
         log.warning("rejected client %r from %s: %s", client_id, peer, reason)
@@ -296,7 +298,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         wait_s = min(max(request.wait_s, 0.0), MAX_WAIT_S)
         task = self.pool.next_task(session, wait_s)
         if task is SHUTDOWN:
-            yield pb.TaskMessage(shutdown=pb.Shutdown(reason="the federation is finished"))
+            resumable = self.pool.resumable
+            reason = ("the server stopped before the end of the run; wait for it to resume" if resumable
+                      else "the federation is finished")
+            yield pb.TaskMessage(shutdown=pb.Shutdown(reason=reason, resumable=resumable))
             return
         if task is None:
             yield pb.TaskMessage(idle=pb.Idle())
