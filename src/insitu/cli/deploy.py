@@ -85,6 +85,7 @@ def server(
     dp_clip: Optional[float] = typer.Option(None, help="Central DP: clip each client's update to this L2 norm (0 = off)."),
     dp_noise: Optional[float] = typer.Option(None, help="Central DP noise multiplier z."),
     dp_target_epsilon: Optional[float] = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
+    dp_mode: Optional[str] = typer.Option(None, help="central: the server noises the sum | distributed: each client adds a Skellam noise share before secure aggregation (needs --secure-aggregation)."),
     secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Learn only the sum of the updates (SecAgg protocol with the clients)."),
     secagg_bound: Optional[float] = typer.Option(None, help="With --secure-aggregation: fixed-point range [-B, B] of each update element."),
     test_limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test examples only."),
@@ -124,7 +125,7 @@ def server(
                              "seed": seed, "test_limit": test_limit, "strategy": strategy, "mu": mu,
                              "server_lr": server_lr, "aggregator": aggregator, "byzantine_f": byzantine_f,
                              "clip_norm": clip_norm, "dp_clip": dp_clip, "dp_noise": dp_noise,
-                             "dp_target_epsilon": dp_target_epsilon, "secure_aggregation": secure_aggregation,
+                             "dp_target_epsilon": dp_target_epsilon, "dp_mode": dp_mode, "secure_aggregation": secure_aggregation,
                              "secagg_bound": secagg_bound}
     try:
         config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
