@@ -103,7 +103,11 @@ def server(
     round_timeout: float = typer.Option(600.0, help="Seconds a round waits for results before dropping stragglers."),
     wait_timeout: Optional[float] = typer.Option(None, help="Give up if too few clients connect within this many seconds."),
     heartbeat_timeout: float = typer.Option(15.0, help="Drop a client silent for this many seconds."),
-    max_update_mb: int = typer.Option(4096, help="Largest accepted update, in MiB."),
+    max_update_mb: int = typer.Option(4096, help="Largest accepted update, in MiB (never more than the model and its algorithm's extras need)."),
+    upload_slots: int = typer.Option(4, help="Uploads decoded at once; server memory grows by about one model per slot."),
+    upload_stall: float = typer.Option(10.0, help="Cancel an upload whose client sends nothing for this many seconds."),
+    upload_timeout: float = typer.Option(300.0, help="Cancel an upload still arriving this many seconds after it got a decode slot."),
+    max_examples_per_client: int = typer.Option(100_000, help="Weigh a result claiming more examples as this many (set it to your largest client's size)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where history, model and plot go."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log client events."),
 ) -> None:
@@ -155,7 +159,9 @@ def server(
                                   store_path=store or out / "server.db", resume=resume, round_timeout_s=round_timeout,
                                   wait_timeout_s=wait_timeout, heartbeat_timeout_s=heartbeat_timeout,
                                   heartbeat_interval_s=min(3.0, heartbeat_timeout / 4),
-                                  max_update_bytes=max_update_mb << 20)
+                                  max_update_bytes=max_update_mb << 20, upload_slots=upload_slots,
+                                  upload_stall_s=upload_stall, upload_timeout_s=upload_timeout,
+                                  max_examples_per_client=max_examples_per_client)
         console.print(f"[bold]insitu server[/] on {address}: {config.model}, {config.rounds} rounds, waiting for "
                       f"{config.num_clients} clients; state in {settings.store_path}")
         printer = RoundPrinter(console, config.rounds)
