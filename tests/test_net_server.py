@@ -186,7 +186,7 @@ def test_straggler_past_the_deadline_is_dropped_and_its_late_result_discarded():
     result = fed.finish()
     first = result.history.rounds[0]
     assert first.num_results == 2 and first.failures[0]["client"] == "2"
-    assert "round deadline of 2 s" in first.failures[0]["reason"] or "deadline" in first.failures[0]["reason"]
+    assert "no result within the round deadline of 2 s" in first.failures[0]["reason"]  # 1.5 s, shown as "2 s"
     assert np.allclose(dict(result.parameters)["w"], [2, 2, 2])
 
 
@@ -268,4 +268,7 @@ def test_store_round_trip_and_client_registry(tmp_path):
     assert np.array_equal(state.algorithm["c"], np.full(5, 0.5))
     assert history.rounds[0].centralized.accuracy == 0.9 and history.initial.loss == 2.3
     assert again.clients()["a"]["status"] == "joined"
-    json.dumps(history.to_dict())
+    from insitu.run.history import History
+
+    again_history = History.from_dict(json.loads(json.dumps(history.to_dict())))  # JSON-safe both ways
+    assert again_history.rounds[0].centralized.accuracy == 0.9 and again_history.initial.loss == 2.3
