@@ -14,7 +14,7 @@ planned minimum number of contributors. If k clients' inputs reach the sum, it c
 Modular clipping. The sum lives in Z_(2**32). gamma is chosen so that even the whole federation of N
 clients with every clipped update on one coordinate, plus 10 standard deviations of the largest
 possible noise, stays within [-2**31, 2**31): ``gamma C ~ (2**31 - 1) / (N + 10 z sqrt(N / m))``. The
-sum cannot wrap except with probability below 1e-20 per coordinate. gamma is also capped so that each
+sum cannot wrap unless the noise exceeds 10 standard deviations. gamma is also capped so that each
 client's Poisson means stay below 2**36 (numpy's Poisson sampler is inaccurate far above), and rounded
 down to a power of two.
 """
