@@ -207,6 +207,12 @@ def test_scaffold_control_variate_with_adam_is_the_mean_raw_gradient():
     assert np.allclose(new_c_i, (raw_sum / steps).numpy(), atol=1e-6)
 
 
+def test_simulate_accepts_scaffold_with_adam():
+    from insitu.simulation import SimulationConfig
+
+    SimulationConfig(dataset="digits", strategy="scaffold", optimizer="adam", lr=0.003).validate()
+
+
 def test_scaffold_with_local_dp_keeps_option_ii_on_the_noised_gradients():
     """DP-SGD (Opacus) hands the hook the clipped, noised gradient: c_i+ is their mean, which under
     plain SGD is again option II's value. Averaging released gradients costs no extra privacy."""

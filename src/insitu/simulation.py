@@ -205,8 +205,6 @@ class SimulationConfig:
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         TrainSettings(self.local_epochs, self.batch_size, self.lr, self.optimizer, self.momentum)
-        if self.strategy == "scaffold" and self.optimizer != "sgd":
-            raise ValueError("scaffold's control-variate update assumes SGD local steps: use optimizer 'sgd'")
         if self.server_optimizer and self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
             raise ValueError(f"unknown server_optimizer {self.server_optimizer!r}; choose one of "
                              f"{', '.join(SERVER_OPTIMIZER_NAMES)}")
