@@ -232,7 +232,11 @@ class DistributedDP:
         return skellam.epsilon(rounds_taken_part * worst, self.delta)
 
     def stop_reason(self, state: PrivacyState) -> str | None:
-        """Why no further round may run (one more round at full noise would pass the target), or None."""
+        """Why no further round may run (one more round at full noise would pass the target), or None.
+
+        The check assumes the next round reaches m contributors; one with fewer is charged more, so the
+        last round can end above the target by that difference.
+        """
         if self.target_epsilon is None:
             return None
         rows = self._rows(state)
