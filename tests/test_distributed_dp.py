@@ -202,3 +202,19 @@ def test_large_variances_are_drawn_in_parts_that_keep_the_sampler_exact():
     assert draws.std() == pytest.approx(math.sqrt(variance), rel=0.01)
     with pytest.raises(ValueError, match="lower the scale gamma"):
         skellam.skellam_noise(2.0**45, 10, rng)
+
+
+def test_a_malicious_client_that_skips_its_noise_share_leaves_only_the_honest_noise():
+    """The documented limit: nothing proves a client noised its input; the sum then carries less noise."""
+    from insitu.privacy.secagg import SecAggConfig, run_round
+
+    gamma, variance, dim = 1024.0, 1e6, 2000
+    rng = np.random.default_rng(8)
+    updates = [rng.normal(size=dim) * 0.01 for _ in range(5)]
+    honest = {c: distributed_input(updates[c - 1], clip_norm=1.0, gamma=gamma, client_variance=variance,
+                                   rng=np.random.default_rng(c)) for c in range(1, 5)}
+    cheat = np.append(np.rint(updates[4] * gamma).astype(np.int64), 0)  # rounded, clipped, but no noise
+    report = run_round(SecAggConfig(5, 3, dim + 1, 1.0, integer=True), {**honest, 5: cheat})
+    signal = gamma * np.sum([u * min(1.0, 1.0 / np.linalg.norm(u)) for u in updates], axis=0)
+    noise = report.total[:-1] - signal
+    assert noise.std() == pytest.approx(math.sqrt(4 * variance), rel=0.05)  # four shares, not the five planned
