@@ -101,8 +101,13 @@ class Coordinator:
         privacy = self.strategy.privacy
         if privacy is not None:
             level = logging.WARNING if privacy.randomness.reproducible or self.sampling.reproducible else logging.INFO
-            log.log(level, "central DP: noise from %s; client sampling from %s", privacy.randomness.describe(),
-                    self.sampling.describe())
+            if getattr(privacy, "needs_secure_aggregation", False):  # distributed DP: the clients add the noise
+                noise = (f"simulated clients' noise from {privacy.randomness.describe()}" if privacy.randomness.reproducible
+                         else "each client draws its noise share from its own OS entropy")
+                log.log(level, "distributed DP: %s; client sampling from %s", noise, self.sampling.describe())
+            else:
+                log.log(level, "central DP: noise from %s; client sampling from %s", privacy.randomness.describe(),
+                        self.sampling.describe())
         if server_state is None:
             server_state = self.strategy.init_state(parameters)
         if start_round == 1 and self.evaluate_initial and history.initial is None:
