@@ -202,17 +202,18 @@ def test_one_upload_per_client_at_a_time(caplog):
 
 
 # -- B4: streams opened without credentials -----------------------------------------------------------
+def silent(release):
+    """A request stream that sends nothing until ``release`` is set."""
+    release.wait()
+    return
+    yield
+
+
 def open_idle_uploads(address, count, metadata=None):
     """``count`` PushResult streams that send nothing until ``release`` is set."""
     release = threading.Event()
-
-    def nothing():
-        release.wait()
-        return
-        yield
-
     stub = stub_for(address)
-    return release, [stub.PushResult.future(nothing(), metadata=metadata) for _ in range(count)]
+    return release, [stub.PushResult.future(silent(release), metadata=metadata) for _ in range(count)]
 
 
 def test_unauthenticated_streams_hold_no_server_threads(caplog):
@@ -246,6 +247,29 @@ def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog)
     fed.add(honest(3.0), "1")
     fed.finish()
     assert_named(caplog, "idler", "ended before its header: stalled")
+
+
+def test_idle_handshakes_are_cut_off_and_capped_per_host(caplog):
+    # Hello is unary: a peer that opens it and never sends the request held a handler thread for
+    # good. Now the request must arrive within the stall limit, and one host may have 4 (here)
+    # handshakes waiting; honest clients (retrying with backoff) get through during the attack.
+    fed = federation(num_rounds=1, available=2, max_clients=8, upload_stall_s=0.5)
+    fed.server.servicer.gate.per_host = 4
+    release = threading.Event()
+    hello = grpc.insecure_channel(fed.address).stream_unary(
+        "/insitu.v1.Federation/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+        response_deserializer=pb.HelloReply.FromString)
+    calls = [hello.future(silent(release)) for _ in range(60)]
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    try:
+        codes = {call.exception(timeout=30).code() for call in calls}
+        [record] = fed.finish(timeout=60).history.rounds
+    finally:
+        release.set()
+    assert codes == {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert record.status == "ok" and record.num_results == 2
+    assert any("unauthenticated call(s)" in r.getMessage() and "handshake" in r.getMessage() for r in caplog.records)
 
 
 # -- B5: a stream that breaks mid-upload ------------------------------------------------------------
@@ -332,13 +356,7 @@ def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_pa
 
     stub = pb_grpc.FederationStub(grpc.secure_channel(address, creds))
     release = threading.Event()
-
-    def nothing():
-        release.wait()
-        return
-        yield
-
-    calls = [stub.PushResult.future(nothing()) for _ in range(450)]
+    calls = [stub.PushResult.future(silent(release)) for _ in range(450)]
     try:
         for call in calls:
             assert call.exception(timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED

@@ -5,8 +5,10 @@ allow-list) before they can pull anything, streams parameters out in chunks and 
 updates chunk by chunk into preallocated arrays. Every refusal names its reason; a bad update is
 reported to the round loop as that client's failure and never stops the server.
 
-Hostile peers are bounded (threat model: docs/deployment.md#limits): a PullTask or PushResult call
-without a live session token in its metadata is refused before any message is read; an upload may
+Hostile peers are bounded (threat model: docs/deployment.md#limits-against-hostile-clients): a
+PullTask or PushResult call without a live session token in its metadata is refused before any
+message is read; Hello and Authenticate must deliver their request within the stall limit, at most
+64 waiting per peer host; an upload may
 declare no more bytes than the model (and the extras a client algorithm returns) needs; it waits
 for one of ``upload_slots`` decode slots without holding memory, and a watchdog cancels it when
 its peer stays silent for ``upload_stall_s`` or it exceeds ``upload_timeout_s``; a client has at
@@ -41,6 +43,8 @@ log = logging.getLogger("insitu.server")
 PROTOCOL_VERSIONS = (2,)  # 2: the session token travels in the call metadata of PullTask and PushResult
 SESSION_METADATA = "insitu-session"  # metadata key of the session token (sent before any message)
 GATED_METHODS = frozenset({"/insitu.v1.Federation/PullTask", "/insitu.v1.Federation/PushResult"})
+HANDSHAKE_METHODS = frozenset({"/insitu.v1.Federation/Hello", "/insitu.v1.Federation/Authenticate"})
+HANDSHAKES_IN_FLIGHT_PER_HOST = 64  # unauthenticated calls one peer host may have waiting at once
 CHUNK_SIZE = 128 << 10  # small: uploads waiting for their turn each buffer about one chunk
 MAX_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)  # gRPC's message size limit on both ends
 MAX_WAIT_S = 30.0
@@ -66,36 +70,83 @@ def session_token(metadata: Any) -> str:
 
 
 class SessionGate(grpc.ServerInterceptor):
-    """Refuses PullTask and PushResult calls that carry no live session token in their metadata.
+    """Bounds what a peer gets from the server before it has authenticated.
 
-    The check runs before gRPC hands the call to a handler thread that would wait for its first
-    message, so streams opened without credentials (a stolen TLS certificate without its signing
-    key, or anyone on a --no-mtls server) cost one short refusal each and hold no thread.
+    PullTask and PushResult calls without a live session token in their metadata are refused
+    before gRPC hands them to a handler thread that would wait for their first message, so streams
+    opened without credentials (a stolen TLS certificate without its signing key, or anyone on a
+    --no-mtls server) cost one short refusal each and hold no thread. Hello and Authenticate, which
+    anyone may call, must deliver their request within the watchdog's stall limit, and one peer host
+    may have at most ``per_host`` of them waiting at once.
     """
 
-    def __init__(self, pool: GrpcClientPool) -> None:
+    def __init__(self, pool: GrpcClientPool, watchdog: UploadWatchdog,
+                 per_host: int = HANDSHAKES_IN_FLIGHT_PER_HOST) -> None:
         self.pool = pool
+        self.watchdog = watchdog
+        self.per_host = per_host
         self._refusal = grpc.stream_unary_rpc_method_handler(self._refuse)
         self._refused = 0
         self._last_log = 0.0
+        self._in_flight: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        if handler_call_details.method in GATED_METHODS:
+        method = handler_call_details.method
+        if method in GATED_METHODS:
             token = session_token(handler_call_details.invocation_metadata)
             if not token or self.pool.session(token) is None:
-                self._note(handler_call_details.method)
+                self._note(f"{method.rsplit('/', 1)[-1]} call(s) without a valid session token")
                 return self._refusal
-        return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if method in HANDSHAKE_METHODS and handler is not None and handler.unary_unary is not None:
+            # Read the one request ourselves (as a stream), so its wait has a deadline.
+            return grpc.stream_unary_rpc_method_handler(self._bounded(handler.unary_unary),
+                                                        request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+        return handler
 
-    def _note(self, method: str) -> None:
+    def _bounded(self, behavior: Any) -> Any:
+        def handshake(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            peer = context.peer()
+            host = peer.rsplit(":", 1)[0]
+            with self._lock:
+                busy = self._in_flight[host] >= self.per_host
+                if not busy:
+                    self._in_flight[host] += 1
+            if busy:
+                self._note(f"handshake(s) over the limit of {self.per_host} waiting from one host (latest {host})")
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many handshakes in progress; retry later")
+            try:
+                watched = self.watchdog.watch(f"a handshake from {peer}", context, quiet=True)
+                try:
+                    request = self.watchdog.read(watched, requests)
+                except grpc.RpcError:
+                    request = None
+                finally:
+                    self.watchdog.forget(watched)
+                if request is None:
+                    self._note(f"handshake(s) without a request ({watched.reason or 'stream ended'}; latest {peer})")
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no request within {self.watchdog.stall_s:g} s" if watched.reason else
+                                  "expected one request message")
+                return behavior(request, context)
+            finally:
+                with self._lock:
+                    self._in_flight[host] -= 1
+                    if not self._in_flight[host]:
+                        del self._in_flight[host]
+
+        return handshake
+
+    def _note(self, what: str) -> None:
         with self._lock:  # logged at most every 5 s: a flood of refusals must not flood the log
             self._refused += 1
             now = time.monotonic()
             if now - self._last_log < 5.0:
                 return
             count, self._refused, self._last_log = self._refused, 0, now
-        log.warning("refused %d call(s) (latest %s) without a valid session token", count, method.rsplit("/", 1)[-1])
+        log.warning("refused %d unauthenticated call(s) in the last 5 s; latest: %s", count, what)
 
     @staticmethod
     def _refuse(request_iterator: Any, context: grpc.ServicerContext) -> None:
@@ -107,8 +158,9 @@ class SessionGate(grpc.ServerInterceptor):
 class _Upload:
     """One upload in progress, as the watchdog sees it."""
 
-    def __init__(self, client_id: str, context: grpc.ServicerContext) -> None:
-        self.client_id = client_id
+    def __init__(self, label: str, context: grpc.ServicerContext, quiet: bool) -> None:
+        self.label = label  # "the upload of client 3", "a handshake from ipv4:..."
+        self.quiet = quiet  # not logged one by one (unauthenticated peers: counted by the gate)
         self.context = context
         self.waiting_since: float | None = None  # the server has been waiting for the peer since
         self.deadline: float | None = None  # it must be received by then (set once it holds a slot)
@@ -128,8 +180,8 @@ class UploadWatchdog:
         self._lock = threading.Lock()
         self._running = False
 
-    def watch(self, client_id: str, context: grpc.ServicerContext) -> _Upload:
-        upload = _Upload(client_id, context)
+    def watch(self, label: str, context: grpc.ServicerContext, quiet: bool = False) -> _Upload:
+        upload = _Upload(label, context, quiet)
         with self._lock:
             self._uploads.add(upload)
             if not self._running:
@@ -169,7 +221,8 @@ class UploadWatchdog:
                                      f"({upload.received} bytes arrived)")
                 else:
                     continue
-                log.warning("cancelled the upload of client %s: %s", upload.client_id, upload.reason)
+                if not upload.quiet:
+                    log.warning("cancelled %s: %s", upload.label, upload.reason)
                 upload.context.cancel()
             time.sleep(self.interval_s)
 
@@ -222,7 +275,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.upload_timeout_s = upload_timeout_s
         self.max_examples_per_client = max_examples_per_client
         self.watchdog = UploadWatchdog(upload_stall_s)
-        self.gate = SessionGate(pool)  # install with grpc.server(interceptors=[servicer.gate])
+        self.gate = SessionGate(pool, self.watchdog)  # install with grpc.server(interceptors=[servicer.gate])
         self._uploading: set[str] = set()  # clients with an upload in flight
         self._challenges: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
@@ -329,7 +382,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             log.warning("refused an upload of client %s: another of its uploads is in progress", client_id)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           "another upload of this client is in progress: one at a time")
-        upload = self.watchdog.watch(client_id, context)
+        upload = self.watchdog.watch(f"the upload of client {client_id}", context)
         try:
             return self._push(client_id, token, upload, request_iterator, context)
         finally:
