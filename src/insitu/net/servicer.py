@@ -121,7 +121,7 @@ class SessionGate(grpc.ServerInterceptor):
                 watched = self.watchdog.watch(f"a handshake from {peer}", context, quiet=True)
                 try:
                     request = self.watchdog.read(watched, requests)
-                except grpc.RpcError:
+                except ConnectionError:
                     request = None
                 finally:
                     self.watchdog.forget(watched)
@@ -194,10 +194,17 @@ class UploadWatchdog:
             self._uploads.discard(upload)
 
     def read(self, upload: _Upload, messages: Iterator[pb.ResultMessage]) -> pb.ResultMessage | None:
-        """The next message (None at the end of the stream), waited for at most ``stall_s``."""
+        """The next message (None at the end of the stream), waited for at most ``stall_s``.
+
+        ConnectionError if the call was cancelled (by this watchdog or the peer) or broke."""
         upload.waiting_since = time.monotonic()
         try:
             return next(messages, None)
+        except grpc.RpcError as error:
+            # gRPC keeps the error with the call's state: it must not keep the reading frames (and the
+            # decoder buffers above them) alive, so it goes no further than here.
+            error.__traceback__ = None
+            raise ConnectionError(upload.reason or "the stream broke off") from None
         finally:
             upload.waiting_since = None
 
@@ -394,7 +401,7 @@ class FederationServicer(pb_grpc.FederationServicer):
               context: grpc.ServicerContext) -> pb.PushReply:
         try:
             first = self.watchdog.read(upload, messages)
-        except grpc.RpcError:  # cancelled by the watchdog, or the client went away
+        except ConnectionError:  # cancelled by the watchdog, or the client went away
             log.warning("upload of client %s ended before its header: %s", client_id,
                         upload.reason or "the stream broke off")
             return pb.PushReply(accepted=False, message=f"upload failed: {upload.reason or 'the stream broke off'}")
@@ -423,7 +430,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 return pb.PushReply(accepted=False, message="this task is no longer awaited (late or unknown)")
         except (serde.SerdeError, ValueError) as error:
             return self._fail(task, ValueError(f"bad update: {error}"), f"update rejected: {error}")
-        except (grpc.RpcError, ConnectionError):  # the watchdog cancelled the call, or the stream broke off
+        except ConnectionError:  # the watchdog cancelled the call, or the stream broke off
             reason = upload.reason or _broken_off(upload.received, declared)
             return self._fail(task, ConnectionError(f"upload failed: {reason}"), f"upload failed: {reason}")
         except Exception as error:  # a bug here must fail this task now, not leave the round waiting
