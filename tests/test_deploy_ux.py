@@ -198,6 +198,19 @@ def test_a_client_certificate_the_server_refuses_fails_fast_with_the_fix(feds):
         server.stop(grace_s=0)
 
 
+def test_a_plaintext_client_of_a_tls_server_is_told_to_use_its_certs(feds):
+    ours, _ = feds
+    server = tls_server(ours)
+    try:
+        joiner = Joiner(f"localhost:{server.port}", client_id="0", signing_key=ours.clients["0"].signing_key,
+                        give_up_after_s=60, backoff=Backoff(0.2, 0.5))
+        outcome = joiner.result(55)
+    finally:
+        server.stop(grace_s=0)
+    assert isinstance(outcome, ConnectionRefused), outcome
+    assert "requires TLS" in str(outcome) and "--certs" in str(outcome)
+
+
 # -- B10: adding a client to a running federation -------------------------------------------------
 
 

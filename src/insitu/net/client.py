@@ -164,8 +164,8 @@ def connect(
                                         ) from None
             if code not in RETRYABLE:
                 raise ConnectionRefused(f"server at {address} refused {client_id}: {error.details()}") from None
-            if tls is not None and code == grpc.StatusCode.UNAVAILABLE and "Connection refused" not in details:
-                problem = diagnose_tls(address, tls)
+            if code == grpc.StatusCode.UNAVAILABLE and "Connection refused" not in details:
+                problem = diagnose_tls(address, tls) if tls is not None else _speaks_tls(address)
                 tls_refusals = tls_refusals + 1 if problem else 0
                 if problem and tls_refusals >= 2:  # twice in a row: not a server that was just stopping
                     raise ConnectionRefused(problem) from None
@@ -216,6 +216,26 @@ def diagnose_tls(address: str, tls: ClientTLS, timeout_s: float = 5.0) -> str | 
     except OSError:
         return None  # unreachable, reset or timed out: a network problem, retried by the caller
     return None if first else _refused_certificate(address, tls, "connection closed after the TLS handshake")
+
+
+def _speaks_tls(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why a plaintext client is cut off: the server at ``address`` speaks TLS (None if it does not)."""
+    host = security._bind_host(address)
+    try:
+        port = int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asking "is this TLS?"
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            pass
+    except (OSError, ValueError):
+        return None  # not a TLS handshake (or unreachable): a network problem, retried by the caller
+    return (f"the server at {address} requires TLS, and this client connects in plaintext (--insecure): give "
+            f"the client its folder from `insitu keygen` with --certs instead of --insecure")
 
 
 def _refused_certificate(address: str, tls: ClientTLS, detail: str) -> str:
