@@ -20,8 +20,11 @@ import pytest
 from net_harness import Federation, ValueClient, auth, raw_session, stub_for
 
 from insitu import serde
-from insitu.net.client import connect
+from insitu.net import security
+from insitu.net.client import ClientTLS
 from insitu.net.proto import federation_pb2 as pb
+from insitu.net.proto import federation_pb2_grpc as pb_grpc
+from insitu.net.server import ServerTLS
 from insitu.net.servicer import CHUNK_SIZE
 from insitu.params import Parameters
 from insitu.strategies import fedavg
@@ -237,12 +240,14 @@ def test_unauthenticated_streams_hold_no_server_threads(caplog):
 
 def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog):
     fed = federation(num_rounds=1, available=2, upload_stall_s=0.5)
-    token = raw_session(stub_for(fed.address), "idler")
+    stub = stub_for(fed.address)
+    token = raw_session(stub, "idler")
     release, [call] = open_idle_uploads(fed.address, 1, metadata=auth(token))
     try:
         assert call.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
     finally:
         release.set()
+    stub.Leave(pb.LeaveRequest(session_token=token))  # so the round does not wait for it
     fed.add(honest(1.0), "0")
     fed.add(honest(3.0), "1")
     fed.finish()
@@ -339,37 +344,27 @@ def test_extras_beyond_what_the_algorithm_returns_are_refused(caplog, peak_memor
     assert peak_memory() < MEMORY_BOUND
 
 
-@pytest.mark.slow
-def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_path):
-    from insitu.net import security
-    from insitu.net.server import ServerTLS
-
-    files = security.generate_federation(tmp_path / "fed", ["0", "1", "2"])
-    tls = ServerTLS(files.server_cert, files.server_key, files.ca_cert)
-    fed = Federation(num_rounds=1, initial=MODEL, insecure=False, tls=tls, max_clients=8,
+def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_path, caplog):
+    # mTLS lets the thief's connection in; without the signing key it has no session, so its 450
+    # idle upload streams are refused at once and the allow-listed clients (TLS + keys) finish.
+    files = security.generate_federation(tmp_path / "fed", ["0", "1", "thief"])
+    fed = Federation(num_rounds=1, initial=MODEL, insecure=False, max_clients=8,
+                     tls=ServerTLS(files.server_cert, files.server_key, files.ca_cert),
                      allow_list=security.load_allow_list(files.allow_list),
                      strategy=fedavg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0))
-    address = f"localhost:{fed.server.port}"
-    stolen = files.clients["2"]
+    stolen = files.clients["thief"]
     creds = security.channel_credentials(stolen.ca_cert, stolen.tls_cert, stolen.tls_key)
-    from insitu.net.proto import federation_pb2_grpc as pb_grpc
-
-    stub = pb_grpc.FederationStub(grpc.secure_channel(address, creds))
+    stub = pb_grpc.FederationStub(grpc.secure_channel(fed.address, creds))
     release = threading.Event()
     calls = [stub.PushResult.future(silent(release)) for _ in range(450)]
     try:
         for call in calls:
             assert call.exception(timeout=30).code() == grpc.StatusCode.UNAUTHENTICATED
-        from insitu.net.client import ClientTLS
-
-        for cid in ("0", "1"):
+        for cid, value in (("0", 1.0), ("1", 3.0)):
             c = files.clients[cid]
-            fed._threads.append(threading.Thread(target=connect, daemon=True, args=(honest(float(cid)), address),
-                                                 kwargs={"client_id": cid, "signing_key": c.signing_key,
-                                                         "tls": ClientTLS(c.ca_cert, c.tls_cert, c.tls_key),
-                                                         "poll_wait_s": 0.5}))
-            fed._threads[-1].start()
+            fed.add(honest(value), cid, signing_key=c.signing_key, tls=ClientTLS(c.ca_cert, c.tls_cert, c.tls_key))
         [record] = fed.finish(timeout=120).history.rounds
     finally:
         release.set()
     assert record.status == "ok" and record.num_results == 2
+    assert any("without a valid session token" in r.getMessage() for r in caplog.records)
