@@ -226,7 +226,9 @@ def test_ctrl_c_stops_the_server_cleanly(procs, certs):
 
 def test_ctrl_c_mid_run_clients_wait_and_rejoin_the_resumed_server(procs, certs, tmp_path):
     port = free_port()
-    procs.start("server", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1"))
+    # One short local epoch: a client busy training when Ctrl-C comes still pulls (and hears that the
+    # run is resumable) within the server's grace; one training longer would just see the server gone.
+    procs.start("server", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1", "--local-epochs", "1"))
     procs.start("client0", "client", "--certs", str(certs / "clients" / "0"), "--client-id", "0",
                 "--address", f"localhost:{port}")  # its partition defaults to its id
     procs.wait_for_text("server", "Round 1/3")
@@ -238,7 +240,8 @@ def test_ctrl_c_mid_run_clients_wait_and_rejoin_the_resumed_server(procs, certs,
     time.sleep(1.0)
     assert procs.procs["client0"].poll() is None, procs.log("client0")
     assert "Done" not in procs.log("client0")
-    procs.start("resumed", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1", "--resume"))
+    procs.start("resumed", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1", "--local-epochs", "1",
+                                        "--resume"))
     assert procs.wait("resumed") == 0, procs.log("resumed")
     assert "resuming after round" in procs.log("resumed") and "Round 3/3" in procs.log("resumed")
     assert [r["round"] for r in final_history(tmp_path, "out")["rounds"]] == [1, 2, 3]  # nothing lost or torn

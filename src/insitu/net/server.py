@@ -217,12 +217,13 @@ class FederationServer:
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         # A run that ended by an exception (Ctrl-C included) kept its completed rounds: resumable.
-        # Long-polling clients hear of it within a fraction of a second; those still training find
-        # the server gone and reconnect, so there is no need to wait long for them.
+        # Long-polling clients hear of it within a fraction of a second, clients finishing a short
+        # task at their next pull; those still training after the grace find the server gone and
+        # reconnect with backoff, so there is no need to wait long for them.
         if kind is None:
             self.stop()
         else:
-            self.stop(grace_s=2.0, resumable=True)
+            self.stop(grace_s=5.0, resumable=True)
 
 
 def serve(strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, settings: ServerSettings,
