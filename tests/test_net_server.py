@@ -272,3 +272,38 @@ def test_store_round_trip_and_client_registry(tmp_path):
 
     again_history = History.from_dict(json.loads(json.dumps(history.to_dict())))  # JSON-safe both ways
     assert again_history.rounds[0].centralized.accuracy == 0.9 and again_history.initial.loss == 2.3
+
+
+def test_a_tls_certificate_of_another_client_is_refused_even_with_a_valid_key(tmp_path):
+    # Client 0's signing key (stolen) presented over client 1's TLS certificate: the certificate's
+    # common name must be the id the client claims, before the signature is even looked at.
+    from insitu.net.client import ClientTLS
+    from insitu.net.server import ServerTLS
+
+    files = security.generate_federation(tmp_path / "fed", ["0", "1"])
+    fed = Federation(num_rounds=1, insecure=False, allow_list=security.load_allow_list(files.allow_list),
+                     tls=ServerTLS(files.server_cert, files.server_key, files.ca_cert),
+                     strategy=fedavg(min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0))
+    one = files.clients["1"]
+    with pytest.raises(ConnectionRefused, match="the TLS client certificate belongs to another client"):
+        connect(ValueClient([9, 9, 9]), fed.address, client_id="0", signing_key=files.clients["0"].signing_key,
+                tls=ClientTLS(one.ca_cert, one.tls_cert, one.tls_key))
+    zero = files.clients["0"]
+    fed.add(ValueClient([1, 1, 1]), "0", signing_key=zero.signing_key, tls=ClientTLS(zero.ca_cert, zero.tls_cert,
+                                                                                       zero.tls_key))
+    assert np.allclose(dict(fed.finish().parameters)["w"], 1)
+
+
+def test_handshakes_per_host_are_rate_limited_and_sessions_capped():
+    fed = Federation(num_rounds=1, max_handshakes_per_minute=6, max_clients=2)
+    stub = stub_for(fed.address)
+    raw_session(stub, "a")  # Hello + Authenticate: 2 attempts each
+    raw_session(stub, "b")
+    with pytest.raises(grpc.RpcError) as info:  # a third client: the server is full
+        raw_session(stub, "c")
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "server is full (2 clients)" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # the 7th attempt from this host within a minute
+        stub.Hello(pb.HelloRequest(protocol_versions=list(PROTOCOL_VERSIONS), client_id="d"))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many connection attempts" in info.value.details()
+    fed.server.stop(grace_s=1)  # the run never had its clients: end it
