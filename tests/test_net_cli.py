@@ -258,6 +258,8 @@ def test_a_run_whose_every_round_failed_exits_non_zero(procs, certs, tmp_path):
     log = " ".join(procs.log("server").split())
     assert "1 of 1 round(s) failed" in log
     assert final_history(tmp_path, "out")["rounds"][0]["status"] != "ok"
+    assert procs.wait("client0") == 1, procs.log("client0")  # neither side says "Done"
+    assert "tasks failed on this client" in " ".join(procs.log("client0").split())
 
 
 def test_scaffold_across_real_processes_keeps_client_state_on_disk(procs, certs, tmp_path):

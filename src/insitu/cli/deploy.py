@@ -262,7 +262,9 @@ def client(
         size = len(indices) if indices is not None else len(train)
         where = f"partition {partition_id} of {num_partitions}" if csv is None else str(csv)
         console.print(f"[bold]insitu client[/] {client_id}: {size} training examples ({where}), connecting to {address}")
-        tasks = connect(build, address, client_id=client_id, signing_key=key, tls=tls, give_up_after_s=give_up_after)
+        failed: list[bool] = []
+        tasks = connect(build, address, client_id=client_id, signing_key=key, tls=tls, give_up_after_s=give_up_after,
+                        on_task=lambda ok: None if ok else failed.append(True))
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(code=130) from None
@@ -270,7 +272,11 @@ def client(
         raise fail(str(error)) from None
     except (ValueError, FileNotFoundError, TimeoutError, security.SecurityError) as error:
         raise fail(str(error)) from None
-    console.print(f"Done: {tasks} tasks completed.")
+    if tasks and len(failed) == tasks:
+        err_console.print(f"[bold red]error:[/] all {tasks} tasks failed on this client (the reasons are in the log "
+                          "above; e.g. its data does not fit the server's model)")
+        raise typer.Exit(code=1)
+    console.print(f"Done: {tasks} tasks completed" + (f", {len(failed)} of them failed." if failed else "."))
 
 
 def _partition_id(given: int | None, client_id: str, num_partitions: int) -> int:

@@ -90,8 +90,12 @@ def connect(
     backoff: Backoff | None = None,
     give_up_after_s: float | None = 600.0,
     poll_wait_s: float = 10.0,
+    on_task: Callable[[bool], None] | None = None,
 ) -> int:
     """Serve ``client`` to the server at ``address`` until it says the federation is over.
+
+    ``on_task(ok)`` is called after each task, with False when it failed here (and the failure was
+    reported to the server).
 
     ``client`` may be a factory called with the server's model name at the first handshake, so the
     local model matches the server's. Returns the number of tasks completed. Raises
@@ -140,8 +144,10 @@ def connect(
                     if outcome == "suspended":
                         _leave(stub, token)
                         raise _Suspended
-                    if outcome == "done":
+                    if outcome in ("done", "failed"):
                         done += 1
+                        if on_task is not None:
+                            on_task(outcome == "done")
             finally:
                 beat.stop()
         except _Suspended:
@@ -269,7 +275,7 @@ def _handshake(stub: pb_grpc.FederationStub, client_id: str,
 
 def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, participant: SecAggParticipant,
                wait_s: float) -> str:
-    """Pull one task and answer it: returns "done", "idle", "shutdown" or "suspended" (resumable)."""
+    """Pull one task and answer it: "done", "failed" (reported), "idle", "shutdown" or "suspended" (resumable)."""
     stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60,
                            metadata=((SESSION_METADATA, token),))
     first = next(stream, None)
@@ -299,7 +305,7 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, partici
     except Exception as error:  # report the failure to the server; keep serving
         log.exception("round %d: %s failed", header.round, header.kind)
         _push(stub, pb.ResultHeader(session_token=token, task_id=header.task_id, error=f"{type(error).__name__}: {error}"))
-        return "done"
+        return "failed"
     del parameters
     _push_result(stub, token, header.task_id, result)
     return "done"
