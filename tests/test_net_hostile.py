@@ -178,6 +178,30 @@ def test_a_stalled_upload_is_cancelled_and_blocks_no_one(caplog, peak_memory):
     assert peak_memory() < MEMORY_BOUND
 
 
+def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog):
+    def drip(stub, token, task):
+        data = serde.dumps(MODEL)
+
+        def messages():
+            yield result_header(token, task, payload_bytes=len(data))
+            for start in range(0, len(data), 1024):  # 1 KiB every 0.1 s: never silent for the stall limit
+                yield pb.ResultMessage(chunk=data[start : start + 1024])
+                time.sleep(0.1)
+
+        return stub.PushResult(messages(), metadata=auth(token))
+
+    fed = federation(num_rounds=1, upload_stall_s=2.0, upload_timeout_s=1.0)
+    dripper = RawInsider(fed.address, "dripper", drip)
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    [record] = fed.finish().history.rounds
+    assert record.status == "ok" and record.num_results == 2
+    [failure] = record.failures
+    assert failure["client"] == "dripper" and "not received within the upload time limit of 1 s" in failure["reason"]
+    assert dripper.errors and dripper.errors[0].code() == grpc.StatusCode.CANCELLED
+    assert_named(caplog, "dripper", "too slow")
+
+
 def test_one_upload_per_client_at_a_time(caplog):
     release = threading.Event()
     second = []
