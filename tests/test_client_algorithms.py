@@ -148,21 +148,27 @@ def run_scaffold_fit(settings: TrainSettings, seed: int = 0):
 
 
 def replay(data, start: Parameters, c: np.ndarray, c_i: np.ndarray, steps: int, lr: float, momentum: float = 0.0,
-           weight_decay: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           weight_decay: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Full-batch local training written out by hand: raw gradient g, corrected g - c_i + c, then
-    heavy-ball SGD with weight decay. Returns (final weights, mean raw gradient)."""
+    heavy-ball SGD with weight decay. Returns (final weights, the raw gradients in order)."""
     w = torch.from_numpy(start.flat().copy()).requires_grad_(True)
     correction = torch.from_numpy(c - c_i)
-    velocity, raw_sum = torch.zeros_like(w), torch.zeros_like(w)
+    velocity, raw = torch.zeros_like(w), []
     for _ in range(steps):
         weight, bias = w[:9].view(3, 3), w[9:]
         loss = nn.functional.cross_entropy(data.x @ weight.T + bias, data.y)
         (g,) = torch.autograd.grad(loss, w)
-        raw_sum += g
+        raw.append(g.numpy())
         d = g + correction + weight_decay * w.detach()
         velocity = momentum * velocity + d
         w = (w.detach() - lr * velocity).requires_grad_(True)
-    return w.detach().numpy(), (raw_sum / steps).numpy()
+    return w.detach().numpy(), raw
+
+
+def heavy_ball_weights(steps: int, momentum: float) -> np.ndarray:
+    """How many lr-steps the k-th gradient moves the model by the end of the round under heavy-ball SGD
+    (momentum reset at the start): 1 + b + ... + b^(K-k)."""
+    return np.array([sum(momentum**j for j in range(steps - k)) for k in range(steps)])
 
 
 def test_scaffold_control_variate_is_option_ii_under_plain_sgd():
@@ -176,35 +182,54 @@ def test_scaffold_control_variate_is_option_ii_under_plain_sgd():
     assert np.allclose(new_c_i, option_ii, rtol=1e-4, atol=1e-5)
 
 
-def test_scaffold_control_variate_is_the_mean_raw_gradient_with_momentum_and_weight_decay():
-    """With momentum 0.9 (and weight decay), c_i+ is the mean of the uncorrected gradients, which a
-    hand-written replay computes; option II's formula, reading gradients off the distance moved,
-    would make it several times too large."""
+def test_scaffold_control_variate_under_momentum_is_option_ii_with_the_effective_step_count():
+    """Minibatch heavy-ball SGD (momentum 0.9, K = 9 steps): the model moves lr S (c_i+ + c - c_i),
+    S = sum_k (1 + b + ... + b^(K-k)) the steps' weights, so c_i+ = c_i - c + (x - y) / (S lr).
+    Option II's K in place of S would make c_i+ several times too large."""
+    lr, epochs, momentum = 0.05, 3, 0.9
+    _, start, c, c_i, y, new_c_i = run_scaffold_fit(
+        TrainSettings(local_epochs=epochs, batch_size=4, lr=lr, momentum=momentum))
+    steps = epochs * 3
+    effective = heavy_ball_weights(steps, momentum).sum()
+    assert effective == pytest.approx(34.87, abs=0.01)  # against K = 9
+    assert np.allclose(new_c_i, c_i - c + (start.flat() - y) / (effective * lr), rtol=1e-4, atol=1e-5)
+    option_ii = c_i - c + (start.flat() - y) / (steps * lr)
+    assert np.abs(option_ii - new_c_i).max() > 0.1
+
+
+def test_scaffold_control_variate_with_momentum_and_weight_decay_weights_each_gradient_by_its_move():
+    """With momentum 0.9 and weight decay, c_i+ is the raw (uncorrected, decay-free) gradients averaged
+    with the heavy-ball weights 1 + b + ... + b^(K-k): the first gradient counts about 5 times as much
+    as the last here. The unweighted mean is a different (and worse, see docs/algorithms.md) value."""
     lr, steps, momentum, decay = 0.05, 6, 0.9, 0.01
     settings = TrainSettings(local_epochs=steps, batch_size=0, lr=lr, momentum=momentum, weight_decay=decay)
     data, start, c, c_i, y, new_c_i = run_scaffold_fit(settings)
-    expected_y, mean_grad = replay(data, start, c, c_i, steps, lr, momentum, decay)
+    expected_y, raw = replay(data, start, c, c_i, steps, lr, momentum, decay)
     assert np.allclose(y, expected_y, atol=1e-5)  # the corrected gradient went through momentum as written
-    assert np.allclose(new_c_i, mean_grad, atol=1e-5)
-    option_ii = c_i - c + (start.flat() - y) / (steps * lr)
-    assert np.abs(option_ii - mean_grad).max() > 0.1
+    weights = heavy_ball_weights(steps, momentum)
+    assert np.allclose(new_c_i, np.average(raw, axis=0, weights=weights), atol=1e-5)
+    assert np.abs(new_c_i - np.mean(raw, axis=0)).max() > 1e-3
 
 
-def test_scaffold_control_variate_with_adam_is_the_mean_raw_gradient():
+def test_scaffold_control_variate_with_adam_is_the_mean_bias_corrected_first_moment():
+    """Adam's steps are about equally long, each along its bias-corrected first moment
+    m_j / (1 - b1^j), m_j = sum_k<=j (1 - b1) b1^(j-k) g_k: c_i+ is the mean of those over the steps."""
     lr, steps = 0.01, 4
     data, start, c, c_i, y, new_c_i = run_scaffold_fit(
         TrainSettings(local_epochs=steps, batch_size=0, lr=lr, optimizer="adam"))
     w = torch.from_numpy(start.flat().copy()).requires_grad_(True)
     adam = torch.optim.Adam([w], lr=lr)
-    raw_sum = torch.zeros_like(w)
+    raw = []
     for _ in range(steps):
         adam.zero_grad()
         nn.functional.cross_entropy(data.x @ w[:9].view(3, 3).T + w[9:], data.y).backward()
-        raw_sum += w.grad
+        raw.append(w.grad.numpy().copy())
         w.grad += torch.from_numpy(c - c_i)
         adam.step()
     assert np.allclose(y, w.detach().numpy(), atol=1e-6)
-    assert np.allclose(new_c_i, (raw_sum / steps).numpy(), atol=1e-6)
+    b1 = adam.param_groups[0]["betas"][0]
+    moments = [sum((1 - b1) * b1 ** (j - k) * raw[k] for k in range(j + 1)) / (1 - b1 ** (j + 1)) for j in range(steps)]
+    assert np.allclose(new_c_i, np.mean(moments, axis=0), atol=1e-6)
 
 
 def test_simulate_accepts_scaffold_with_adam():

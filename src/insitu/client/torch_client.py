@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("insitu")
 
 OPTIMIZERS = ("sgd", "adam")
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults, named because SCAFFOLD's control variate replays beta1
 SCAFFOLD_C = "scaffold_c"  # config: the server control variate c (Parameters)
 SCAFFOLD_DELTA_C = "scaffold_delta_c"  # result extras: c_i+ - c_i (Parameters)
 SCAFFOLD_STATE = "scaffold_c_i"  # client state: this client's control variate c_i
@@ -206,6 +207,8 @@ def fresh_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Op
     hyper: dict[str, Any] = {"lr": settings.lr, "weight_decay": settings.weight_decay}
     if kind is torch.optim.SGD:
         hyper["momentum"] = settings.momentum
+    else:
+        hyper["betas"] = ADAM_BETAS
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _OPTIMIZERS.get(model)
     if (
@@ -255,13 +258,28 @@ class _ScaffoldStep:
     and the corrected gradient goes to whatever optimizer the client runs: with momentum, Adam or
     weight decay that optimizer minimises the corrected local objective f_i(y) + <c - c_i, y>.
 
-    The new control variate is the mean of the raw (uncorrected) minibatch gradients of the K local
-    steps, c_i+ = (1/K) sum_k g_k. Under plain SGD this is exactly option II of the paper:
-    x - y = lr sum_k (g_k - c_i + c), so c_i - c + (x - y) / (K lr) = (1/K) sum_k g_k. Option II's
-    formula, though, reads the gradients back from the distance travelled and so assumes plain SGD;
-    with momentum 0.9 it makes c_i about ten times too large and SCAFFOLD diverges. The mean raw
-    gradient stays an estimate of this client's gradient (what c_i stands for) with any optimizer,
-    momentum, weight decay (applied by the optimizer, so not part of g) or learning-rate schedule.
+    The new control variate c_i+ is this round's raw (uncorrected) gradients averaged with the
+    weight the optimizer gave each of them in the distance the model moved, so that c_i+ and the
+    correction c - c_i (which goes through the same optimizer) are measured in the same units. The
+    optimizer's first moment is replayed on the raw gradients: m_j = beta m_{j-1} + tau g_j, and,
+    fed a constant 1, s_j = beta s_{j-1} + tau.
+
+    * SGD with momentum beta (tau = 1; beta = 0 is plain SGD): step j moves the model by lr m_j, so
+      x - y = lr sum_j m_j and c_i+ = sum_j m_j / sum_j s_j. A gradient early in the round moves the
+      model on every later step (weight (1 - beta^(K-k+1)) / (1 - beta)), the last one only once.
+      Without weight decay this is option II with the effective step count S = sum_j s_j in place of
+      K: c_i+ = c_i - c + (x - y) / (S lr). With beta = 0 it is the plain mean (1/K) sum_k g_k, which
+      is exactly option II's c_i - c + (x - y) / (K lr). Option II's formula itself reads the
+      gradients back from the distance travelled with K, not S: with momentum 0.9 it makes c_i about
+      ten times too large and SCAFFOLD diverges; the unweighted mean is stable but credits late
+      gradients (which barely moved the model, and whose momentum is dropped at the round's end) as
+      much as early ones.
+    * Adam (tau = 1 - beta1): every step has about the same size, lr m_j / s_j / sqrt(v_j), so
+      c_i+ is the mean over the steps of the bias-corrected first moment, (1/K) sum_j m_j / s_j (the
+      per-coordinate 1/sqrt(v_j) scales g and the correction alike and is left out).
+
+    Weight decay is added by the optimizer, so it is not part of g (it is the same for every
+    client and would cancel in c - c_i anyway).
     """
 
     def __init__(self, model: nn.Module, global_params: Parameters, server_c: object, state: ClientState,
@@ -278,13 +296,19 @@ class _ScaffoldStep:
                         c_i.size, self.size)
             c_i = None
         self.c_i = np.zeros(self.size, dtype=np.float32) if c_i is None else np.asarray(c_i, dtype=np.float32)
+        # The optimizer's first moment (see fresh_optimizer): m <- beta m + tau g.
+        if settings.optimizer == "adam":
+            self.beta, self.tau, self.normalized = ADAM_BETAS[0], 1.0 - ADAM_BETAS[0], True
+        else:
+            self.beta, self.tau, self.normalized = settings.momentum, 1.0, False
         # Control variates cover trainable parameters only; buffers (BatchNorm statistics) stay 0.
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         correction = torch.from_numpy(self.c - self.c_i)
         self.params: list[nn.Parameter] = []
         self.offsets: list[int] = []
         self.corrections: list[torch.Tensor] = []
-        self.grad_sums: list[torch.Tensor] = []  # sum over the local steps of each raw gradient
+        self.moments: list[torch.Tensor] = []  # m_j: the first moment of the raw gradients
+        self.totals: list[torch.Tensor] = []  # sum_j of m_j (SGD) or m_j / s_j (Adam)
         offset = 0
         for spec in specs:
             param = trainable.get(spec.name)
@@ -292,29 +316,35 @@ class _ScaffoldStep:
                 self.params.append(param)
                 self.offsets.append(offset)
                 self.corrections.append(correction[offset : offset + spec.size].view_as(param).to(param.device))
-                self.grad_sums.append(torch.zeros_like(param, dtype=torch.float32))
+                self.moments.append(torch.zeros_like(param, dtype=torch.float32))
+                self.totals.append(torch.zeros_like(param, dtype=torch.float32))
             offset += spec.size
-        self.steps = 0
+        self.unit = 0.0  # s_j: the first moment of a constant 1
+        self.weight = 0.0  # sum_j s_j (SGD) or the step count (Adam)
 
     def hook(self) -> None:
-        """Add the raw gradient g to its running sum, then g <- g - c_i + c (every trainable parameter).
+        """Fold the raw gradient g into m and its running total, then g <- g - c_i + c.
 
         A parameter without a gradient in a step (unused by that batch) counts as g = 0 there, as
         option II would see it (plain SGD does not move it)."""
+        self.unit = self.beta * self.unit + self.tau
+        scale = 1.0 / self.unit if self.normalized else 1.0
+        self.weight += 1.0 if self.normalized else self.unit
         with torch.no_grad():
-            for param, correction, grad_sum in zip(self.params, self.corrections, self.grad_sums):
+            for param, correction, moment, total in zip(self.params, self.corrections, self.moments, self.totals):
+                moment.mul_(self.beta)
                 if param.grad is not None:
-                    grad_sum.add_(param.grad)
+                    moment.add_(param.grad, alpha=self.tau)
                     param.grad.add_(correction)
-        self.steps += 1
+                total.add_(moment, alpha=scale)
 
     def finish(self) -> Parameters:
-        """c_i+ = (1/K) sum_k g_k; stores c_i+ and returns delta_c = c_i+ - c_i (zeros if nothing trained)."""
-        if self.steps == 0:
+        """Stores c_i+ (see the class) and returns delta_c = c_i+ - c_i (zeros if nothing trained)."""
+        if self.weight == 0:
             return Parameters.from_flat(np.zeros(self.size, dtype=np.float32), self.specs)
         new_c_i = np.zeros(self.size, dtype=np.float32)
-        for offset, grad_sum in zip(self.offsets, self.grad_sums):
-            mean = (grad_sum / self.steps).reshape(-1).cpu().numpy()
+        for offset, total in zip(self.offsets, self.totals):
+            mean = (total / self.weight).reshape(-1).cpu().numpy()
             new_c_i[offset : offset + mean.size] = mean
         self.state.save(SCAFFOLD_STATE, new_c_i)
         return Parameters.from_flat(new_c_i - self.c_i, self.specs)

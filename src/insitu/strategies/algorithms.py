@@ -93,9 +93,11 @@ class Scaffold:
     """SCAFFOLD (Karimireddy et al. 2020) with option II control variates.
 
     The server sends its control variate c; each client corrects every local gradient by
-    (c - c_i) and returns delta_c = c_i+ - c_i, where c_i+ is the mean of its raw minibatch gradients
-    over the K local steps (under plain SGD exactly option II's c_i - c + (x - y) / (K lr); unlike
-    that formula it stays right with momentum, Adam, weight decay or a schedule).
+    (c - c_i) and returns delta_c = c_i+ - c_i, where c_i+ is its raw minibatch gradients over the K
+    local steps averaged with the weight its optimizer gave each in the distance moved (under plain
+    SGD the mean, exactly option II's c_i - c + (x - y) / (K lr); under momentum option II with the
+    effective step count; under Adam the mean bias-corrected first moment). See the client's
+    ``_ScaffoldStep``.
 
     c must be the gradient of the objective the server descends, or the corrected local objectives
     f_i(y) + <c - c_i, y> do not add up to it and the correction biases every step. With
