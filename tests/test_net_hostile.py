@@ -278,27 +278,42 @@ def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog)
     assert_named(caplog, "idler", "ended before its header: stalled")
 
 
-def test_idle_handshakes_are_cut_off_and_capped_per_host(caplog):
-    # Hello is unary: a peer that opens it and never sends the request held a handler thread for
-    # good. Now the request must arrive within the stall limit, and one host may have 4 (here)
-    # handshakes waiting; honest clients (retrying with backoff) get through during the attack.
+def test_calls_that_never_send_their_request_are_cut_off_and_capped_per_host(caplog):
+    # Hello, Heartbeat and PullTask take one request: a peer that opens the call and never sends it
+    # held a handler thread for good. Now the request must arrive within the stall limit, and one
+    # host may have 4 (here) calls waiting; honest clients (retrying with backoff) get through.
     fed = federation(num_rounds=1, available=2, max_clients=8, upload_stall_s=0.5)
     fed.server.servicer.gate.per_host = 4
+    token = raw_session(stub_for(fed.address), "insider")
+    channel = grpc.insecure_channel(fed.address)
+    hello = channel.stream_unary("/insitu.v1.Federation/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+                                 response_deserializer=pb.HelloReply.FromString)
+    beat = channel.stream_unary("/insitu.v1.Federation/Heartbeat",
+                                request_serializer=pb.HeartbeatRequest.SerializeToString,
+                                response_deserializer=pb.HeartbeatReply.FromString)
+    pull = channel.stream_stream("/insitu.v1.Federation/PullTask",
+                                 request_serializer=pb.PullRequest.SerializeToString,
+                                 response_deserializer=pb.TaskMessage.FromString)
     release = threading.Event()
-    hello = grpc.insecure_channel(fed.address).stream_unary(
-        "/insitu.v1.Federation/Hello", request_serializer=pb.HelloRequest.SerializeToString,
-        response_deserializer=pb.HelloReply.FromString)
-    calls = [hello.future(silent(release)) for _ in range(60)]
+    calls = [hello.future(silent(release)) for _ in range(40)]
+    calls += [beat.future(silent(release)) for _ in range(10)]
+    pulls = [pull(silent(release), metadata=auth(token), timeout=20) for _ in range(10)]
     fed.add(honest(1.0), "0")
     fed.add(honest(3.0), "1")
     try:
         codes = {call.exception(timeout=30).code() for call in calls}
+        for stream in pulls:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stream)
+            codes.add(info.value.code())
+        stub_for(fed.address).Leave(pb.LeaveRequest(session_token=token))
         [record] = fed.finish(timeout=60).history.rounds
     finally:
         release.set()
     assert codes == {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert record.status == "ok" and record.num_results == 2
-    assert any("unauthenticated call(s)" in r.getMessage() and "handshake" in r.getMessage() for r in caplog.records)
+    notes = [r.getMessage() for r in caplog.records if "unauthenticated call(s)" in r.getMessage()]
+    assert any("waiting for their request" in n or "without a request" in n for n in notes), notes
 
 
 # -- B5: a stream that breaks mid-upload ------------------------------------------------------------

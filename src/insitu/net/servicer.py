@@ -7,8 +7,8 @@ reported to the round loop as that client's failure and never stops the server.
 
 Hostile peers are bounded (threat model: docs/deployment.md#limits-against-hostile-clients): a
 PullTask or PushResult call without a live session token in its metadata is refused before any
-message is read; Hello and Authenticate must deliver their request within the stall limit, at most
-64 waiting per peer host; an upload may
+message is read; calls with one request must deliver it within the stall limit, at most 64
+waiting per peer host; an upload may
 declare no more bytes than the model (and the extras a client algorithm returns) needs; it waits
 for one of ``upload_slots`` decode slots without holding memory, and a watchdog cancels it when
 its peer stays silent for ``upload_stall_s`` or it exceeds ``upload_timeout_s``; a client has at
@@ -43,8 +43,10 @@ log = logging.getLogger("insitu.server")
 PROTOCOL_VERSIONS = (2,)  # 2: the session token travels in the call metadata of PullTask and PushResult
 SESSION_METADATA = "insitu-session"  # metadata key of the session token (sent before any message)
 GATED_METHODS = frozenset({"/insitu.v1.Federation/PullTask", "/insitu.v1.Federation/PushResult"})
-HANDSHAKE_METHODS = frozenset({"/insitu.v1.Federation/Hello", "/insitu.v1.Federation/Authenticate"})
-HANDSHAKES_IN_FLIGHT_PER_HOST = 64  # unauthenticated calls one peer host may have waiting at once
+# Calls whose single request gRPC would wait for, in a handler thread, with no deadline.
+UNARY_REQUEST_METHODS = frozenset(f"/insitu.v1.Federation/{name}"
+                                  for name in ("Hello", "Authenticate", "Heartbeat", "Leave", "PullTask"))
+REQUESTS_WAITING_PER_HOST = 64  # calls one peer host may have waiting for their request at once
 CHUNK_SIZE = 128 << 10  # small: uploads waiting for their turn each buffer about one chunk
 MAX_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)  # gRPC's message size limit on both ends
 MAX_WAIT_S = 30.0
@@ -75,20 +77,20 @@ class SessionGate(grpc.ServerInterceptor):
     PullTask and PushResult calls without a live session token in their metadata are refused
     before gRPC hands them to a handler thread that would wait for their first message, so streams
     opened without credentials (a stolen TLS certificate without its signing key, or anyone on a
-    --no-mtls server) cost one short refusal each and hold no thread. Hello and Authenticate, which
-    anyone may call, must deliver their request within the watchdog's stall limit, and one peer host
-    may have at most ``per_host`` of them waiting at once.
+    --no-mtls server) cost one short refusal each and hold no thread. Calls with one request
+    (Hello, Authenticate, Heartbeat, Leave, PullTask) must deliver it within the watchdog's stall
+    limit, and one peer host may have at most ``per_host`` calls waiting for their request at once.
     """
 
     def __init__(self, pool: GrpcClientPool, watchdog: UploadWatchdog,
-                 per_host: int = HANDSHAKES_IN_FLIGHT_PER_HOST) -> None:
+                 per_host: int = REQUESTS_WAITING_PER_HOST) -> None:
         self.pool = pool
         self.watchdog = watchdog
         self.per_host = per_host
         self._refusal = grpc.stream_unary_rpc_method_handler(self._refuse)
         self._refused = 0
         self._last_log = 0.0
-        self._in_flight: dict[str, int] = defaultdict(int)
+        self._waiting: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
@@ -99,45 +101,50 @@ class SessionGate(grpc.ServerInterceptor):
                 self._note(f"{method.rsplit('/', 1)[-1]} call(s) without a valid session token")
                 return self._refusal
         handler = continuation(handler_call_details)
-        if method in HANDSHAKE_METHODS and handler is not None and handler.unary_unary is not None:
-            # Read the one request ourselves (as a stream), so its wait has a deadline.
-            return grpc.stream_unary_rpc_method_handler(self._bounded(handler.unary_unary),
-                                                        request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
+        if method not in UNARY_REQUEST_METHODS or handler is None:
+            return handler
+        # Read the one request ourselves (as a stream), so its wait has a deadline.
+        first = self._first_request
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda requests, context: behavior(first(requests, context), context),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, context: streaming(first(requests, context), context),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         return handler
 
-    def _bounded(self, behavior: Any) -> Any:
-        def handshake(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            peer = context.peer()
-            host = peer.rsplit(":", 1)[0]
+    def _first_request(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """The call's request, read within the stall limit; the call is aborted if it does not come."""
+        peer = context.peer()
+        host = peer.rsplit(":", 1)[0]
+        with self._lock:
+            busy = self._waiting[host] >= self.per_host
+            if not busy:
+                self._waiting[host] += 1
+        if busy:
+            self._note(f"over {self.per_host} calls waiting for their request from one host (latest {host})")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress; retry later")
+        watched = self.watchdog.watch(f"a call from {peer}", context, quiet=True)
+        try:
+            request = self.watchdog.read(watched, requests)
+        except ConnectionError:
+            request = None
+        finally:
+            self.watchdog.forget(watched)
             with self._lock:
-                busy = self._in_flight[host] >= self.per_host
-                if not busy:
-                    self._in_flight[host] += 1
-            if busy:
-                self._note(f"handshake(s) over the limit of {self.per_host} waiting from one host (latest {host})")
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many handshakes in progress; retry later")
-            try:
-                watched = self.watchdog.watch(f"a handshake from {peer}", context, quiet=True)
-                try:
-                    request = self.watchdog.read(watched, requests)
-                except ConnectionError:
-                    request = None
-                finally:
-                    self.watchdog.forget(watched)
-                if request is None:
-                    self._note(f"handshake(s) without a request ({watched.reason or 'stream ended'}; latest {peer})")
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"no request within {self.watchdog.stall_s:g} s" if watched.reason else
-                                  "expected one request message")
-                return behavior(request, context)
-            finally:
-                with self._lock:
-                    self._in_flight[host] -= 1
-                    if not self._in_flight[host]:
-                        del self._in_flight[host]
-
-        return handshake
+                self._waiting[host] -= 1
+                if not self._waiting[host]:
+                    del self._waiting[host]
+        if request is None:
+            self._note(f"call(s) without a request ({watched.reason or 'stream ended'}; latest {peer})")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no request within {self.watchdog.stall_s:g} s" if watched.reason else
+                          "expected one request message")
+        return request
 
     def _note(self, what: str) -> None:
         with self._lock:  # logged at most every 5 s: a flood of refusals must not flood the log
