@@ -316,6 +316,34 @@ def test_calls_that_never_send_their_request_are_cut_off_and_capped_per_host(cap
     assert any("waiting for their request" in n or "without a request" in n for n in notes), notes
 
 
+def test_a_session_has_at_most_two_pulls_waiting(caplog):
+    fed = federation(num_rounds=1, available=2)
+    stub = stub_for(fed.address)
+    token = raw_session(stub, "puller")
+    request = pb.PullRequest(session_token=token, wait_s=3.0)
+    waiting = [stub.PullTask(request, metadata=auth(token)) for _ in range(2)]
+    pulls = fed.server.servicer._pulls
+    for _ in range(200):  # until both long polls are in the server
+        if pulls.get(token) == 2:
+            break
+        time.sleep(0.05)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.PullTask(request, metadata=auth(token)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 2 pulls" in info.value.details()
+    assert [m.WhichOneof("body") for w in waiting for m in w] == ["idle", "idle"]  # the first two are served
+    for _ in range(200):  # both are counted out once their calls have ended
+        if token not in pulls:
+            break
+        time.sleep(0.05)
+    assert token not in pulls
+    stub.Leave(pb.LeaveRequest(session_token=token))
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    [record] = fed.finish().history.rounds
+    assert record.status == "ok" and record.num_results == 2
+    assert_named(caplog, "puller", "2 of its pulls are waiting already")
+
+
 # -- B5: a stream that breaks mid-upload ------------------------------------------------------------
 def test_a_broken_upload_fails_its_task_at_once(caplog):
     def break_midway(stub, token, task):

@@ -50,6 +50,7 @@ REQUESTS_WAITING_PER_HOST = 64  # calls one peer host may have waiting for their
 CHUNK_SIZE = 128 << 10  # small: uploads waiting for their turn each buffer about one chunk
 MAX_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)  # gRPC's message size limit on both ends
 MAX_WAIT_S = 30.0
+PULLS_PER_SESSION = 2  # a client pulls one task at a time; 2 lets a retry overlap a dying call
 CHALLENGE_TTL_S = 60.0
 
 # Upload limits (ServerSettings and `insitu server` flags of the same names override them).
@@ -291,6 +292,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.watchdog = UploadWatchdog(upload_stall_s)
         self.gate = SessionGate(pool, self.watchdog)  # install with grpc.server(interceptors=[servicer.gate])
         self._uploading: set[str] = set()  # clients with an upload in flight
+        self._pulls: dict[str, int] = defaultdict(int)  # PullTask calls in flight, by session token
         self._challenges: dict[bytes, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
@@ -362,6 +364,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def PullTask(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
         session = self._session(session_token(context.invocation_metadata()), context)
+        self._count_pull(session.token, session.client_id, context)
         wait_s = min(max(request.wait_s, 0.0), MAX_WAIT_S)
         task = self.pool.next_task(session, wait_s)
         if task is SHUTDOWN:
@@ -384,6 +387,26 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if not context.is_active():
                     return
                 yield pb.TaskMessage(chunk=bytes(chunk))
+
+    def _count_pull(self, token: str, client_id: str, context: grpc.ServicerContext) -> None:
+        """At most PULLS_PER_SESSION long polls of one session at once: each holds a handler thread."""
+        with self._lock:
+            busy = self._pulls[token] >= PULLS_PER_SESSION
+            if not busy:
+                self._pulls[token] += 1
+        if busy:
+            log.warning("refused a PullTask of client %s: %d of its pulls are waiting already", client_id,
+                        PULLS_PER_SESSION)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {PULLS_PER_SESSION} pulls at a time")
+
+        def done() -> None:
+            with self._lock:
+                self._pulls[token] -= 1
+                if not self._pulls[token]:
+                    del self._pulls[token]
+
+        if not context.add_callback(done):  # the call has already ended
+            done()
 
     def PushResult(self, request_iterator: Iterator[pb.ResultMessage], context: grpc.ServicerContext) -> pb.PushReply:
         token = session_token(context.invocation_metadata())
@@ -523,7 +546,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             chunk = self._next_chunk(upload, messages)
         if upload.reason is not None:  # the watchdog cancelled it (the stream may end quietly then)
             raise ConnectionError(upload.reason)
-        if upload.received < declared and not context.is_active():
+        if upload.received < declared:  # ended early: whether cancelled or closed, say so (not "truncated")
             raise ConnectionError(_broken_off(upload.received, declared))
         parameters, extras = decoder.finish()
         del decoder
@@ -543,7 +566,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
 def _broken_off(received: int, declared: int) -> str:
     return (f"the stream broke off after {received} of {declared} bytes: the client sent a message over the server's "
-            f"limit of {MAX_MESSAGE_BYTES} bytes, or it disconnected or cancelled")
+            f"limit of {MAX_MESSAGE_BYTES} bytes, disconnected, cancelled, or closed its stream early")
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
