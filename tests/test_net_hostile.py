@@ -75,7 +75,10 @@ class RawInsider(threading.Thread):
         stub = stub_for(self.address)
         token = raw_session(stub, self.client_id)
         while True:
-            messages = list(stub.PullTask(pb.PullRequest(session_token=token, wait_s=0.5), metadata=auth(token)))
+            try:
+                messages = list(stub.PullTask(pb.PullRequest(session_token=token, wait_s=0.5), metadata=auth(token)))
+            except grpc.RpcError:  # the server has gone (its run ended while this insider stalled)
+                return
             body = messages[0].WhichOneof("body")
             if body == "shutdown":
                 return
@@ -176,6 +179,23 @@ def test_a_stalled_upload_is_cancelled_and_blocks_no_one(caplog, peak_memory):
     assert len(staller.errors) == 2 and all(e.code() == grpc.StatusCode.CANCELLED for e in staller.errors)
     assert_named(caplog, "staller", "stalled: no data for 1 s")
     assert peak_memory() < MEMORY_BOUND
+
+
+def test_a_stalled_upload_does_not_hold_back_the_others_while_it_stalls(caplog):
+    # The stall limit (60 s) is beyond the round deadline (4 s): the honest uploads must pass while
+    # the staller still holds its slot (a second slot opens once it has been silent for 0.05 s).
+    release = threading.Event()
+    fed = federation(num_rounds=1, upload_slots=2, upload_stall_s=60.0, round_timeout_s=4.0)
+    RawInsider(fed.address, "staller", stall_after_first_chunk(release))
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    try:
+        [record] = fed.finish().history.rounds
+    finally:
+        release.set()
+    assert record.status == "ok" and record.num_results == 2
+    [failure] = record.failures
+    assert failure["client"] == "staller" and "round deadline" in failure["reason"]
 
 
 def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog):

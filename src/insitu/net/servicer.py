@@ -8,9 +8,9 @@ reported to the round loop as that client's failure and never stops the server.
 Hostile peers are bounded (threat model: docs/deployment.md#limits-against-hostile-clients): a
 PullTask or PushResult call without a live session token in its metadata is refused before any
 message is read; calls with one request must deliver it within the stall limit, at most 64
-waiting per peer host; an upload may
-declare no more bytes than the model (and the extras a client algorithm returns) needs; it waits
-for one of ``upload_slots`` decode slots without holding memory, and a watchdog cancels it when
+waiting per peer host; an upload may declare no more bytes than the model (and the extras a
+client algorithm returns) needs; it waits for a decode slot without holding memory (one upload is
+received at a time, up to ``upload_slots`` while the others' peers are silent), and a watchdog cancels it when
 its peer stays silent for ``upload_stall_s`` or it exceeds ``upload_timeout_s``; a client has at
 most one upload in flight; claimed example counts are capped at ``max_examples_per_client``.
 """
@@ -54,7 +54,8 @@ PULLS_PER_SESSION = 2  # a client pulls one task at a time; 2 lets a retry overl
 CHALLENGE_TTL_S = 60.0
 
 # Upload limits (ServerSettings and `insitu server` flags of the same names override them).
-UPLOAD_SLOTS = 4  # uploads decoded at once: server memory is O(slots x model)
+UPLOAD_SLOTS = 4  # most uploads decoded at once: server memory is O(slots x model)
+SLOT_GRACE_S = 0.05  # another upload may start once every upload holding a slot has been silent this long
 UPLOAD_STALL_S = 10.0  # the server waited this long for the next message of an upload: cancel it
 UPLOAD_TIMEOUT_S = 300.0  # an upload that holds a decode slot longer than this is cancelled
 MAX_EXAMPLES_PER_CLIENT = 100_000  # a result claiming more examples counts as this many
@@ -177,6 +178,38 @@ class _Upload:
         self.received = 0  # payload bytes received
 
 
+class UploadSlots:
+    """Decode slots that adapt to the peers: one upload is received at a time, as long as it
+    progresses; another may start only while every upload holding a slot has been silent for
+    ``grace_s`` (a stalled or slow peer), up to ``limit`` at once. Honest fast uploads are thus
+    decoded one after another (memory: one update), and stalling peers cannot block the others.
+    An upload whose receipt is done (waiting for the loop to fold it) is not silent: it keeps the
+    next one waiting, so memory stays at one decoded update per slot."""
+
+    def __init__(self, limit: int, grace_s: float) -> None:
+        self.limit, self.grace_s = limit, grace_s
+        self._holders: set[_Upload] = set()
+        self._cond = threading.Condition()
+
+    def acquire(self, upload: _Upload, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if len(self._holders) < self.limit and all(
+                        h.waiting_since is not None and now - h.waiting_since >= self.grace_s for h in self._holders):
+                    self._holders.add(upload)
+                    return True
+                if now >= deadline:
+                    return False
+                self._cond.wait(min(deadline - now, self.grace_s / 2))  # silence grows without a notify
+
+    def release(self, upload: _Upload) -> None:
+        with self._cond:
+            self._holders.discard(upload)
+            self._cond.notify_all()
+
+
 class UploadWatchdog:
     """Cancels an upload whose peer stays silent for ``stall_s`` while the server waits for it, or
     that is still being received at its deadline. One thread, running only while uploads exist."""
@@ -207,7 +240,10 @@ class UploadWatchdog:
         ConnectionError if the call was cancelled (by this watchdog or the peer) or broke."""
         upload.waiting_since = time.monotonic()
         try:
-            return next(messages, None)
+            message = next(messages, None)
+            if message is None and upload.reason is not None:  # cancelled: the stream may just end
+                raise ConnectionError(upload.reason)
+            return message
         except grpc.RpcError as error:
             # gRPC keeps the error with the call's state: it must not keep the reading frames (and the
             # decoder buffers above them) alive, so it goes no further than here.
@@ -286,7 +322,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.download_slots = threading.BoundedSemaphore(download_slots)
         # Uploads decoded at once. Each holds a model-sized buffer from its first chunk until the loop
         # has folded it; an upload waiting for a slot holds one chunk.
-        self.upload_slots = threading.BoundedSemaphore(upload_slots)
+        self.upload_slots = UploadSlots(upload_slots, min(SLOT_GRACE_S, upload_stall_s / 4))
         self.upload_timeout_s = upload_timeout_s
         self.max_examples_per_client = max_examples_per_client
         self.watchdog = UploadWatchdog(upload_stall_s)
@@ -517,7 +553,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         The first chunk is awaited without a slot; the slot is then held until the loop has folded
         the result. False if the task stopped being awaited while the upload waited for a slot."""
         chunk = self._next_chunk(upload, messages)
-        while not self.upload_slots.acquire(timeout=0.25):
+        while not self.upload_slots.acquire(upload, timeout=0.25):
             if not context.is_active() or self.pool.pending_task(task.task_id) is None:
                 return False
         try:
@@ -529,7 +565,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.pool.deliver(task, outcome, wait_consumed=600.0)
             del outcome
         finally:
-            self.upload_slots.release()
+            self.upload_slots.release(upload)
         return True
 
     def _decode(self, upload: _Upload, task: PendingTask, header: pb.ResultHeader, num_examples: int,
