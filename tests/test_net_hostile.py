@@ -146,6 +146,22 @@ def test_a_claimed_example_count_counts_at_most_the_cap(caplog, peak_memory):
     assert peak_memory() < MEMORY_BOUND
 
 
+def test_from_round_two_a_count_weighs_at_most_ten_times_the_previous_median(caplog):
+    # The absolute cap (10^6 here) alone lets a client claiming 1000 dominate clients of 10; from
+    # round 2 its weight is also bounded by 10 x the median of round 1's counts [10, 10, 1000] = 100.
+    fed = federation(num_rounds=2, min_fit=3, max_examples_per_client=10**6)
+    fed.add(honest(1.0, n=10), "0")
+    fed.add(honest(3.0, n=10), "1")
+    fed.add(ValueClient(np.full(VALUES, 100.0, np.float32), n=1000), "liar")
+    result = fed.finish()
+    first, second = result.history.rounds
+    assert first.clients["liar"]["num_examples"] == 1000 and second.clients["liar"]["num_examples"] == 100
+    assert np.allclose(dict(result.parameters)["w"], (10 * 1.0 + 10 * 3.0 + 100 * 100.0) / 120)
+    assert first.clients["0"]["num_examples"] == second.clients["0"]["num_examples"] == 10
+    assert_named(caplog, "liar", "claimed 1000 examples; counted as 100 (max_examples_ratio 10 x the previous round's "
+                                 "median count 10)")
+
+
 # -- B3: stalled uploads ----------------------------------------------------------------------------
 def stall_after_first_chunk(release):
     def push(stub, token, task):
@@ -226,8 +242,14 @@ def test_one_upload_per_client_at_a_time(caplog):
     release = threading.Event()
     second = []
 
+    def stall(stub, token, task):
+        try:
+            stall_after_first_chunk(release)(stub, token, task)
+        except grpc.RpcError:  # how this one ends does not matter here
+            pass
+
     def push_twice(stub, token, task):
-        first = threading.Thread(target=stall_after_first_chunk(release), args=(stub, token, task), daemon=True)
+        first = threading.Thread(target=stall, args=(stub, token, task), daemon=True)
         first.start()
         time.sleep(0.3)
         try:

@@ -108,6 +108,7 @@ def server(
     upload_stall: float = typer.Option(10.0, help="Cancel an upload whose client sends nothing for this many seconds."),
     upload_timeout: float = typer.Option(300.0, help="Cancel an upload still arriving this many seconds after it got a decode slot."),
     max_examples_per_client: int = typer.Option(100_000, help="Weigh a result claiming more examples as this many (set it to your largest client's size)."),
+    max_examples_ratio: float = typer.Option(10.0, help="Weigh a result as at most this many times the previous round's median example count (0 = off)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where history, model and plot go."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log client events."),
 ) -> None:
@@ -161,7 +162,8 @@ def server(
                                   heartbeat_interval_s=min(3.0, heartbeat_timeout / 4),
                                   max_update_bytes=max_update_mb << 20, upload_slots=upload_slots,
                                   upload_stall_s=upload_stall, upload_timeout_s=upload_timeout,
-                                  max_examples_per_client=max_examples_per_client)
+                                  max_examples_per_client=max_examples_per_client,
+                                  max_examples_ratio=max_examples_ratio)
         console.print(f"[bold]insitu server[/] on {address}: {config.model}, {config.rounds} rounds, waiting for "
                       f"{config.num_clients} clients; state in {settings.store_path}")
         printer = RoundPrinter(console, config.rounds)

@@ -24,6 +24,7 @@ from insitu.net.client import GRPC_OPTIONS
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
 from insitu.net.servicer import (
     MAX_EXAMPLES_PER_CLIENT,
+    MAX_EXAMPLES_RATIO,
     UPLOAD_SLOTS,
     UPLOAD_STALL_S,
     UPLOAD_TIMEOUT_S,
@@ -96,6 +97,7 @@ class ServerSettings:
     upload_stall_s: float = UPLOAD_STALL_S  # an upload silent this long while awaited is cancelled
     upload_timeout_s: float = UPLOAD_TIMEOUT_S  # an upload holding a decode slot longer is cancelled
     max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT  # larger claimed example counts are capped
+    max_examples_ratio: float = MAX_EXAMPLES_RATIO  # and at most this x the previous round's median (0: off)
     max_clients: int = 1000
     max_handshakes_per_minute: int = 600  # per peer host (clients behind one NAT share it)
     server_name: str = "insitu"
@@ -124,6 +126,7 @@ class FederationServer:
                                            upload_slots=settings.upload_slots, upload_stall_s=settings.upload_stall_s,
                                            upload_timeout_s=settings.upload_timeout_s,
                                            max_examples_per_client=settings.max_examples_per_client,
+                                           max_examples_ratio=settings.max_examples_ratio,
                                            heartbeat_interval_s=settings.heartbeat_interval_s,
                                            limiter=AttemptLimiter(settings.max_handshakes_per_minute, 60.0),
                                            model=settings.model)

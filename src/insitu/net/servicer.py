@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import defaultdict, deque
@@ -59,6 +60,7 @@ SLOT_GRACE_S = 0.05  # another upload may start once every upload holding a slot
 UPLOAD_STALL_S = 10.0  # the server waited this long for the next message of an upload: cancel it
 UPLOAD_TIMEOUT_S = 300.0  # an upload that holds a decode slot longer than this is cancelled
 MAX_EXAMPLES_PER_CLIENT = 100_000  # a result claiming more examples counts as this many
+MAX_EXAMPLES_RATIO = 10.0  # ... and at most this many times the median count of the previous round (0: off)
 # Extras a client algorithm returns with a fit result (each at most the model's size); others are refused.
 RESULT_EXTRAS = frozenset({SCAFFOLD_DELTA_C})
 SECTION_SLACK_BYTES = 4 << 10  # a section's serde header may differ a little from ours (names are the same)
@@ -307,9 +309,12 @@ class FederationServicer(pb_grpc.FederationServicer):
                  heartbeat_interval_s: float = 3.0, limiter: AttemptLimiter | None = None,
                  download_slots: int = 4, model: str = "", upload_slots: int = UPLOAD_SLOTS,
                  upload_stall_s: float = UPLOAD_STALL_S, upload_timeout_s: float = UPLOAD_TIMEOUT_S,
-                 max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT) -> None:
+                 max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT,
+                 max_examples_ratio: float = MAX_EXAMPLES_RATIO) -> None:
         if upload_slots < 1 or upload_stall_s <= 0 or upload_timeout_s <= 0 or max_examples_per_client < 1:
             raise ValueError("upload_slots and max_examples_per_client must be >= 1, the upload limits > 0 s")
+        if not max_examples_ratio >= 0:
+            raise ValueError(f"max_examples_ratio must be >= 0 (0: off), got {max_examples_ratio}")
         self.pool = pool
         self.model = model  # the architecture's name, told to clients so they build the same one
         self.allow_list = allow_list
@@ -325,6 +330,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.upload_slots = UploadSlots(upload_slots, min(SLOT_GRACE_S, upload_stall_s / 4))
         self.upload_timeout_s = upload_timeout_s
         self.max_examples_per_client = max_examples_per_client
+        self.max_examples_ratio = max_examples_ratio
+        self._claims: dict[int, list[int]] = {}  # counted examples of fit results, by round (this and the last)
         self.watchdog = UploadWatchdog(upload_stall_s)
         self.gate = SessionGate(pool, self.watchdog)  # install with grpc.server(interceptors=[servicer.gate])
         self._uploading: set[str] = set()  # clients with an upload in flight
@@ -487,7 +494,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
         try:
             metrics = _parse_metrics(header.metrics_json)
-            num_examples = self._count(client_id, int(header.num_examples))
+            num_examples = self._count(task, int(header.num_examples))
             if task.kind == "evaluate":
                 self.pool.deliver(task, EvalResult(float(header.loss), num_examples, metrics))
                 return pb.PushReply(accepted=True, message="ok")
@@ -510,13 +517,28 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.pool.deliver(task, error)
         return pb.PushReply(accepted=False, message=message)
 
-    def _count(self, client_id: str, claimed: int) -> int:
-        """The example count a result is weighted by: what the client claims, at most the server's cap."""
-        if claimed > self.max_examples_per_client:
-            log.warning("client %s claimed %d examples; counted as %d (max_examples_per_client)",
-                        client_id, claimed, self.max_examples_per_client)
-            return self.max_examples_per_client
-        return claimed
+    def _count(self, task: PendingTask, claimed: int) -> int:
+        """The example count a result is weighted by: what the client claims, at most the server's cap
+        and, for training results, ``max_examples_ratio`` x the median count of the previous round."""
+        cap, why = self.max_examples_per_client, "max_examples_per_client"
+        median = self._previous_median(task.server_round) if task.kind != "evaluate" else None
+        if median is not None and self.max_examples_ratio > 0 and self.max_examples_ratio * median < cap:
+            cap = max(1, int(self.max_examples_ratio * median))
+            why = f"max_examples_ratio {self.max_examples_ratio:g} x the previous round's median count {median:g}"
+        counted = min(claimed, cap)
+        if task.kind == "fit" and counted > 0:
+            with self._lock:
+                self._claims.setdefault(task.server_round, []).append(counted)
+                for old in [r for r in self._claims if r < task.server_round - 1]:
+                    del self._claims[old]
+        if claimed > cap:
+            log.warning("client %s claimed %d examples; counted as %d (%s)", task.client_id, claimed, cap, why)
+        return counted
+
+    def _previous_median(self, server_round: int) -> float | None:
+        with self._lock:
+            earlier = [r for r in self._claims if r < server_round]
+            return float(statistics.median(self._claims[max(earlier)])) if earlier else None
 
     def _check_declared(self, task: PendingTask, header: pb.ResultHeader) -> None:
         """Refuse an upload whose declared sections are more than the model and the task's kind need."""
