@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class FederationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Protocol 2: PullTask and PushResult also carry the session token in their call metadata
+    ("insitu-session"), so the server refuses calls without a session before reading any message.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +69,9 @@ class FederationStub:
 
 
 class FederationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Protocol 2: PullTask and PushResult also carry the session token in their call metadata
+    ("insitu-session"), so the server refuses calls without a session before reading any message.
+    """
 
     def Hello(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -149,7 +153,9 @@ def add_FederationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Federation:
-    """Missing associated documentation comment in .proto file."""
+    """Protocol 2: PullTask and PushResult also carry the session token in their call metadata
+    ("insitu-session"), so the server refuses calls without a session before reading any message.
+    """
 
     @staticmethod
     def Hello(request,
