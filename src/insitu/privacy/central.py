@@ -85,6 +85,18 @@ class GaussianMean:
         return (noisy / self.denominator).astype(np.float32)
 
 
+def check_dp_settings(clip_norm: float, sample_rate: float, delta: float, target_epsilon: float | None) -> None:
+    """Refuse DP settings out of range (shared by central and distributed DP), naming the setting."""
+    if target_epsilon is not None and not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
 @dataclass
 class CentralDP:
     """DP-FedAvg settings and bookkeeping: noise, clipping (fixed or adaptive), accountant, budget.
@@ -120,14 +132,7 @@ class CentralDP:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if self.target_epsilon is not None and self.noise_multiplier == 0:
             raise ValueError("a target epsilon needs noise: noise_multiplier 0 gives no privacy guarantee")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
-        if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        check_dp_settings(self.clip_norm, self.sample_rate, self.delta, self.target_epsilon)
         if self.accountant_kind not in ("rdp", "pld"):
             raise ValueError(f"accountant must be 'rdp' or 'pld', got {self.accountant_kind!r}")
         if self.adaptive and not 0 < self.target_quantile < 1:

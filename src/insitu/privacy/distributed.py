@@ -30,6 +30,7 @@ import numpy as np
 
 from insitu.aggregation.transforms import l2_norm
 from insitu.privacy import skellam
+from insitu.privacy.central import check_dp_settings
 from insitu.privacy.randomness import OSEntropy, RandomnessSource
 
 PrivacyState = dict[str, np.ndarray]
@@ -159,14 +160,7 @@ class DistributedDP:
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
             raise ValueError(f"distributed DP needs noise: noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
-        if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        check_dp_settings(self.clip_norm, self.sample_rate, self.delta, self.target_epsilon)
         if self.min_contributors is not None and self.min_contributors < 1:
             raise ValueError(f"min_contributors must be >= 1, got {self.min_contributors}")
 
