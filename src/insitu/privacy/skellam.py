@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import special
+from scipy import special  # type: ignore[import-untyped]
 
 from insitu.privacy.accountant import epsilon_from_rdp
 

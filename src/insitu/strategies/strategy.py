@@ -141,7 +141,7 @@ class Strategy:
         """The clients to train this round. Under central DP a Poisson sample (each client with
         probability q), which must stay secret: draw it from OS entropy in a deployment."""
         if self.privacy is not None:  # the accountant's analysis assumes Poisson sampling
-            keep = rng.random(len(available)) < self.privacy.sample_rate
+            keep = np.asarray(rng.random(len(available))) < self.privacy.sample_rate
             return [cid for cid, chosen in zip(available, keep) if chosen]
         return _sample(available, self.num_fit_clients(len(available)), rng)
 
