@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "COLUMNS": "200", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
@@ -189,7 +190,6 @@ def test_kill_9_of_the_server_then_resume_finishes_like_an_uninterrupted_run(pro
     port = free_port()
     _run_to_end(procs, port, certs, "straight", "a", 5)
     assert procs.wait("servera") == 0
-    straight = final_history(tmp_path, "straight")["rounds"][-1]["centralized"]["metrics"]["accuracy"]
 
     port = free_port()
     _run_to_end(procs, port, certs, "resumed", "b", 5)
@@ -202,8 +202,13 @@ def test_kill_9_of_the_server_then_resume_finishes_like_an_uninterrupted_run(pro
     assert "Round 3/5" in procs.log("serverc") and "Round 1/5" not in procs.log("serverc")
     history = final_history(tmp_path, "resumed")
     assert [r["round"] for r in history["rounds"]] == [1, 2, 3, 4, 5]
-    resumed = history["rounds"][-1]["centralized"]["metrics"]["accuracy"]
-    assert abs(resumed - straight) <= 0.005
+    # The same final model as the uninterrupted run: results arrive in any order over the network, so
+    # the float32 sums may differ in their last bits (docs/deployment.md, Determinism), nothing more.
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.allclose(resumed[name], straight[name], rtol=0, atol=1e-5), name
     for cid in range(3):  # the clients rode out the restart by reconnecting
         assert procs.wait(f"client{cid}b") == 0
         assert "Done: 5 tasks completed" in procs.log(f"client{cid}b")

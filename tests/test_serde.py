@@ -1,7 +1,6 @@
 import json
 import random
 import struct
-import time
 import tracemalloc
 
 import numpy as np
@@ -306,7 +305,6 @@ def test_non_finite_numbers_in_header_are_refused():
 def test_max_bytes_refuses_huge_declaration_before_allocating():
     huge = _frame(_one(shape=[10**6, 10**6]))  # 4 TB of float32 declared
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(SerdeError, match=r"declared payload of 4000000000000 bytes exceeds max_bytes=1048576"):
             StreamDecoder(max_bytes=1 << 20).feed(huge)
@@ -318,8 +316,7 @@ def test_max_bytes_refuses_huge_declaration_before_allocating():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - start < 1.0
-    assert peak < 1 << 20
+    assert peak < 1 << 20  # refused from the header: nothing near the declared size was allocated
 
 
 def test_max_bytes_is_inclusive_and_validated():
