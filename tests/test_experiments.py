@@ -71,7 +71,8 @@ def test_explicit_runs_beside_the_grid_with_labels_and_seed_lists():
 def test_duplicate_label_and_seed_is_an_error():
     with pytest.raises(ValueError, match="duplicate run: label 'a' with seed 0"):
         expand_grid({"base": BASE, "runs": [{"label": "a", "lr": 0.1}, {"label": "a", "lr": 0.2}]})
-    expand_grid({"base": BASE, "runs": [{"label": "a"}, {"label": "a", "seed": 1}]})  # repeats over seeds: fine
+    repeated = expand_grid({"base": BASE, "runs": [{"label": "a"}, {"label": "a", "seed": 1}]})  # over seeds: fine
+    assert [(r.label, r.seed) for r in repeated] == [("a", 0), ("a", 1)]
 
 
 @pytest.mark.parametrize("spec, message", [
