@@ -238,6 +238,30 @@ def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog):
     assert_named(caplog, "dripper", "too slow")
 
 
+def test_a_fast_drip_that_is_never_silent_does_not_hold_back_the_others(caplog):
+    def drip(stub, token, task):
+        data = serde.dumps(MODEL)
+
+        def messages():
+            yield result_header(token, task, payload_bytes=len(data))
+            for start in range(0, len(data), 64):  # 64 B every 20 ms: never silent for the slot grace
+                yield pb.ResultMessage(chunk=data[start : start + 64])
+                time.sleep(0.02)
+
+        return stub.PushResult(messages(), metadata=auth(token))
+
+    # Stall limit 30 s: the dripper keeps its slot past the 4 s round deadline, so the honest uploads
+    # arrive in time only if a slot opens beside an upload slower than MIN_UPLOAD_RATE.
+    fed = federation(num_rounds=1, upload_stall_s=30.0, round_timeout_s=4.0)
+    RawInsider(fed.address, "dripper", drip)
+    time.sleep(1.0)  # the dripper holds the first slot before the honest clients upload
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    [record] = fed.finish().history.rounds
+    assert record.status == "ok" and record.num_results == 2, record.error
+    assert [f["client"] for f in record.failures] == ["dripper"]
+
+
 def test_one_upload_per_client_at_a_time(caplog):
     release = threading.Event()
     second = []

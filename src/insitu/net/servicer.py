@@ -59,6 +59,10 @@ UPLOAD_SLOTS = 4  # most uploads decoded at once: server memory is O(slots x mod
 SLOT_GRACE_S = 0.05  # another upload may start once every upload holding a slot has been silent this long
 UPLOAD_STALL_S = 10.0  # the server waited this long for the next message of an upload: cancel it
 UPLOAD_TIMEOUT_S = 300.0  # an upload that holds a decode slot longer than this is cancelled
+# An upload holding a slot must average at least this rate: a slower one no longer keeps the next
+# upload waiting (a "slow drip" is never silent), and it is cancelled once the stall limit plus its
+# declared size at this rate have passed (or at UPLOAD_TIMEOUT_S, whichever comes first).
+MIN_UPLOAD_RATE = 1 << 20  # bytes per second
 MAX_EXAMPLES_PER_CLIENT = 100_000  # a result claiming more examples counts as this many
 MAX_EXAMPLES_RATIO = 10.0  # ... and at most this many times the median count of the previous round (0: off)
 # Extras a client algorithm returns with a fit result (each at most the model's size); others are refused.
@@ -178,12 +182,22 @@ class _Upload:
         self.limit_s = 0.0
         self.reason: str | None = None  # why the watchdog cancelled it
         self.received = 0  # payload bytes received
+        self.receiving_since: float | None = None  # it holds a slot and its bytes are still arriving
+
+    def yields_slot(self, now: float, grace_s: float) -> bool:
+        """Whether this slot holder lets another upload start: its peer has been silent for ``grace_s``,
+        or it is receiving slower than ``MIN_UPLOAD_RATE`` on average (a drip that is never silent)."""
+        if self.waiting_since is not None and now - self.waiting_since >= grace_s:
+            return True
+        started = self.receiving_since
+        return started is not None and now - started >= grace_s and self.received < MIN_UPLOAD_RATE * (now - started)
 
 
 class UploadSlots:
     """Decode slots that adapt to the peers: one upload is received at a time, as long as it
     progresses; another may start only while every upload holding a slot has been silent for
-    ``grace_s`` (a stalled or slow peer), up to ``limit`` at once. Honest fast uploads are thus
+    ``grace_s`` or receives slower than ``MIN_UPLOAD_RATE`` (a stalled or slow peer), up to ``limit``
+    at once. Honest fast uploads are thus
     decoded one after another (memory: one update), and stalling peers cannot block the others.
     An upload whose receipt is done (waiting for the loop to fold it) is not silent: it keeps the
     next one waiting, so memory stays at one decoded update per slot."""
@@ -198,8 +212,7 @@ class UploadSlots:
         with self._cond:
             while True:
                 now = time.monotonic()
-                if len(self._holders) < self.limit and all(
-                        h.waiting_since is not None and now - h.waiting_since >= self.grace_s for h in self._holders):
+                if len(self._holders) < self.limit and all(h.yields_slot(now, self.grace_s) for h in self._holders):
                     self._holders.add(upload)
                     return True
                 if now >= deadline:
@@ -328,7 +341,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         # Uploads decoded at once. Each holds a model-sized buffer from its first chunk until the loop
         # has folded it; an upload waiting for a slot holds one chunk.
         self.upload_slots = UploadSlots(upload_slots, min(SLOT_GRACE_S, upload_stall_s / 4))
-        self.upload_timeout_s = upload_timeout_s
+        self.upload_timeout_s, self.upload_stall_s = upload_timeout_s, upload_stall_s
         self.max_examples_per_client = max_examples_per_client
         self.max_examples_ratio = max_examples_ratio
         self._claims: dict[int, list[int]] = {}  # counted examples of fit results, by round (this and the last)
@@ -579,11 +592,13 @@ class FederationServicer(pb_grpc.FederationServicer):
             if not context.is_active() or self.pool.pending_task(task.task_id) is None:
                 return False
         try:
-            upload.limit_s = self.upload_timeout_s
-            upload.deadline = time.monotonic() + self.upload_timeout_s
+            declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
+            upload.limit_s = min(self.upload_timeout_s, self.upload_stall_s + declared / MIN_UPLOAD_RATE)
+            upload.receiving_since = time.monotonic()
+            upload.deadline = upload.receiving_since + upload.limit_s
             outcome = self._decode(upload, task, header, num_examples, metrics, chunk, messages, context)
             del chunk
-            upload.deadline = None  # received: waiting for the loop is not the peer's doing
+            upload.deadline = upload.receiving_since = None  # received: waiting for the loop is not the peer's doing
             self.pool.deliver(task, outcome, wait_consumed=600.0)
             del outcome
         finally:
