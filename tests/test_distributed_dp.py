@@ -218,3 +218,24 @@ def test_a_malicious_client_that_skips_its_noise_share_leaves_only_the_honest_no
     signal = gamma * np.sum([u * min(1.0, 1.0 / np.linalg.norm(u)) for u in updates], axis=0)
     noise = report.total[:-1] - signal
     assert noise.std() == pytest.approx(math.sqrt(4 * variance), rel=0.05)  # four shares, not the five planned
+
+
+def test_a_decoded_sum_refused_by_the_aggregate_check_is_charged_as_computed(monkeypatch):
+    """k < m contributors, then the aggregate is refused: the server still decoded a sum of variance
+    k mu / m, so that (not the planned mu, the cheaper charge) is what the accountant records."""
+    import insitu.run.loop as loop
+
+    monkeypatch.setattr(loop, "check_aggregate", lambda parameters, bound: "refused for the test")
+    config = SimulationConfig(dataset="digits", model="logreg", num_clients=20, rounds=1, lr=0.1, seed=0,
+                              fraction_fit=0.5, secure_aggregation=True, dp_clip=1.0, dp_noise=1.0,
+                              dp_mode="distributed", dp_min_contributors=50, dp_record_client_metrics=True)
+    experiment, result = run_simulation(config)
+    [record] = result.history.rounds
+    assert record.status == "failed" and "refused for the test" in record.error
+    dp = experiment.strategy.privacy
+    [row] = result.server_state.privacy["history"]
+    contributors = len(record.clients)
+    assert 2 <= contributors < 50
+    plan = dp._last_plan
+    assert row[0] == pytest.approx(plan.mu * contributors / 50)  # as computed: fewer shares than planned
+    assert row[0] < plan.mu

@@ -159,9 +159,11 @@ class Coordinator:
         except (AggregationAssumptionError, EmptyAggregationError, SecAggAbort) as error:
             outcome = None
             problem = f"aggregation refused: {error}"
+        computed_privacy = None  # the privacy accounting of an aggregate computed, then refused
         if outcome is not None and outcome.parameters is not None:  # never commit a non-finite or absurd model
             absurd = check_aggregate(outcome.parameters, magnitude_bound(parameters))
             if absurd is not None:
+                computed_privacy = outcome.server_state.privacy
                 outcome, problem = None, f"aggregation refused: {absurd}"
         record.timings["fit_s"] = time.perf_counter() - started
         if outcome is not None:
@@ -175,7 +177,10 @@ class Coordinator:
             record.status = "failed"
             record.error = f"round {server_round}: {problem}; global model left unchanged" + _failure_summary(record)
             log.error(record.error)
-            server_state = strategy.account_failed_round(server_state)  # DP: counted all the same
+            if computed_privacy is not None:  # the (noised) sum was computed: charged as it was, not as planned
+                server_state = ServerState(server_state.optimizer, server_state.algorithm, computed_privacy)
+            else:
+                server_state = strategy.account_failed_round(server_state)  # DP: counted all the same
             if strategy.privacy is not None:
                 record.fit_metrics = {"epsilon": strategy.privacy.epsilon(server_state.privacy),
                                       "clip_norm": float(server_state.privacy["clip_norm"][0])}
