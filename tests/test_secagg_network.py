@@ -73,7 +73,8 @@ def run_federation(config: SimulationConfig, rounds: int, behaviours=None, monke
         threading.Thread(target=connect, args=(client, f"127.0.0.1:{server.port}"),
                          kwargs=dict(client_id=str(i), poll_wait_s=0.5), daemon=True).start()
     try:
-        return remote, server.run(remote.strategy, remote.initial_parameters, num_rounds=rounds, seed=config.seed)
+        return remote, server.run(remote.strategy, remote.initial_parameters, num_rounds=rounds, seed=config.seed,
+                                  allow_seeded_privacy=True)  # compared with the seeded simulation
     finally:
         server.stop(grace_s=2)
 
@@ -153,6 +154,19 @@ def test_secure_aggregation_with_central_dp_matches_the_in_process_run():
     assert got.history.rounds[-1].fit_metrics["epsilon"] == pytest.approx(
         expected.history.rounds[-1].fit_metrics["epsilon"])
     assert np.allclose(got.parameters.flat(), expected.parameters.flat(), atol=1e-6)
+
+
+def test_a_deployed_server_refuses_seeded_dp_noise():
+    config = SimulationConfig(**BASE, num_clients=2, rounds=1, min_fit_clients=1, dp_clip=1.0, dp_noise=0.3,
+                              fraction_fit=1.0)
+    seeded = build_experiment(config)  # a simulation's strategy: noise reproducible from the seed
+    assert seeded.strategy.privacy.randomness.reproducible
+    server = FederationServer(ServerSettings(address="127.0.0.1:0", insecure=True))
+    try:
+        with pytest.raises(ValueError, match="must draw DP noise from OS entropy"):
+            server.run(seeded.strategy, seeded.initial_parameters, num_rounds=1, seed=config.seed)
+    finally:
+        server.stop(grace_s=0.5)
 
 
 def test_participant_refuses_steps_out_of_order_and_foreign_payloads():

@@ -154,8 +154,17 @@ class FederationServer:
         log.info("server listening on %s (port %d, %s, %s)", settings.address, self.port, mode, auth)
 
     def run(self, strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, seed: int = 0,
-            on_round: RoundCallback | None = None) -> RunResult:
-        """Run (or resume) ``num_rounds`` rounds; every finished round is committed before the next."""
+            on_round: RoundCallback | None = None, allow_seeded_privacy: bool = False) -> RunResult:
+        """Run (or resume) ``num_rounds`` rounds; every finished round is committed before the next.
+
+        A strategy whose DP randomness is reproducible (``SimulationSeed``) is refused: anyone who knows
+        the seed could subtract the noise. ``allow_seeded_privacy=True`` is for tests that compare a
+        deployment with a seeded simulation, and gives no privacy."""
+        privacy = strategy.privacy
+        if privacy is not None and privacy.randomness.reproducible and not allow_seeded_privacy:
+            raise ValueError(f"a deployed server must draw DP noise from OS entropy, but this strategy's noise comes "
+                             f"from {privacy.randomness.describe()}; drop its randomness= argument (OSEntropy is "
+                             "the default)")
         store = RunStore(self.settings.store_path) if self.settings.store_path else None
         start_round, parameters, history, state = 1, initial_parameters, History(), None
         listener = None
