@@ -251,7 +251,7 @@ def test_a_fast_drip_that_is_never_silent_does_not_hold_back_the_others(caplog):
         return stub.PushResult(messages(), metadata=auth(token))
 
     # Stall limit 30 s: the dripper keeps its slot past the 4 s round deadline, so the honest uploads
-    # arrive in time only if a slot opens beside an upload slower than MIN_UPLOAD_RATE.
+    # arrive in time only if a slot opens beside an upload slower than SLOT_YIELD_RATE.
     fed = federation(num_rounds=1, upload_stall_s=30.0, round_timeout_s=4.0)
     RawInsider(fed.address, "dripper", drip)
     time.sleep(1.0)  # the dripper holds the first slot before the honest clients upload

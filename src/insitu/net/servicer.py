@@ -59,10 +59,12 @@ UPLOAD_SLOTS = 4  # most uploads decoded at once: server memory is O(slots x mod
 SLOT_GRACE_S = 0.05  # another upload may start once every upload holding a slot has been silent this long
 UPLOAD_STALL_S = 10.0  # the server waited this long for the next message of an upload: cancel it
 UPLOAD_TIMEOUT_S = 300.0  # an upload that holds a decode slot longer than this is cancelled
-# An upload holding a slot must average at least this rate: a slower one no longer keeps the next
-# upload waiting (a "slow drip" is never silent), and it is cancelled once the stall limit plus its
-# declared size at this rate have passed (or at UPLOAD_TIMEOUT_S, whichever comes first).
-MIN_UPLOAD_RATE = 1 << 20  # bytes per second
+# An upload holding a slot slower than SLOT_YIELD_RATE on average no longer keeps the next upload
+# waiting (a "slow drip" is never silent; opening a slot costs only memory). One slower than
+# MIN_UPLOAD_RATE is cancelled once the stall limit plus its declared size at that rate have passed
+# (or at UPLOAD_TIMEOUT_S, whichever comes first): 512 kbit/s, below any link a federation runs on.
+SLOT_YIELD_RATE = 1 << 20  # bytes per second
+MIN_UPLOAD_RATE = 64 << 10  # bytes per second
 MAX_EXAMPLES_PER_CLIENT = 100_000  # a result claiming more examples counts as this many
 MAX_EXAMPLES_RATIO = 10.0  # ... and at most this many times the median count of the previous round (0: off)
 # Extras a client algorithm returns with a fit result (each at most the model's size); others are refused.
@@ -186,17 +188,17 @@ class _Upload:
 
     def yields_slot(self, now: float, grace_s: float) -> bool:
         """Whether this slot holder lets another upload start: its peer has been silent for ``grace_s``,
-        or it is receiving slower than ``MIN_UPLOAD_RATE`` on average (a drip that is never silent)."""
+        or it is receiving slower than ``SLOT_YIELD_RATE`` on average (a drip that is never silent)."""
         if self.waiting_since is not None and now - self.waiting_since >= grace_s:
             return True
         started = self.receiving_since
-        return started is not None and now - started >= grace_s and self.received < MIN_UPLOAD_RATE * (now - started)
+        return started is not None and now - started >= grace_s and self.received < SLOT_YIELD_RATE * (now - started)
 
 
 class UploadSlots:
     """Decode slots that adapt to the peers: one upload is received at a time, as long as it
     progresses; another may start only while every upload holding a slot has been silent for
-    ``grace_s`` or receives slower than ``MIN_UPLOAD_RATE`` (a stalled or slow peer), up to ``limit``
+    ``grace_s`` or receives slower than ``SLOT_YIELD_RATE`` (a stalled or slow peer), up to ``limit``
     at once. Honest fast uploads are thus
     decoded one after another (memory: one update), and stalling peers cannot block the others.
     An upload whose receipt is done (waiting for the loop to fold it) is not silent: it keeps the
