@@ -61,7 +61,7 @@ class Misbehaving(SecAggParticipant):
         return ProtocolReply(codec.encode(message), reply.num_examples, reply.metrics)
 
 
-def run_federation(config: SimulationConfig, rounds: int, behaviours=None, monkeypatch=None):
+def run_federation(config: SimulationConfig, rounds: int, behaviours=None, monkeypatch=None, min_noise=None):
     behaviours = behaviours or {}
     if monkeypatch is not None:
         monkeypatch.setattr(net_client, "SecAggParticipant", Misbehaving)
@@ -71,7 +71,8 @@ def run_federation(config: SimulationConfig, rounds: int, behaviours=None, monke
     for i in range(config.num_clients):
         client = Tagged(build_experiment(config).client_fn(str(i)), behaviours.get(str(i)))
         threading.Thread(target=connect, args=(client, f"127.0.0.1:{server.port}"),
-                         kwargs=dict(client_id=str(i), poll_wait_s=0.5), daemon=True).start()
+                         kwargs=dict(client_id=str(i), poll_wait_s=0.5, min_noise_multiplier=min_noise),
+                         daemon=True).start()
     try:
         return remote, server.run(remote.strategy, remote.initial_parameters, num_rounds=rounds, seed=config.seed,
                                   allow_seeded_privacy=True)  # compared with the seeded simulation
@@ -296,3 +297,27 @@ def test_a_client_refuses_a_distributed_round_without_noise():
     got = SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 1000.0,
                                              "secagg_dp_variance": 100.0})
     assert got.dtype == np.int64 and got.size == 11 and got[-1] == 0
+
+
+def test_a_client_with_a_noise_floor_takes_part_in_distributed_dp_and_sends_no_count_or_metrics():
+    config = SimulationConfig(**BASE, num_clients=4, rounds=1, **DISTRIBUTED)  # noise multiplier 1.0
+    _, got = run_federation(config, 1, min_noise=0.9)
+    record = got.history.rounds[0]
+    assert record.status == "ok" and record.num_results == 4
+    assert all(entry == {"num_examples": 0} for entry in record.clients.values()), record.clients
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({**DISTRIBUTED, "dp_noise": 0.5}, "below this client's minimum 0.9"),  # the server asks for too little noise
+    ({"dp_clip": 1.0, "dp_noise": 1.0, "fraction_fit": 1.0, "min_fit_clients": 1, "dp_record_client_metrics": True},
+     "without client noise"),  # central DP: the server would decode the unnoised sum
+    ({"secure_aggregation": False, "min_fit_clients": 1}, "plain fit task"),  # the update in the clear
+])
+def test_a_client_with_a_noise_floor_refuses_less_noise_or_no_client_noise(settings, reason):
+    base = {**BASE, "secure_aggregation": True, **settings}
+    config = SimulationConfig(**{**base, "num_clients": 3, "rounds": 1})
+    _, got = run_federation(config, 1, min_noise=0.9)
+    record = got.history.rounds[0]
+    assert record.status == "failed" and record.num_results == 0
+    assert {f["client"] for f in record.failures if reason in f["reason"]} == {"0", "1", "2"}, record.failures
+    assert got.parameters == build_experiment(config).initial_parameters

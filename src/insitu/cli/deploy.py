@@ -207,6 +207,7 @@ def client(
     model: Optional[str] = typer.Option(None, help="Architecture; default: the one the server trains (it tells the client). A different one is refused."),
     train_limit: int = typer.Option(0, help="Use only the first N examples of the dataset before partitioning."),
     give_up_after: float = typer.Option(600.0, help="Stop if the server is unreachable this long (seconds)."),
+    dp_min_noise: float = typer.Option(0.0, help="Take part only in distributed-DP secure rounds whose noise is at least this multiple of the clip norm (0 = off); plain tasks are refused."),
     state_dir: Optional[Path] = typer.Option(None, help="Where this client keeps state between rounds (SCAFFOLD's control variate); default .insitu-client/CLIENT_ID."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log progress."),
 ) -> None:
@@ -266,7 +267,8 @@ def client(
         console.print(f"[bold]insitu client[/] {client_id}: {size} training examples ({where}), connecting to {address}")
         failed: list[bool] = []
         tasks = connect(build, address, client_id=client_id, signing_key=key, tls=tls, give_up_after_s=give_up_after,
-                        on_task=lambda ok: None if ok else failed.append(True))
+                        on_task=lambda ok: None if ok else failed.append(True),
+                        min_noise_multiplier=dp_min_noise if dp_min_noise > 0 else None)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(code=130) from None

@@ -91,8 +91,12 @@ def connect(
     give_up_after_s: float | None = 600.0,
     poll_wait_s: float = 10.0,
     on_task: Callable[[bool], None] | None = None,
+    min_noise_multiplier: float | None = None,
 ) -> int:
     """Serve ``client`` to the server at ``address`` until it says the federation is over.
+
+    ``min_noise_multiplier``: take part only in distributed-DP secure rounds with at least this much
+    noise (see :class:`SecAggParticipant`); plain fit and evaluate tasks are then refused.
 
     ``on_task(ok)`` is called after each task, with False when it failed here (and the failure was
     reported to the server).
@@ -125,7 +129,7 @@ def connect(
                 if local is None:
                     assert factory is not None
                     local = factory(model)
-                participant = SecAggParticipant(local)
+                participant = SecAggParticipant(local, min_noise_multiplier=min_noise_multiplier)
             elif model != server_model:
                 _leave(stub, token)
                 raise ConnectionRefused(f"the server at {address} now trains {model!r}, but this client joined a "
@@ -296,6 +300,9 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, partici
     try:
         if header.kind == "secagg":
             result: FitResult | EvalResult | ProtocolReply = participant.handle(parameters, config)
+        elif participant.min_noise_multiplier is not None:
+            raise ValueError(f"this client takes part only in distributed-DP secure rounds, but the server sent a "
+                             f"plain {header.kind} task: its result would leave this client un-noised")
         elif header.kind == "fit":
             result = client.fit(parameters, config)
         elif header.kind == "evaluate":

@@ -10,6 +10,8 @@ Messages travel as :mod:`~insitu.privacy.secagg.codec` bytes in a one-array ``Pa
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,10 +73,20 @@ class _Round:
 
 
 class SecAggParticipant:
-    """Wraps a user's ``Client`` for secure rounds; one round at a time (a new "train" step replaces it)."""
+    """Wraps a user's ``Client`` for secure rounds; one round at a time (a new "train" step replaces it).
 
-    def __init__(self, client: Client) -> None:
+    ``min_noise_multiplier`` z: this client takes part only under distributed DP whose noise, if every
+    client of the round adds its share, is at least z times the scaled clip norm (sqrt(n v) >= z gamma C
+    for n clients each adding variance v). It then refuses any other masked input, and sends neither
+    its example count nor its metrics in the clear: a guard against a server that would ask for less
+    noise than announced. Its own share is always added, whatever the others do.
+    """
+
+    def __init__(self, client: Client, *, min_noise_multiplier: float | None = None) -> None:
+        if min_noise_multiplier is not None and not min_noise_multiplier > 0:
+            raise ValueError(f"min_noise_multiplier must be > 0, got {min_noise_multiplier}")
         self.client = client
+        self.min_noise_multiplier = min_noise_multiplier
         self._round: _Round | None = None
 
     def handle(self, parameters: Parameters | None, config: Config) -> ProtocolReply:
@@ -95,7 +107,8 @@ class SecAggParticipant:
         if step == "share":
             reply = protocol.share_keys(codec.decode(data, KeyBroadcast))
         elif step == "masked":
-            reply = protocol.masked_input(codec.decode(data, RoutedShares), self._input(current, config))
+            reply = protocol.masked_input(codec.decode(data, RoutedShares), self._input(current, config,
+                                                                                        self.min_noise_multiplier))
             current.delta = None
         else:
             reply = protocol.unmask(codec.decode(data, UnmaskRequest))
@@ -118,15 +131,20 @@ class SecAggParticipant:
                              f"{sorted(result.extras)} that would have to travel in the clear")
         delta = result.parameters.flat() - parameters.flat()
         self._round = _Round(protocol_config.session, protocol, delta, int(result.num_examples))
+        if self.min_noise_multiplier is not None:  # nothing about this client's data leaves it un-noised
+            return ProtocolReply(codec.encode(protocol.advertise_keys()), 0, {})
         return ProtocolReply(codec.encode(protocol.advertise_keys()), int(result.num_examples), dict(result.metrics))
 
     @staticmethod
-    def _input(current: _Round, config: Config) -> np.ndarray:
+    def _input(current: _Round, config: Config, min_noise_multiplier: float | None = None) -> np.ndarray:
         """This client's protocol input: weighted delta, or clipped delta under central DP."""
         assert current.delta is not None
         bound = current.protocol.config.bound
         if "secagg_dp_gamma" in config:
-            return SecAggParticipant._distributed_input(current, config)
+            return SecAggParticipant._distributed_input(current, config, min_noise_multiplier)
+        if min_noise_multiplier is not None:
+            raise ValueError(f"this client takes part only under distributed DP (noise multiplier >= "
+                             f"{min_noise_multiplier:g}), but the server asked for a masked input without client noise")
         if "secagg_clip_norm" in config:
             return secure_input(current.delta, bound=bound, clip_norm=float(config["secagg_clip_norm"]))  # type: ignore[arg-type]
         if "secagg_weight_scale" not in config:
@@ -135,7 +153,7 @@ class SecAggParticipant:
         return secure_input(current.delta, bound=bound, weight=current.num_examples * scale)
 
     @staticmethod
-    def _distributed_input(current: _Round, config: Config) -> np.ndarray:
+    def _distributed_input(current: _Round, config: Config, min_noise_multiplier: float | None = None) -> np.ndarray:
         """Distributed DP: clip, scale, round and add this client's Skellam noise share, all here.
 
         The noise always comes from this machine's OS entropy (never a seed from the server). The server's
@@ -153,6 +171,12 @@ class SecAggParticipant:
         if not (variance > 0 and gamma > 0 and clip > 0):
             raise ValueError(f"distributed DP: refusing clip {clip}, gamma {gamma}, noise variance {variance} "
                              "(each must be > 0: a client always adds its noise share)")
+        if min_noise_multiplier is not None:
+            planned = math.sqrt(protocol_config.n * variance) / (gamma * clip)
+            if planned < min_noise_multiplier:
+                raise ValueError(f"distributed DP: the server's noise, {planned:.3g} x the clip norm with all "
+                                 f"{protocol_config.n} clients' shares, is below this client's minimum "
+                                 f"{min_noise_multiplier:g}: refusing to take part")
         check_field(protocol_config.n, gamma, clip, variance, current.delta.size)
         return distributed_input(current.delta, clip_norm=clip, gamma=gamma, client_variance=variance,
                                  rng=client_rng(None, 0, protocol_config.session))
