@@ -146,7 +146,7 @@ def test_a_claimed_example_count_counts_at_most_the_cap(caplog, peak_memory):
     assert peak_memory() < MEMORY_BOUND
 
 
-def test_from_round_two_a_count_weighs_at_most_ten_times_the_previous_median(caplog):
+def test_from_round_two_a_count_weighs_at_most_ten_times_the_previous_median(caplog, peak_memory):
     # The absolute cap (10^6 here) alone lets a client claiming 1000 dominate clients of 10; from
     # round 2 its weight is also bounded by 10 x the median of round 1's counts [10, 10, 1000] = 100.
     fed = federation(num_rounds=2, min_fit=3, max_examples_per_client=10**6)
@@ -163,6 +163,7 @@ def test_from_round_two_a_count_weighs_at_most_ten_times_the_previous_median(cap
 
 
 # -- B3: stalled uploads ----------------------------------------------------------------------------
+    assert peak_memory() < MEMORY_BOUND
 def stall_after_first_chunk(release):
     def push(stub, token, task):
         data = serde.dumps(MODEL)
@@ -214,7 +215,7 @@ def test_a_stalled_upload_does_not_hold_back_the_others_while_it_stalls(caplog):
     assert failure["client"] == "staller" and "round deadline" in failure["reason"]
 
 
-def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog):
+def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog, peak_memory):
     def drip(stub, token, task):
         data = serde.dumps(MODEL)
 
@@ -236,9 +237,10 @@ def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog):
     assert failure["client"] == "dripper" and "not received within the upload time limit of 1 s" in failure["reason"]
     assert dripper.errors and dripper.errors[0].code() == grpc.StatusCode.CANCELLED
     assert_named(caplog, "dripper", "too slow")
+    assert peak_memory() < MEMORY_BOUND
 
 
-def test_a_fast_drip_that_is_never_silent_does_not_hold_back_the_others(caplog):
+def test_a_fast_drip_that_is_never_silent_does_not_hold_back_the_others(caplog, peak_memory):
     def drip(stub, token, task):
         data = serde.dumps(MODEL)
 
@@ -260,9 +262,11 @@ def test_a_fast_drip_that_is_never_silent_does_not_hold_back_the_others(caplog):
     [record] = fed.finish().history.rounds
     assert record.status == "ok" and record.num_results == 2, record.error
     assert [f["client"] for f in record.failures] == ["dripper"]
+    assert_named(caplog, "dripper", "fit failed")
+    assert peak_memory() < MEMORY_BOUND
 
 
-def test_one_upload_per_client_at_a_time(caplog):
+def test_one_upload_per_client_at_a_time(caplog, peak_memory):
     release = threading.Event()
     second = []
 
@@ -295,6 +299,7 @@ def test_one_upload_per_client_at_a_time(caplog):
 
 
 # -- B4: streams opened without credentials -----------------------------------------------------------
+    assert peak_memory() < MEMORY_BOUND
 def silent(release):
     """A request stream that sends nothing until ``release`` is set."""
     release.wait()
@@ -309,7 +314,7 @@ def open_idle_uploads(address, count, metadata=None):
     return release, [stub.PushResult.future(silent(release), metadata=metadata) for _ in range(count)]
 
 
-def test_unauthenticated_streams_hold_no_server_threads(caplog):
+def test_unauthenticated_streams_hold_no_server_threads(caplog, peak_memory):
     # max_clients=8: the server has 8 * 2 + 8 = 24 handler threads; 60 idle streams would take them all.
     fed = federation(num_rounds=2, available=2, max_clients=8)
     release, calls = open_idle_uploads(fed.address, 60)
@@ -326,9 +331,10 @@ def test_unauthenticated_streams_hold_no_server_threads(caplog):
     assert [r.status for r in result.history.rounds] == ["ok", "ok"]
     assert "no valid session" in calls[0].exception().details()
     assert any("without a valid session token" in r.getMessage() for r in caplog.records)
+    assert peak_memory() < MEMORY_BOUND
 
 
-def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog):
+def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog, peak_memory):
     fed = federation(num_rounds=1, available=2, upload_stall_s=0.5)
     stub = stub_for(fed.address)
     token = raw_session(stub, "idler")
@@ -342,9 +348,10 @@ def test_an_authenticated_idle_upload_is_cancelled_after_the_stall_limit(caplog)
     fed.add(honest(3.0), "1")
     fed.finish()
     assert_named(caplog, "idler", "ended before its header: stalled")
+    assert peak_memory() < MEMORY_BOUND
 
 
-def test_calls_that_never_send_their_request_are_cut_off_and_capped_per_host(caplog):
+def test_calls_that_never_send_their_request_are_cut_off_and_capped_per_host(caplog, peak_memory):
     # Hello, Heartbeat and PullTask take one request: a peer that opens the call and never sends it
     # held a handler thread for good. Now the request must arrive within the stall limit, and one
     # host may have 4 (here) calls waiting; honest clients (retrying with backoff) get through.
@@ -380,9 +387,10 @@ def test_calls_that_never_send_their_request_are_cut_off_and_capped_per_host(cap
     assert record.status == "ok" and record.num_results == 2
     notes = [r.getMessage() for r in caplog.records if "unauthenticated call(s)" in r.getMessage()]
     assert any("waiting for their request" in n or "without a request" in n for n in notes), notes
+    assert peak_memory() < MEMORY_BOUND
 
 
-def test_a_session_has_at_most_two_pulls_waiting(caplog):
+def test_a_session_has_at_most_two_pulls_waiting(caplog, peak_memory):
     fed = federation(num_rounds=1, available=2)
     stub = stub_for(fed.address)
     token = raw_session(stub, "puller")
@@ -411,7 +419,8 @@ def test_a_session_has_at_most_two_pulls_waiting(caplog):
 
 
 # -- B5: a stream that breaks mid-upload ------------------------------------------------------------
-def test_a_broken_upload_fails_its_task_at_once(caplog):
+    assert peak_memory() < MEMORY_BOUND
+def test_a_broken_upload_fails_its_task_at_once(caplog, peak_memory):
     def break_midway(stub, token, task):
         data = serde.dumps(MODEL)
 
@@ -437,6 +446,7 @@ def test_a_broken_upload_fails_its_task_at_once(caplog):
 
 
 # -- B9: uploads larger than the model needs ---------------------------------------------------------
+    assert peak_memory() < MEMORY_BOUND
 JUNK_BYTES = 256 << 20
 
 
@@ -477,7 +487,7 @@ def test_extras_beyond_what_the_algorithm_returns_are_refused(caplog, peak_memor
     assert peak_memory() < MEMORY_BOUND
 
 
-def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_path, caplog):
+def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_path, caplog, peak_memory):
     # mTLS lets the thief's connection in; without the signing key it has no session, so its 450
     # idle upload streams are refused at once and the allow-listed clients (TLS + keys) finish.
     files = security.generate_federation(tmp_path / "fed", ["0", "1", "thief"])
@@ -501,3 +511,4 @@ def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_pa
         release.set()
     assert record.status == "ok" and record.num_results == 2
     assert any("without a valid session token" in r.getMessage() for r in caplog.records)
+    assert peak_memory() < MEMORY_BOUND
