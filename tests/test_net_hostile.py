@@ -215,20 +215,26 @@ def test_a_stalled_upload_does_not_hold_back_the_others_while_it_stalls(caplog):
     assert failure["client"] == "staller" and "round deadline" in failure["reason"]
 
 
-def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog, peak_memory):
-    def drip(stub, token, task):
+def drip(size, pause):
+    """An insider that uploads its model ``size`` bytes at a time, ``pause`` seconds apart."""
+
+    def push(stub, token, task):
         data = serde.dumps(MODEL)
 
         def messages():
             yield result_header(token, task, payload_bytes=len(data))
-            for start in range(0, len(data), 1024):  # 1 KiB every 0.1 s: never silent for the stall limit
-                yield pb.ResultMessage(chunk=data[start : start + 1024])
-                time.sleep(0.1)
+            for start in range(0, len(data), size):
+                yield pb.ResultMessage(chunk=data[start : start + size])
+                time.sleep(pause)
 
         return stub.PushResult(messages(), metadata=auth(token))
 
+    return push
+
+
+def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog, peak_memory):
     fed = federation(num_rounds=1, upload_stall_s=2.0, upload_timeout_s=1.0)
-    dripper = RawInsider(fed.address, "dripper", drip)
+    dripper = RawInsider(fed.address, "dripper", drip(1024, 0.1))  # never silent for the stall limit
     fed.add(honest(1.0), "0")
     fed.add(honest(3.0), "1")
     [record] = fed.finish().history.rounds
@@ -241,21 +247,10 @@ def test_a_slow_drip_upload_is_cancelled_at_the_upload_time_limit(caplog, peak_m
 
 
 def test_a_fast_drip_that_is_never_silent_does_not_hold_back_the_others(caplog, peak_memory):
-    def drip(stub, token, task):
-        data = serde.dumps(MODEL)
-
-        def messages():
-            yield result_header(token, task, payload_bytes=len(data))
-            for start in range(0, len(data), 64):  # 64 B every 20 ms: never silent for the slot grace
-                yield pb.ResultMessage(chunk=data[start : start + 64])
-                time.sleep(0.02)
-
-        return stub.PushResult(messages(), metadata=auth(token))
-
     # Stall limit 30 s: the dripper keeps its slot past the 4 s round deadline, so the honest uploads
     # arrive in time only if a slot opens beside an upload slower than SLOT_YIELD_RATE.
     fed = federation(num_rounds=1, upload_stall_s=30.0, round_timeout_s=4.0)
-    RawInsider(fed.address, "dripper", drip)
+    RawInsider(fed.address, "dripper", drip(64, 0.02))  # never silent for the 50 ms slot grace
     time.sleep(1.0)  # the dripper holds the first slot before the honest clients upload
     fed.add(honest(1.0), "0")
     fed.add(honest(3.0), "1")
