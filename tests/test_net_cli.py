@@ -233,10 +233,12 @@ def test_ctrl_c_mid_run_clients_wait_and_rejoin_the_resumed_server(procs, certs,
     port = free_port()
     # One short local epoch: a client busy training when Ctrl-C comes still pulls (and hears that the
     # run is resumable) within the server's grace; one training longer would just see the server gone.
-    procs.start("server", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1", "--local-epochs", "1"))
+    # 40 short rounds: the run cannot end before Ctrl-C arrives (3 rounds sometimes did, on a fast box).
+    rounds = "40"
+    procs.start("server", *server_args(port, certs, "out", "--rounds", rounds, "--min-clients", "1", "--local-epochs", "1"))
     procs.start("client0", "client", "--certs", str(certs / "clients" / "0"), "--client-id", "0",
                 "--address", f"localhost:{port}")  # its partition defaults to its id
-    procs.wait_for_text("server", "Round 1/3")
+    procs.wait_for_text("server", "Round 1/40")
     procs.procs["server"].send_signal(signal.SIGINT)
     assert procs.wait("server", 30) == 130, procs.log("server")  # not ~600 s in an upload handler
     assert "completed rounds are saved; continue with --resume" in " ".join(procs.log("server").split())
@@ -245,11 +247,11 @@ def test_ctrl_c_mid_run_clients_wait_and_rejoin_the_resumed_server(procs, certs,
     time.sleep(1.0)
     assert procs.procs["client0"].poll() is None, procs.log("client0")
     assert "Done" not in procs.log("client0")
-    procs.start("resumed", *server_args(port, certs, "out", "--rounds", "3", "--min-clients", "1", "--local-epochs", "1",
+    procs.start("resumed", *server_args(port, certs, "out", "--rounds", rounds, "--min-clients", "1", "--local-epochs", "1",
                                         "--resume"))
     assert procs.wait("resumed") == 0, procs.log("resumed")
-    assert "resuming after round" in procs.log("resumed") and "Round 3/3" in procs.log("resumed")
-    assert [r["round"] for r in final_history(tmp_path, "out")["rounds"]] == [1, 2, 3]  # nothing lost or torn
+    assert "resuming after round" in procs.log("resumed") and "Round 40/40" in procs.log("resumed")
+    assert [r["round"] for r in final_history(tmp_path, "out")["rounds"]] == list(range(1, 41))  # nothing lost or torn
     assert procs.wait("client0") == 0, procs.log("client0")
     assert "partition 0 of 3" in procs.log("client0") and "Done:" in procs.log("client0")
 
