@@ -239,3 +239,20 @@ def test_a_decoded_sum_refused_by_the_aggregate_check_is_charged_as_computed(mon
     plan = dp._last_plan
     assert row[0] == pytest.approx(plan.mu * contributors / 50)  # as computed: fewer shares than planned
     assert row[0] < plan.mu
+
+
+def test_a_round_that_fails_before_its_plan_is_charged_all_the_same():
+    """First round (or first after a resume, on a fresh instance): no plan yet, yet the round is counted,
+    at this round's planned noise, exactly as an instance that had planned it would count it."""
+    planned = DistributedDP(1.0, 1.0, 0.1, min_contributors=5)
+    state = planned.init_state()
+    plan = planned.plan(state, 100, 1000)
+    expected = planned.after_failed_round(state, 100, 1000)
+    fresh = DistributedDP(1.0, 1.0, 0.1, min_contributors=5)  # as after a restart: nothing planned
+    charged = fresh.after_failed_round(state, 100, 1000)
+    assert len(charged["history"]) == 1 and charged["history"][0, 0] == pytest.approx(plan.mu)
+    assert fresh.epsilon(charged) == pytest.approx(planned.epsilon(expected), rel=1e-12) and fresh.epsilon(charged) > 0
+    # a stale plan from the previous round is not reused for the next one
+    again = fresh.after_failed_round(charged, 100, 1000)
+    assert again["history"][:, 4].sum() == 2  # two rounds counted
+    assert fresh.epsilon(again) > fresh.epsilon(charged)

@@ -220,8 +220,9 @@ class CentralDP:
             clip *= math.exp(-self.clip_lr * (noisy_fraction - self.target_quantile))
         return {**accountant.state_arrays(), "clip_norm": np.array([clip])}
 
-    def after_failed_round(self, state: PrivacyState) -> PrivacyState:
+    def after_failed_round(self, state: PrivacyState, num_clients: int = 0, dim: int = 0) -> PrivacyState:
         """A round whose aggregation failed: counted all the same (conservative), clip norm kept.
+        (``num_clients`` and ``dim`` size distributed DP's plan; central DP's step does not need them.)
 
         Whether a round fails can depend on who was sampled; counting it keeps epsilon an upper bound.
         """

@@ -186,11 +186,9 @@ class DistributedDP:
         gamma = gamma_for(self.clip_norm, num_clients, self.noise_multiplier, m)
         l1, l2 = skellam.sensitivities(gamma * self.clip_norm, dim)
         mu = (self.noise_multiplier * l2) ** 2
-        rounds_so_far = int(np.asarray(state.get("history", np.zeros((0, 5))))[:, 4].sum()) \
-            if len(state.get("history", ())) else 0
         seed = getattr(self.randomness, "seed", None) if self.randomness.reproducible else None
         plan = RoundPlan(self.clip_norm, gamma, mu / m, mu, l1, l2, m, self.sample_rate * num_clients,
-                         rounds_so_far + 1, seed)
+                         self._release_index(state), seed)
         self._last_plan = plan
         return plan
 
@@ -258,11 +256,20 @@ class DistributedDP:
             raise RuntimeError("distributed DP: a round was released without a plan (call plan() first)")
         return self._charge(state, plan.charged_variance(int(contributors)), plan)
 
-    def after_failed_round(self, state: PrivacyState) -> PrivacyState:
-        """A round that failed: counted at the full planned noise (conservative; a failed secure round
-        decodes nothing, but the failure may have come after the sum was decoded)."""
+    def after_failed_round(self, state: PrivacyState, num_clients: int, dim: int) -> PrivacyState:
+        """A round that failed: counted at this round's full planned noise, whoever was sampled (whether a
+        round fails can depend on the sample). Planned here when the round failed before its plan (too
+        few clients sampled, the first round after a resume): every round is accounted."""
         plan = self._last_plan
-        return state if plan is None else self._charge(state, plan.mu, plan)
+        if plan is None or plan.round_index != self._release_index(state):
+            plan = self.plan(state, num_clients, dim)
+        return self._charge(state, plan.mu, plan)
+
+    @staticmethod
+    def _release_index(state: PrivacyState) -> int:
+        """The number of this round's release: rounds charged so far + 1 (persisted, so it survives a resume)."""
+        history = np.asarray(state.get("history", np.zeros((0, 5))))
+        return int(history[:, 4].sum()) + 1 if len(history) else 1
 
     def _charge(self, state: PrivacyState, variance: float, plan: RoundPlan) -> PrivacyState:
         row = np.array([[variance, self.sample_rate, plan.l1, plan.l2, 1.0]])

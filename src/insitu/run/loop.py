@@ -180,7 +180,8 @@ class Coordinator:
             if computed_privacy is not None:  # the (noised) sum was computed: charged as it was, not as planned
                 server_state = ServerState(server_state.optimizer, server_state.algorithm, computed_privacy)
             else:
-                server_state = strategy.account_failed_round(server_state)  # DP: counted all the same
+                server_state = strategy.account_failed_round(server_state, len(available),  # DP: counted all the same
+                                                             parameters.num_values)
             if strategy.privacy is not None:
                 record.fit_metrics = {"epsilon": strategy.privacy.epsilon(server_state.privacy),
                                       "clip_norm": float(server_state.privacy["clip_norm"][0])}

@@ -171,12 +171,13 @@ class Strategy:
         """Why the run must end before the next round (a spent privacy budget), or None."""
         return self.privacy.stop_reason(state.privacy) if self.privacy is not None else None
 
-    def account_failed_round(self, state: ServerState) -> ServerState:
+    def account_failed_round(self, state: ServerState, num_clients: int, dim: int) -> ServerState:
         """The state after a round that released nothing because its aggregation failed: under central
         DP the accountant counts it all the same (conservative); otherwise unchanged."""
         if self.privacy is None:
             return state
-        return ServerState(state.optimizer, state.algorithm, self.privacy.after_failed_round(state.privacy))
+        return ServerState(state.optimizer, state.algorithm,
+                           self.privacy.after_failed_round(state.privacy, num_clients, dim))
 
     @property
     def withholds_client_facts(self) -> bool:
