@@ -223,7 +223,7 @@ def test_a_malicious_client_that_skips_its_noise_share_leaves_only_the_honest_no
 def test_a_decoded_sum_refused_by_the_aggregate_check_is_charged_as_computed(monkeypatch):
     """k < m contributors, then the aggregate is refused: the server still decoded a sum of variance
     k mu / m, so that (not the planned mu, the cheaper charge) is what the accountant records."""
-    import insitu.run.loop as loop
+    from insitu.run import loop
 
     monkeypatch.setattr(loop, "check_aggregate", lambda parameters, bound: "refused for the test")
     config = SimulationConfig(dataset="digits", model="logreg", num_clients=20, rounds=1, lr=0.1, seed=0,
