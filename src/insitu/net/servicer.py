@@ -506,7 +506,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         if header.error:
             self.pool.deliver(task, RuntimeError(f"client reported an error: {header.error}"))
             return pb.PushReply(accepted=True, message="error recorded")
-        declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
+        declared = _declared_bytes(header)
         try:
             metrics = _parse_metrics(header.metrics_json)
             num_examples = self._count(task, int(header.num_examples))
@@ -516,6 +516,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._check_declared(task, header)  # before any slot or buffer is taken
             if not self._receive(upload, task, header, num_examples, metrics, messages, context):
                 return pb.PushReply(accepted=False, message="this task is no longer awaited (late or unknown)")
+            self._record_count(task, num_examples)  # only a received result moves the next round's median
         except (serde.SerdeError, ValueError) as error:
             return self._fail(task, ValueError(f"bad update: {error}"), f"update rejected: {error}")
         except ConnectionError:  # the watchdog cancelled the call, or the stream broke off
@@ -541,14 +542,17 @@ class FederationServicer(pb_grpc.FederationServicer):
             cap = max(1, int(self.max_examples_ratio * median))
             why = f"max_examples_ratio {self.max_examples_ratio:g} x the previous round's median count {median:g}"
         counted = min(claimed, cap)
+        if claimed > cap:
+            log.warning("client %s claimed %d examples; counted as %d (%s)", task.client_id, claimed, cap, why)
+        return counted
+
+    def _record_count(self, task: PendingTask, counted: int) -> None:
+        """Remember a received training result's counted examples (the median of a round caps the next)."""
         if task.kind == "fit" and counted > 0:
             with self._lock:
                 self._claims.setdefault(task.server_round, []).append(counted)
                 for old in [r for r in self._claims if r < task.server_round - 1]:
                     del self._claims[old]
-        if claimed > cap:
-            log.warning("client %s claimed %d examples; counted as %d (%s)", task.client_id, claimed, cap, why)
-        return counted
 
     def _previous_median(self, server_round: int) -> float | None:
         with self._lock:
@@ -594,7 +598,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             if not context.is_active() or self.pool.pending_task(task.task_id) is None:
                 return False
         try:
-            declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
+            declared = _declared_bytes(header)
             upload.limit_s = min(self.upload_timeout_s, self.upload_stall_s + declared / MIN_UPLOAD_RATE)
             upload.receiving_since = time.monotonic()
             upload.deadline = upload.receiving_since + upload.limit_s
@@ -614,7 +618,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         secagg = task.kind == "secagg"
         decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=self.max_update_bytes,
                                          expected=task.expected)
-        declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
+        declared = _declared_bytes(header)
         while chunk is not None:
             decoder.feed(chunk)
             upload.received += len(chunk)
@@ -642,6 +646,11 @@ class FederationServicer(pb_grpc.FederationServicer):
 def _broken_off(received: int, declared: int) -> str:
     return (f"the stream broke off after {received} of {declared} bytes: the client sent a message over the server's "
             f"limit of {MAX_MESSAGE_BYTES} bytes, disconnected, cancelled, or closed its stream early")
+
+
+def _declared_bytes(header: pb.ResultHeader) -> int:
+    """The payload bytes a result header announces: parameters plus every extra."""
+    return header.payload_bytes + sum(e.payload_bytes for e in header.extras)
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
