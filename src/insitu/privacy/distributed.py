@@ -155,7 +155,6 @@ class DistributedDP:
     record_client_metrics: bool = False
     _last_plan: RoundPlan | None = field(default=None, repr=False)
 
-    needs_secure_aggregation = True
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:

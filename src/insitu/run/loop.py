@@ -22,6 +22,7 @@ from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregation
 from insitu.client.api import EvalResult, FitResult
 from insitu.engines.base import ClientPool, Task
 from insitu.params import Parameters
+from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
 from insitu.run.history import Evaluation, History, RoundRecord
@@ -101,7 +102,7 @@ class Coordinator:
         privacy = self.strategy.privacy
         if privacy is not None:
             level = logging.WARNING if privacy.randomness.reproducible or self.sampling.reproducible else logging.INFO
-            if getattr(privacy, "needs_secure_aggregation", False):  # distributed DP: the clients add the noise
+            if isinstance(privacy, DistributedDP):  # the clients add the noise
                 noise = (f"simulated clients' noise from {privacy.randomness.describe()}" if privacy.randomness.reproducible
                          else "each client draws its noise share from its own OS entropy")
                 log.log(level, "distributed DP: %s; client sampling from %s", noise, self.sampling.describe())
@@ -273,7 +274,7 @@ def _withhold_client_facts(record: RoundRecord) -> None:
     record.fit_metrics = {k: v for k, v in record.fit_metrics.items() if k in ("epsilon", "clip_norm")}
     if record.error is not None:
         record.error = (f"round {record.round}: aggregation failed; global model left unchanged (details in the "
-                        "server log; per-client facts are not recorded under central DP)")
+                        "server log; per-client facts are not recorded under DP)")
     record.withheld = True
 
 

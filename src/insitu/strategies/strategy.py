@@ -116,14 +116,15 @@ class Strategy:
     def _check_privacy(self) -> None:
         """Refuse settings under which whether (or what) a round releases depends on who was sampled,
         or under which something leaves the server that epsilon does not cover."""
-        if self.min_fit_clients > 1:
-            raise ValueError(f"central DP releases every round, whoever was sampled (the accountant counts every "
-                             f"round); min_fit_clients={self.min_fit_clients} would release a round only when enough "
-                             f"clients were sampled, so the release would depend on the sample: use min_fit_clients=1")
+        kind = "distributed DP" if isinstance(self.privacy, DistributedDP) else "central DP"
         if not self.algorithm.secure_compatible:
             raise ValueError(f"{type(self.algorithm).__name__} aggregates extra per-client arrays (e.g. control "
-                             "variates) that central DP neither clips nor noises, so epsilon would not cover them: "
-                             "use fedavg, fedprox or fedsgd with central DP")
+                             f"variates) that {kind} neither clips nor noises, so epsilon would not cover them: "
+                             f"use fedavg, fedprox or fedsgd with {kind}")
+        if self.min_fit_clients > 1:
+            raise ValueError(f"{kind} releases every round, whoever was sampled (the accountant counts every "
+                             f"round); min_fit_clients={self.min_fit_clients} would release a round only when enough "
+                             f"clients were sampled, so the release would depend on the sample: use min_fit_clients=1")
 
     # -- selection and configs --------------------------------------------------------------
     def num_fit_clients(self, num_available: int) -> int:
