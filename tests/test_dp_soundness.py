@@ -206,7 +206,6 @@ def test_a_resumed_seeded_run_draws_the_noise_of_the_uninterrupted_run_and_never
     resumed = strategy().aggregate_fit(START, ServerState.from_arrays(saved), zero, num_clients=4)
     assert np.array_equal(resumed.parameters.flat(), deltas[2])
     assert not np.array_equal(deltas[2], deltas[0]) and not np.array_equal(deltas[1], deltas[0])
-    assert not hasattr(CentralDP(1.0, 1.0, 0.5), "_rounds_drawn")
 
 
 # -- A3: adaptive clipping's epsilon is that of the mechanism run ------------------------------------
@@ -256,7 +255,7 @@ def test_every_round_is_released_and_accounted_whoever_was_sampled(num_clients, 
     assert dp.accountant(states[-1].privacy).steps == rounds
     sizes = [len(asked) for asked in pool.asked]
     if not failing:
-        assert min(sizes) <= 1  # rounds with no or one sampled client were run, released and counted
+        assert 0 in sizes  # a round with no sampled client was run, released and counted
         previous = START.flat()
         for size, after in zip(sizes, params):
             if size == 0:  # nobody sampled: the release is the noise / (q N), not "no round"
