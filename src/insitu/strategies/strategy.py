@@ -22,7 +22,7 @@ from insitu.params import Parameters, ParamSpec
 from insitu.privacy.central import CentralDP
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import Generator
-from insitu.privacy.secure import SecureAggregation
+from insitu.privacy.secure import SecureAggregation, SecureBuffer
 from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
 
@@ -221,11 +221,14 @@ class Strategy:
             return Aggregate(None, server_state, {}, 0)
         delta = reducer.finish(acc)  # owned by us: transformed in place below
         unclipped = getattr(acc, "unclipped", 0)  # central DP: updates within the clip norm
+        # distributed DP: the inputs that reached the secure sum (charged as such), not the updates handed in
+        contributors = acc.contributors if isinstance(acc, SecureBuffer) and acc.contributors else None
         del acc
         if on_models:
             np.subtract(delta, global_flat, out=delta)
         algorithm_state = algorithm.finish(extras_acc, server_state.algorithm, num_clients or len(metric_entries))
-        return self._apply(parameters, server_state, delta, metric_entries, algorithm_state, unclipped, num_clients)
+        return self._apply(parameters, server_state, delta, metric_entries, algorithm_state, unclipped, num_clients,
+                           contributors)
 
     def apply_mean_delta(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,
                          metric_entries: list[tuple[int, Metrics]], *, unclipped: int = 0,
@@ -244,7 +247,7 @@ class Strategy:
 
     def _apply(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,
                metric_entries: list[tuple[int, Metrics]], algorithm_state: AlgorithmState, unclipped: int,
-               num_clients: int) -> Aggregate:
+               num_clients: int, contributors: int | None = None) -> Aggregate:
         """Server optimizer step on the mean delta, privacy bookkeeping, round metrics."""
         new_flat, optimizer_state = self.server_optimizer.update(parameters.flat(), delta, server_state.optimizer)
         del delta
@@ -254,7 +257,7 @@ class Strategy:
         metrics = {} if self.withholds_client_facts else weighted_average_metrics(metric_entries)
         if privacy is not None:
             privacy_state = privacy.after_round(privacy_state, unclipped, num_clients or len(metric_entries),
-                                                contributors=len(metric_entries))
+                                                contributors=contributors or len(metric_entries))
             metrics.update(epsilon=privacy.epsilon(privacy_state), clip_norm=float(privacy_state["clip_norm"][0]))
         return Aggregate(new_params, ServerState(optimizer_state, algorithm_state, privacy_state),
                          metrics, len(metric_entries))
