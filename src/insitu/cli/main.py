@@ -121,7 +121,7 @@ def simulate(
         console.print(f"  {label:<8} {path}")
     failed = result.history.failed_rounds
     if failed:
-        err_console.print(f"[bold red]{len(failed)} round(s) failed[/]: {', '.join(map(str, failed))} (see history.json)")
+        err_console.print(f"[bold red]{len(failed)} round(s) failed[/]: {', '.join(map(str, failed))} (see history.json and the log above)")
         raise typer.Exit(code=1)
 
 
