@@ -34,6 +34,7 @@ from server_memory import (  # the bench folder is no package
     Sampler,
     make_parameters,
     rss_mb,
+    run_with_clients,
 )
 
 TARGET_RATIO = 1.2
@@ -164,25 +165,8 @@ def run(clients: int, stallers: int, values: int, rounds: int, stall_s: float, s
     queue = ctx.Queue()
     server = ctx.Process(target=server_process, args=(queue, clients, values, rounds, stall_s, slots))
     server.start()
-    client_proc = None
-    try:
-        kind, port = queue.get(timeout=60)
-        if kind != "port":
-            raise RuntimeError(port)
-        client_proc = ctx.Process(target=clients_process, args=(f"127.0.0.1:{port}", clients, stallers, values),
-                                  daemon=True)
-        client_proc.start()
-        kind, outcome = queue.get(timeout=300 + rounds * (stall_s + 60))
-        if kind != "result":
-            raise RuntimeError(f"server failed: {outcome}")
-        return outcome
-    finally:
-        for proc in (server, client_proc):
-            if proc is not None:
-                proc.join(timeout=20)
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join(timeout=5)
+    return run_with_clients(ctx, server, queue, clients_process, (clients, stallers, values),
+                            timeout=300 + rounds * (stall_s + 60))
 
 
 def main() -> None:

@@ -249,6 +249,29 @@ def clients_process(address: str, clients: int, values: int) -> None:
         t.join()
 
 
+def run_with_clients(ctx, server, queue, clients_target, clients_args: tuple, timeout: float) -> dict:
+    """With ``server`` started: wait for its port, start ``clients_target(address, *clients_args)`` in
+    another process, return the server's result, and always reap both processes."""
+    client_proc = None
+    try:
+        kind, port = queue.get(timeout=60)
+        if kind != "port":
+            raise RuntimeError(port)
+        client_proc = ctx.Process(target=clients_target, args=(f"127.0.0.1:{port}", *clients_args), daemon=True)
+        client_proc.start()
+        kind, outcome = queue.get(timeout=timeout)
+        if kind != "result":
+            raise RuntimeError(f"server failed: {outcome}")
+        return outcome
+    finally:
+        for proc in (server, client_proc):
+            if proc is not None:
+                proc.join(timeout=20)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(timeout=5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=50)
@@ -275,24 +298,7 @@ def main() -> None:
         server.start()
     finally:
         os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-    client_proc = None
-    outcome = None
-    try:
-        kind, port = queue.get(timeout=60)
-        if kind != "port":
-            raise RuntimeError(port)
-        client_proc = ctx.Process(target=clients_process, args=(f"127.0.0.1:{port}", args.clients, args.values))
-        client_proc.start()
-        kind, outcome = queue.get(timeout=args.timeout)
-        if kind != "result":
-            raise RuntimeError(f"server failed: {outcome}")
-    finally:
-        for proc in (server, client_proc):
-            if proc is not None:
-                proc.join(timeout=20)
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join(timeout=5)
+    outcome = run_with_clients(ctx, server, queue, clients_process, (args.clients, args.values), args.timeout)
     m = outcome["model_mb"]
     grow = outcome["peak"] - outcome["baseline"]
     extra = (f"; server MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "") + (
