@@ -165,8 +165,7 @@ def connect(
             code = error.code()
             details = error.details() or ""
             if "WRONG_VERSION_NUMBER" in details:
-                raise ConnectionRefused(f"the server at {address} does not speak TLS: it runs with --insecure (give "
-                                        "this client --insecure too, on loopback or a trusted network only)") from None
+                raise ConnectionRefused(_not_tls(address)) from None
             if "CERTIFICATE_VERIFY_FAILED" in details or "handshake failed" in details.lower():
                 raise ConnectionRefused(f"TLS handshake with {address} failed: the server's certificate is not signed "
                                         f"by this client's CA (ca.pem of another federation?), or does not name "
@@ -197,11 +196,10 @@ def diagnose_tls(address: str, tls: ClientTLS, timeout_s: float = 5.0) -> str | 
     dropped connection. A direct TLS handshake with the same files tells them apart: a server that
     accepts the client speaks HTTP/2 first; one that refuses its certificate closes the connection.
     """
-    host = security._bind_host(address)
-    try:
-        port = int(address.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
+    where = security.host_and_port(address)
+    if where is None:
         return None
+    host, port = where
     context = ssl.create_default_context(cafile=str(tls.ca))
     if tls.cert is not None and tls.key is not None:
         context.load_cert_chain(str(tls.cert), str(tls.key))
@@ -220,21 +218,25 @@ def diagnose_tls(address: str, tls: ClientTLS, timeout_s: float = 5.0) -> str | 
         if "CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper() or "ALERT" in reason.upper():
             return _refused_certificate(address, tls, reason)
         if "WRONG_VERSION_NUMBER" in reason.upper():
-            return (f"the server at {address} does not speak TLS: it runs with --insecure (give this client "
-                    "--insecure too, on a trusted network only) or this is not an insitu server")
+            return _not_tls(address)
         return None
     except OSError:
         return None  # unreachable, reset or timed out: a network problem, retried by the caller
     return None if first else _refused_certificate(address, tls, "connection closed after the TLS handshake")
 
 
+def _not_tls(address: str) -> str:
+    """What to tell a TLS client whose server answers in plaintext."""
+    return (f"the server at {address} does not speak TLS: it runs with --insecure (give this client --insecure "
+            "too, on loopback or a trusted network only), or this is not an insitu server")
+
+
 def _speaks_tls(address: str, timeout_s: float = 5.0) -> str | None:
     """Why a plaintext client is cut off: the server at ``address`` speaks TLS (None if it does not)."""
-    host = security._bind_host(address)
-    try:
-        port = int(address.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
+    where = security.host_and_port(address)
+    if where is None:
         return None
+    host, port = where
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asking "is this TLS?"
     context.set_alpn_protocols(["h2"])

@@ -877,6 +877,14 @@ def _bind_host(address: str) -> str:
     return a  # bare host, or an unbracketed IPv6 literal (ambiguous with a port: taken whole)
 
 
+def host_and_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``host:port`` or ``[v6]:port`` address, or None if it names no port."""
+    try:
+        return _bind_host(address), int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def is_loopback(address: str) -> bool:
     """Whether a gRPC bind address is reachable only from this machine (loopback or Unix socket).
 
