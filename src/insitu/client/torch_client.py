@@ -127,7 +127,7 @@ class TorchClient:
             scaffold = _ScaffoldStep(self.model, parameters, server_c, self._require_state(), settings)
             hooks.append(scaffold.hook)
         hook = _chain(hooks)
-        num_examples, mean_loss, _ = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
+        num_examples, mean_loss = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
         metrics = {"train_loss": mean_loss} if num_examples else {}
         result = FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
         if scaffold is not None:
@@ -155,18 +155,18 @@ class TorchClient:
     def _loss(self, settings: TrainSettings) -> nn.Module:
         return self.loss_fn if self.loss_fn is not None else LOSSES[settings.loss]()
 
-    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float, int]:
-        """Run the local epochs; returns (examples in the local dataset, mean training loss, steps).
+    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float]:
+        """Run the local epochs; returns (examples in the local dataset, mean training loss).
 
         ``grad_hook`` runs after each backward pass, before the optimizer step (FedProx's proximal
         gradient, SCAFFOLD's correction)."""
         if self.train is None:
-            return 0, 0.0, 0
+            return 0, 0.0
         x, y = self.train.x, self.train.y
         index = self.train_indices
         n = len(index) if index is not None else len(y)
         if n == 0 or settings.local_epochs == 0:
-            return n, 0.0, 0
+            return n, 0.0
         batch = settings.batch_size or n
         model, loss_fn, device = self.model, self._loss(settings), self.device
         optimizer = fresh_optimizer(model, settings)
@@ -191,7 +191,7 @@ class TorchClient:
                 loss_sum += loss.detach()
                 steps += 1
         optimizer.zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
-        return n, float(loss_sum) / steps, steps
+        return n, float(loss_sum) / steps
 
 
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()

@@ -90,8 +90,13 @@ def client_rng(seed: int | None, round_index: int, client: int) -> np.random.Gen
     ``default_rng([seed, round, client, 17])``, REPRODUCIBLE and NOT PRIVATE against anyone who knows the seed.
     """
     if seed is None:
-        return np.random.default_rng(secrets.randbits(256))
+        return os_entropy_rng()
     return np.random.default_rng([seed, round_index, client, 17])
+
+
+def os_entropy_rng() -> np.random.Generator:
+    """A deployed client's noise and rounding generator: PCG64 seeded with 256 bits of OS entropy."""
+    return np.random.default_rng(secrets.randbits(256))
 
 
 def distributed_input(delta: np.ndarray, *, clip_norm: float, gamma: float, client_variance: float,

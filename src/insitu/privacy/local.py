@@ -290,14 +290,14 @@ class DPTorchClient(TorchClient):
         base = (self.rng_seed * 1_000_003 + seed) % (2**62)
         return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 1)
 
-    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float, int]:
-        """DP-SGD local epochs; same contract as ``TorchClient._train`` (examples, mean loss, steps).
+    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float]:
+        """DP-SGD local epochs; same contract as ``TorchClient._train`` (examples, mean loss).
 
         ``grad_hook`` (FedProx, SCAFFOLD) runs on the clipped, noised gradient: it does not touch
         the data, so it costs no privacy."""
         n = self._num_train()
         if n == 0 or settings.local_epochs == 0:
-            return n, 0.0, 0
+            return n, 0.0
         assert self.train is not None
         q, per_epoch = sampling_plan(n, settings)
         loss_fn = self._loss(settings)
@@ -309,7 +309,7 @@ class DPTorchClient(TorchClient):
         params = [p for p in model.parameters() if p.requires_grad]
         gsm = GradSampleModule(model, batch_first=True, loss_reduction=reduction, strict=True)
         optimizer: DPOptimizer | None = None
-        loss_sum, batches, steps = torch.zeros((), device=device), 0, 0
+        loss_sum, batches = torch.zeros((), device=device), 0
         with warnings.catch_warnings():
             # The first layer's input needs no gradient, so torch warns about its full backward hook: harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -338,13 +338,12 @@ class DPTorchClient(TorchClient):
                         if grad_hook is not None:
                             grad_hook()
                         optimizer.original_optimizer.step()
-                    steps += 1
             finally:
                 if optimizer is not None:
                     optimizer.zero_grad(set_to_none=True)
                 gsm._close()  # removes the hooks and the per-sample attributes Opacus put on the parameters
                 _strip_opacus(model)
-        return n, float(loss_sum) / max(batches, 1), steps
+        return n, float(loss_sum) / max(batches, 1)
 
 
 def _strip_opacus(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from insitu.client.api import Client, Config, ProtocolReply
 from insitu.params import Parameters, describe_mismatch
-from insitu.privacy.distributed import check_field, client_rng, distributed_input
+from insitu.privacy.distributed import check_field, distributed_input, os_entropy_rng
 from insitu.privacy.secagg import codec
 from insitu.privacy.secagg.messages import KeyBroadcast, RoutedShares, UnmaskRequest
 from insitu.privacy.secagg.protocol import SecAggClient, SecAggConfig, SecAggRefused
@@ -179,4 +179,4 @@ class SecAggParticipant:
                                  f"{min_noise_multiplier:g}: refusing to take part")
         check_field(protocol_config.n, gamma, clip, variance, current.delta.size)
         return distributed_input(current.delta, clip_norm=clip, gamma=gamma, client_variance=variance,
-                                 rng=client_rng(None, 0, protocol_config.session))
+                                 rng=os_entropy_rng())
