@@ -39,7 +39,7 @@ class Parameters:
     so neither the arrays nor ``flat()`` may be modified in place.
     """
 
-    __slots__ = ("_names", "_arrays", "_flat", "_specs", "__weakref__")
+    __slots__ = ("__weakref__", "_arrays", "_flat", "_names", "_specs")
 
     def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray], _flat: np.ndarray | None = None) -> None:
         if len(names) != len(arrays):

@@ -58,6 +58,7 @@ from insitu.strategies import (
 )
 from insitu.strategies.strategy import CentralEvaluator
 
+
 def simulate(
     client_fn: ClientFn,
     *,
@@ -79,7 +80,7 @@ def simulate(
     pool = pool if pool is not None else InProcessPool(client_fn, num_clients)
     stop_when = None
     if stop_at_accuracy > 0:
-        stop_when = lambda record: (record.accuracy or 0.0) >= stop_at_accuracy  # noqa: E731
+        stop_when = lambda record: (record.accuracy or 0.0) >= stop_at_accuracy
     coordinator = Coordinator(strategy, pool, num_rounds=num_rounds, seed=seed, on_round=on_round, stop_when=stop_when)
     try:
         with frozen_heap():  # no full-heap GC pauses in the middle of rounds

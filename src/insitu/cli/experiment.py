@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,10 +11,10 @@ from insitu.cli.common import console, err_console, fail, setup_logging
 
 def experiment(
     config: Path = typer.Argument(..., help="Experiment TOML file: [base] settings, a [grid] of lists, [[runs]]."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o",
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o",
                                               help="Where results go (default insitu-runs/experiment-<time>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs and exit; nothing trains."),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only the runs whose label is exactly this (repeatable)."),
+    only: list[str] | None = typer.Option(None, "--only", help="Run only the runs whose label is exactly this (repeatable)."),
 ) -> None:
     """Run every point of an experiment grid; write results.csv, results.md and plots."""
     from insitu.experiments import expand_grid, load_spec, run_experiment, write_results

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from insitu.cli.common import console, err_console, fail, setup_logging
+from insitu.cli.outputs import write_outputs
 from insitu.cli.presets import resolve_config
 from insitu.cli.progress import RoundPrinter, progress_bar
-from insitu.cli.outputs import write_outputs
 
 app = typer.Typer(
     add_completion=False,
@@ -20,50 +20,50 @@ app = typer.Typer(
 )
 @app.command()
 def simulate(
-    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file of settings (flags override it)."),
-    dataset: Optional[str] = typer.Option(None, help="digits | breast-cancer | mnist | fashion-mnist."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
-    partition: Optional[str] = typer.Option(None, help="iid | dirichlet | shards | quantity."),
-    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (dirichlet, quantity); smaller = more skew."),
-    shards_per_client: Optional[int] = typer.Option(None, help="Shards per client (shards partition)."),
-    clients: Optional[int] = typer.Option(None, "--clients", help="Number of virtual clients."),
-    fraction: Optional[float] = typer.Option(None, "--fraction", help="Fraction of clients sampled each round."),
-    min_fit_clients: Optional[int] = typer.Option(None, help="Fewest usable results for a round to count."),
-    fraction_evaluate: Optional[float] = typer.Option(None, help="Fraction of clients that evaluate on their local test shard (0 = off)."),
-    rounds: Optional[int] = typer.Option(None, help="Number of federated rounds."),
-    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
-    batch_size: Optional[int] = typer.Option(None, help="Local batch size (0 = full batch)."),
-    lr: Optional[float] = typer.Option(None, help="Client learning rate."),
-    momentum: Optional[float] = typer.Option(None, help="Client SGD momentum."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd | adam."),
-    model: Optional[str] = typer.Option(None, help="simple-cnn | 2nn | logreg | mlp."),
-    strategy: Optional[str] = typer.Option(None, help="fedavg | fedsgd | fedprox | scaffold | fedavgm | fedadam | fedyogi | fedadagrad."),
-    mu: Optional[float] = typer.Option(None, help="FedProx proximal weight mu (>= 0)."),
-    server_optimizer: Optional[str] = typer.Option(None, help="Override the server optimizer: sgd | fedavgm | fedadam | fedyogi | fedadagrad."),
-    server_lr: Optional[float] = typer.Option(None, help="Server learning rate (0 = the optimizer's default)."),
-    lr_schedule: Optional[str] = typer.Option(None, help="Client lr over rounds: constant | exponential | step | cosine."),
-    lr_decay: Optional[float] = typer.Option(None, help="Decay factor of the exponential/step schedules."),
-    aggregator: Optional[str] = typer.Option(None, help="mean | median | trimmed_mean | krum | multi_krum | bulyan."),
-    byzantine_f: Optional[int] = typer.Option(None, help="Attackers Krum/Multi-Krum/Bulyan must tolerate."),
-    trim_fraction: Optional[float] = typer.Option(None, help="Trimmed mean: share cut at each end (< 0.5)."),
-    clip_norm: Optional[float] = typer.Option(None, help="Bound each update's L2 norm (0 = off)."),
-    screen: Optional[bool] = typer.Option(None, "--screen/--no-screen", help="Drop non-finite and outsized updates."),
-    attack: Optional[str] = typer.Option(None, help="Simulated attack: none | sign_flip | scaling | gaussian | label_flip | backdoor."),
-    attack_fraction: Optional[float] = typer.Option(None, help="Share of malicious clients, in [0, 1)."),
-    dp_clip: Optional[float] = typer.Option(None, help="Central DP (DP-FedAvg): clip each client's update to this L2 norm (0 = off)."),
-    dp_noise: Optional[float] = typer.Option(None, help="Central DP noise multiplier z (noise std z x clip on the sum)."),
-    dp_target_epsilon: Optional[float] = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
-    dp_mode: Optional[str] = typer.Option(None, help="central: the server noises the sum | distributed: each client adds a Skellam noise share before secure aggregation (needs --secure-aggregation)."),
-    dp_delta: Optional[float] = typer.Option(None, help="Central DP delta (default 1e-5)."),
-    dp_adaptive_clip: Optional[bool] = typer.Option(None, "--dp-adaptive-clip/--no-dp-adaptive-clip", help="Adapt the clip norm to the median update norm."),
-    secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Sum each round through the SecAgg protocol (simulated parties)."),
-    secagg_dropout: Optional[float] = typer.Option(None, help="With --secure-aggregation: share of clients dropping after their masked input."),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate on the test set every k rounds (and the last)."),
-    stop_at_accuracy: Optional[float] = typer.Option(None, help="Stop once test accuracy reaches this (0 = never)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for partitioning, sampling and training."),
-    train_limit: Optional[int] = typer.Option(None, help="Use only the first N training examples (quick tries)."),
-    test_limit: Optional[int] = typer.Option(None, help="Use only the first N test examples."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where to write history, model and plot."),
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML file of settings (flags override it)."),
+    dataset: str | None = typer.Option(None, help="digits | breast-cancer | mnist | fashion-mnist."),
+    data_dir: str | None = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
+    partition: str | None = typer.Option(None, help="iid | dirichlet | shards | quantity."),
+    alpha: float | None = typer.Option(None, help="Dirichlet concentration (dirichlet, quantity); smaller = more skew."),
+    shards_per_client: int | None = typer.Option(None, help="Shards per client (shards partition)."),
+    clients: int | None = typer.Option(None, "--clients", help="Number of virtual clients."),
+    fraction: float | None = typer.Option(None, "--fraction", help="Fraction of clients sampled each round."),
+    min_fit_clients: int | None = typer.Option(None, help="Fewest usable results for a round to count."),
+    fraction_evaluate: float | None = typer.Option(None, help="Fraction of clients that evaluate on their local test shard (0 = off)."),
+    rounds: int | None = typer.Option(None, help="Number of federated rounds."),
+    local_epochs: int | None = typer.Option(None, help="Local epochs per round."),
+    batch_size: int | None = typer.Option(None, help="Local batch size (0 = full batch)."),
+    lr: float | None = typer.Option(None, help="Client learning rate."),
+    momentum: float | None = typer.Option(None, help="Client SGD momentum."),
+    optimizer: str | None = typer.Option(None, help="sgd | adam."),
+    model: str | None = typer.Option(None, help="simple-cnn | 2nn | logreg | mlp."),
+    strategy: str | None = typer.Option(None, help="fedavg | fedsgd | fedprox | scaffold | fedavgm | fedadam | fedyogi | fedadagrad."),
+    mu: float | None = typer.Option(None, help="FedProx proximal weight mu (>= 0)."),
+    server_optimizer: str | None = typer.Option(None, help="Override the server optimizer: sgd | fedavgm | fedadam | fedyogi | fedadagrad."),
+    server_lr: float | None = typer.Option(None, help="Server learning rate (0 = the optimizer's default)."),
+    lr_schedule: str | None = typer.Option(None, help="Client lr over rounds: constant | exponential | step | cosine."),
+    lr_decay: float | None = typer.Option(None, help="Decay factor of the exponential/step schedules."),
+    aggregator: str | None = typer.Option(None, help="mean | median | trimmed_mean | krum | multi_krum | bulyan."),
+    byzantine_f: int | None = typer.Option(None, help="Attackers Krum/Multi-Krum/Bulyan must tolerate."),
+    trim_fraction: float | None = typer.Option(None, help="Trimmed mean: share cut at each end (< 0.5)."),
+    clip_norm: float | None = typer.Option(None, help="Bound each update's L2 norm (0 = off)."),
+    screen: bool | None = typer.Option(None, "--screen/--no-screen", help="Drop non-finite and outsized updates."),
+    attack: str | None = typer.Option(None, help="Simulated attack: none | sign_flip | scaling | gaussian | label_flip | backdoor."),
+    attack_fraction: float | None = typer.Option(None, help="Share of malicious clients, in [0, 1)."),
+    dp_clip: float | None = typer.Option(None, help="Central DP (DP-FedAvg): clip each client's update to this L2 norm (0 = off)."),
+    dp_noise: float | None = typer.Option(None, help="Central DP noise multiplier z (noise std z x clip on the sum)."),
+    dp_target_epsilon: float | None = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
+    dp_mode: str | None = typer.Option(None, help="central: the server noises the sum | distributed: each client adds a Skellam noise share before secure aggregation (needs --secure-aggregation)."),
+    dp_delta: float | None = typer.Option(None, help="Central DP delta (default 1e-5)."),
+    dp_adaptive_clip: bool | None = typer.Option(None, "--dp-adaptive-clip/--no-dp-adaptive-clip", help="Adapt the clip norm to the median update norm."),
+    secure_aggregation: bool | None = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Sum each round through the SecAgg protocol (simulated parties)."),
+    secagg_dropout: float | None = typer.Option(None, help="With --secure-aggregation: share of clients dropping after their masked input."),
+    eval_every: int | None = typer.Option(None, help="Evaluate on the test set every k rounds (and the last)."),
+    stop_at_accuracy: float | None = typer.Option(None, help="Stop once test accuracy reaches this (0 = never)."),
+    seed: int | None = typer.Option(None, help="Seed for partitioning, sampling and training."),
+    train_limit: int | None = typer.Option(None, help="Use only the first N training examples (quick tries)."),
+    test_limit: int | None = typer.Option(None, help="Use only the first N test examples."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Where to write history, model and plot."),
     show_partition: bool = typer.Option(False, help="Print the per-client label histogram before training."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
 ) -> None:
@@ -84,8 +84,9 @@ def simulate(
         "train_limit": train_limit, "test_limit": test_limit,
     }
     from insitu.data import format_histogram
-    from insitu.simulation import build_experiment, simulate as run_rounds
     from insitu.engines import InProcessPool
+    from insitu.simulation import build_experiment
+    from insitu.simulation import simulate as run_rounds
 
     try:
         config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
@@ -129,12 +130,12 @@ def simulate(
 def evaluate(
     model_path: Path = typer.Argument(..., help="A saved state_dict (e.g. model.pt written by simulate)."),
     dataset: str = typer.Option("digits", help="Dataset whose test split to score on."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
-    model: Optional[str] = typer.Option(None, help="Architecture; inferred from the saved keys if omitted."),
+    data_dir: str | None = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
+    model: str | None = typer.Option(None, help="Architecture; inferred from the saved keys if omitted."),
     split: str = typer.Option("test", help="test | train."),
 ) -> None:
     """Report the accuracy of a saved global model on a dataset's test set."""
-    from insitu.cli.outputs import load_state_dict, infer_model_name
+    from insitu.cli.outputs import infer_model_name, load_state_dict
     from insitu.client.torch_client import evaluate_model
     from insitu.data import load_dataset
     from insitu.models import build_model
@@ -154,7 +155,7 @@ def evaluate(
 @app.command("partition")
 def show_partition(
     dataset: str = typer.Option("digits", help="Dataset to split."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
+    data_dir: str | None = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
     scheme: str = typer.Option("iid", "--partition", help="iid | dirichlet | shards | quantity."),
     clients: int = typer.Option(10, help="Number of clients."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
@@ -175,13 +176,13 @@ def show_partition(
     console.print(f"label skew (mean total-variation distance to the global mix): {skew_score(parts, labels, data.num_classes):.3f}")
 
 
-from insitu.cli import deploy  # noqa: E402
+from insitu.cli import deploy
 
 app.command("keygen")(deploy.keygen)
 app.command("server")(deploy.server)
 app.command("client")(deploy.client)
 
-from insitu.cli import experiment as experiment_cli  # noqa: E402
+from insitu.cli import experiment as experiment_cli
 
 app.command("experiment")(experiment_cli.experiment)
 

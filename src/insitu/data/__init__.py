@@ -24,8 +24,8 @@ from insitu.data.partition import (
 
 __all__ = [
     "DATASET_NAMES",
-    "DatasetNotFoundError",
     "PARTITION_NAMES",
+    "DatasetNotFoundError",
     "PartitionError",
     "TensorDataset",
     "UnknownDatasetError",

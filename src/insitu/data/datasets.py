@@ -23,9 +23,10 @@ import shutil
 import tempfile
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class TensorDataset:
         """Shape of one input sample, i.e. ``x.shape[1:]``."""
         return tuple(int(d) for d in self.x.shape[1:])
 
-    def subset(self, indices: IndexLike) -> "TensorDataset":
+    def subset(self, indices: IndexLike) -> TensorDataset:
         """Return the samples at ``indices`` (integer positions) as a new dataset.
 
         Uses ``index_select`` so the result is a contiguous copy; name and class count

@@ -10,7 +10,8 @@ partition. Arguments are validated before any work, and a violated limit raises
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 

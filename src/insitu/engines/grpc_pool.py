@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from insitu.client.api import Config, EvalResult, FitResult, ProtocolReply
 from insitu.engines.base import EvalOutcome, FitOutcome, NotEnoughClientsError, Task
@@ -69,7 +69,7 @@ class Session:
 @dataclass(eq=False)  # hashed by identity (a set of waiting deliveries)
 class _Delivery:
     task: PendingTask
-    outcome: Union[FitResult, EvalResult, ProtocolReply, BaseException]
+    outcome: FitResult | EvalResult | ProtocolReply | BaseException
     consumed: threading.Event = field(default_factory=threading.Event)
 
 

@@ -170,7 +170,7 @@ class FederationServer:
         listener = None
         if store is not None:
             start_round, parameters, history, state = self._restore(store, initial_parameters)
-            listener = lambda event, cid, detail: store.record_client(cid, event, detail)  # noqa: E731
+            listener = lambda event, cid, detail: store.record_client(cid, event, detail)
             self.pool.listeners.append(listener)
         if start_round > num_rounds:
             log.info("all %d rounds are already done in %s", num_rounds, self.settings.store_path)

@@ -27,7 +27,7 @@ from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedPro
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
 
 ConfigSource = Union[Config, Callable[[int], Config]]
-CentralEvaluator = Callable[[int, Parameters], Union[tuple[float, Metrics], None]]
+CentralEvaluator = Callable[[int, Parameters], tuple[float, Metrics] | None]
 """(round, global parameters) -> (loss, metrics), or None to skip evaluating that round."""
 
 

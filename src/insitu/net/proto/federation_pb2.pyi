@@ -1,21 +1,23 @@
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HelloRequest(_message.Message):
-    __slots__ = ("protocol_versions", "client_id")
+    __slots__ = ("client_id", "protocol_versions")
     PROTOCOL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_versions: _containers.RepeatedScalarFieldContainer[int]
     client_id: str
-    def __init__(self, protocol_versions: _Optional[_Iterable[int]] = ..., client_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_versions: _Iterable[int] | None = ..., client_id: str | None = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "server_versions", "nonce", "server_name", "auth_required")
+    __slots__ = ("auth_required", "nonce", "protocol_version", "server_name", "server_versions")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -26,7 +28,7 @@ class HelloReply(_message.Message):
     nonce: bytes
     server_name: str
     auth_required: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., server_versions: _Optional[_Iterable[int]] = ..., nonce: _Optional[bytes] = ..., server_name: _Optional[str] = ..., auth_required: _Optional[bool] = ...) -> None: ...
+    def __init__(self, protocol_version: int | None = ..., server_versions: _Iterable[int] | None = ..., nonce: bytes | None = ..., server_name: str | None = ..., auth_required: bool | None = ...) -> None: ...
 
 class AuthRequest(_message.Message):
     __slots__ = ("client_id", "nonce", "signature")
@@ -36,23 +38,23 @@ class AuthRequest(_message.Message):
     client_id: str
     nonce: bytes
     signature: bytes
-    def __init__(self, client_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, client_id: str | None = ..., nonce: bytes | None = ..., signature: bytes | None = ...) -> None: ...
 
 class AuthReply(_message.Message):
-    __slots__ = ("session_token", "heartbeat_interval_s", "model")
+    __slots__ = ("heartbeat_interval_s", "model", "session_token")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     heartbeat_interval_s: float
     model: str
-    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_token: str | None = ..., heartbeat_interval_s: float | None = ..., model: str | None = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_token",)
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_token: str
-    def __init__(self, session_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_token: str | None = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ()
@@ -64,10 +66,10 @@ class PullRequest(_message.Message):
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     wait_s: float
-    def __init__(self, session_token: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, session_token: str | None = ..., wait_s: float | None = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "config_json", "payload_bytes", "extras")
+    __slots__ = ("config_json", "extras", "kind", "payload_bytes", "round", "task_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -80,7 +82,7 @@ class TaskHeader(_message.Message):
     config_json: str
     payload_bytes: int
     extras: _containers.RepeatedCompositeFieldContainer[Extra]
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., extras: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ...) -> None: ...
+    def __init__(self, task_id: str | None = ..., kind: str | None = ..., round: int | None = ..., config_json: str | None = ..., payload_bytes: int | None = ..., extras: _Iterable[Extra | _Mapping] | None = ...) -> None: ...
 
 class Extra(_message.Message):
     __slots__ = ("name", "payload_bytes")
@@ -88,7 +90,7 @@ class Extra(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     payload_bytes: int
-    def __init__(self, name: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., payload_bytes: int | None = ...) -> None: ...
 
 class Idle(_message.Message):
     __slots__ = ()
@@ -100,10 +102,10 @@ class Shutdown(_message.Message):
     RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     reason: str
     resumable: bool
-    def __init__(self, reason: _Optional[str] = ..., resumable: _Optional[bool] = ...) -> None: ...
+    def __init__(self, reason: str | None = ..., resumable: bool | None = ...) -> None: ...
 
 class TaskMessage(_message.Message):
-    __slots__ = ("header", "chunk", "idle", "shutdown")
+    __slots__ = ("chunk", "header", "idle", "shutdown")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
@@ -112,10 +114,10 @@ class TaskMessage(_message.Message):
     chunk: bytes
     idle: Idle
     shutdown: Shutdown
-    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., idle: _Optional[_Union[Idle, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: TaskHeader | _Mapping | None = ..., chunk: bytes | None = ..., idle: Idle | _Mapping | None = ..., shutdown: Shutdown | _Mapping | None = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("session_token", "task_id", "num_examples", "loss", "metrics_json", "error", "payload_bytes", "extras")
+    __slots__ = ("error", "extras", "loss", "metrics_json", "num_examples", "payload_bytes", "session_token", "task_id")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -132,15 +134,15 @@ class ResultHeader(_message.Message):
     error: str
     payload_bytes: int
     extras: _containers.RepeatedCompositeFieldContainer[Extra]
-    def __init__(self, session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics_json: _Optional[str] = ..., error: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., extras: _Optional[_Iterable[_Union[Extra, _Mapping]]] = ...) -> None: ...
+    def __init__(self, session_token: str | None = ..., task_id: str | None = ..., num_examples: int | None = ..., loss: float | None = ..., metrics_json: str | None = ..., error: str | None = ..., payload_bytes: int | None = ..., extras: _Iterable[Extra | _Mapping] | None = ...) -> None: ...
 
 class ResultMessage(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("chunk", "header")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: ResultHeader
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: ResultHeader | _Mapping | None = ..., chunk: bytes | None = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "message")
@@ -148,13 +150,13 @@ class PushReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: bool | None = ..., message: str | None = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session_token",)
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_token: str
-    def __init__(self, session_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_token: str | None = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()

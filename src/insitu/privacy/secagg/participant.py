@@ -11,7 +11,6 @@ Messages travel as :mod:`~insitu.privacy.secagg.codec` bytes in a one-array ``Pa
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import numpy as np
