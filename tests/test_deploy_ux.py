@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from insitu.cli.deploy import _partition_id
 from insitu.cli.main import app
 from insitu.client.api import EvalResult, FitResult
-from insitu.engines.base import Task
+from insitu.engines.base import Task, run_tasks
 from insitu.engines.grpc_pool import GrpcClientPool
 from insitu.net import security
 from insitu.net.client import Backoff, ClientTLS, ConnectionRefused, connect
@@ -83,7 +83,7 @@ def test_pool_close_wakes_an_upload_waiting_for_the_loop():
     """Ctrl-C hits the loop while an upload waits to be folded: that handler must not sit out 600 s."""
     pool = GrpcClientPool()
     session = pool.register("0", "peer")
-    rounds = pool.fit(W, [Task("0", {"round": 1})])
+    rounds = run_tasks(pool, "fit", W, 0, [Task("0", {"round": 1})])
     taken = threading.Thread(target=next, args=(rounds,), daemon=True)  # the loop takes the result, then stops
     taken.start()
     wait_until(lambda: not session.mailbox.empty(), what="the task")

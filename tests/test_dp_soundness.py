@@ -71,9 +71,10 @@ class CountingPool(InProcessPool):
         super().__init__(lambda cid: clients[cid], len(clients))
         self.asked: list[list[str]] = []
 
-    def fit(self, parameters, tasks):
-        self.asked.append([t.client_id for t in tasks])
-        return super().fit(parameters, tasks)
+    def submit(self, kind, parameters, model_version, tasks):
+        if kind == "fit":
+            self.asked.append([t.client_id for t in tasks])
+        return super().submit(kind, parameters, model_version, tasks)
 
 
 def federation(n: int) -> tuple[CountingPool, dict[str, VecClient]]:

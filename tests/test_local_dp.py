@@ -14,7 +14,7 @@ from torch import nn
 from insitu.client import TorchClient, TrainSettings
 from insitu.client.state import DiskState, MemoryStates
 from insitu.data import load_dataset
-from insitu.engines.base import Task
+from insitu.engines.base import Task, run_tasks
 from insitu.engines.inprocess import InProcessPool
 from insitu.models import build_model
 from insitu.params import Parameters, _flat_storage, flatten_module_
@@ -192,7 +192,7 @@ def test_refused_round_is_a_rejected_result_in_process(digits) -> None:
     client = DPTorchClient(model, train, dp=LocalDPSettings(1.0, 1.0, target_epsilon=0.01),
                            settings=TrainSettings(batch_size=10), train_indices=np.arange(50))
     pool = InProcessPool(lambda cid: client, 1)
-    [(cid, outcome)] = list(pool.fit(Parameters.from_module(model), [Task("0", {})]))
+    [(cid, outcome)] = list(run_tasks(pool, "fit", Parameters.from_module(model), 0, [Task("0", {})]))
     assert cid == "0" and isinstance(outcome, PrivacyBudgetExceededError)
 
 

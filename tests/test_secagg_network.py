@@ -210,7 +210,7 @@ def test_a_reply_that_is_not_one_protocol_message_is_rejected_by_the_server(monk
 
 
 def test_a_client_reports_a_task_kind_it_does_not_know_instead_of_guessing():
-    from insitu.engines.base import Task
+    from insitu.engines.base import Task, run_tasks
 
     config = SimulationConfig(dataset="digits", model="logreg", num_clients=1, seed=0)
     experiment = build_experiment(config)
@@ -219,7 +219,7 @@ def test_a_client_reports_a_task_kind_it_does_not_know_instead_of_guessing():
                      kwargs=dict(client_id="0", poll_wait_s=0.5), daemon=True).start()
     try:
         server.pool.wait_for(1, timeout=30)
-        [(cid, outcome)] = list(server.pool._dispatch("reveal", experiment.initial_parameters, [Task("0", {})]))
+        [(cid, outcome)] = list(run_tasks(server.pool, "reveal", experiment.initial_parameters, 0, [Task("0", {})]))
     finally:
         server.stop(grace_s=2)
     assert cid == "0" and isinstance(outcome, RuntimeError) and "unknown task kind 'reveal'" in str(outcome)

@@ -33,7 +33,7 @@ from insitu.client.api import Client
 from insitu.client.state import MemoryStates
 from insitu.client.torch_client import TorchClient, TrainSettings, evaluate_model
 from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
-from insitu.engines.base import ClientPool
+from insitu.engines.base import Engine
 from insitu.engines.heap import frozen_heap
 from insitu.engines.inprocess import ClientFn, InProcessPool
 from insitu.models import build_model
@@ -68,7 +68,7 @@ def simulate(
     initial_parameters: Parameters,
     seed: int = 0,
     on_round: RoundCallback | None = None,
-    pool: ClientPool | None = None,
+    pool: Engine | None = None,
     stop_at_accuracy: float = 0.0,
 ) -> RunResult:
     """Run ``num_rounds`` of ``strategy`` over ``num_clients`` virtual clients made by ``client_fn``.

@@ -6,9 +6,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from insitu.engines.base import ClientPool, EvalOutcome, FitOutcome, Task
+from insitu.engines.base import Engine, Task, TaskKind, TaskResult
 from insitu.params import Parameters
 from insitu.run.history import RoundRecord
 
@@ -49,34 +57,41 @@ class RoundPrinter:
         self.console.print(format_round(record, self.num_rounds), style=style, highlight=False)
 
 
-class _CountingPool:
-    """Delegates to a pool and advances the bar once per fit outcome."""
+class _CountingEngine:
+    """Delegates to an engine and advances the bar once per fit result."""
 
-    def __init__(self, pool: ClientPool, progress: Progress, task_id: int) -> None:
-        self._pool, self._progress, self._task_id = pool, progress, task_id
+    def __init__(self, engine: Engine, progress: Progress, task_id: TaskID) -> None:
+        self._engine, self._progress, self._task_id = engine, progress, task_id
 
     def wait_for(self, num_clients: int, timeout: float | None) -> list[str]:
-        return self._pool.wait_for(num_clients, timeout)
+        return self._engine.wait_for(num_clients, timeout)
 
-    def fit(self, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, FitOutcome]]:
-        for outcome in self._pool.fit(parameters, tasks):
-            self._progress.advance(self._task_id)
-            yield outcome
-            del outcome  # hold no update while the next one is fetched
+    def submit(self, kind: TaskKind, parameters: Parameters, model_version: int, tasks: Sequence[Task]) -> list[int]:
+        return self._engine.submit(kind, parameters, model_version, tasks)
 
-    def evaluate(self, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, EvalOutcome]]:
-        return self._pool.evaluate(parameters, tasks)
+    def results(self) -> Iterator[TaskResult]:
+        for result in self._engine.results():
+            if result.kind == "fit":
+                self._progress.advance(self._task_id)
+            yield result
+            del result  # hold no update while the next one is fetched
+
+    def outstanding(self) -> int:
+        return self._engine.outstanding()
+
+    def clock(self) -> float:
+        return self._engine.clock()
 
     def close(self) -> None:
-        self._pool.close()
+        self._engine.close()
 
 
 class _Bar:
-    def __init__(self, progress: Progress, task_id: int) -> None:
+    def __init__(self, progress: Progress, task_id: TaskID) -> None:
         self.progress, self.task_id = progress, task_id
 
-    def wrap(self, pool: ClientPool) -> ClientPool:
-        return _CountingPool(pool, self.progress, self.task_id)
+    def wrap(self, engine: Engine) -> Engine:
+        return _CountingEngine(engine, self.progress, self.task_id)
 
 
 @contextmanager

@@ -1,6 +1,31 @@
-"""Engines: interchangeable ClientPool implementations (in-process now; Ray and gRPC plug in)."""
+"""Engines: interchangeable task streams (in-process and gRPC now; more plug in behind ``Engine``)."""
 
-from insitu.engines.base import ClientPool, EvalOutcome, FitOutcome, NotEnoughClientsError, Task
+from insitu.engines.base import (
+    ClientPool,
+    Engine,
+    EvalOutcome,
+    FitOutcome,
+    NotEnoughClientsError,
+    Task,
+    TaskResult,
+    run_tasks,
+)
 from insitu.engines.inprocess import ClientFn, InProcessPool
+from insitu.engines.systems import ClientDroppedOut, StragglerDropped, SystemsModel, epochs_times_batches
 
-__all__ = ["ClientFn", "ClientPool", "EvalOutcome", "FitOutcome", "InProcessPool", "NotEnoughClientsError", "Task"]
+__all__ = [
+    "ClientDroppedOut",
+    "ClientFn",
+    "ClientPool",
+    "Engine",
+    "EvalOutcome",
+    "FitOutcome",
+    "InProcessPool",
+    "NotEnoughClientsError",
+    "StragglerDropped",
+    "SystemsModel",
+    "Task",
+    "TaskResult",
+    "epochs_times_batches",
+    "run_tasks",
+]

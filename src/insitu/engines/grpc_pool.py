@@ -1,6 +1,6 @@
 """The network engine's ClientPool: remote clients that pull tasks and push results over gRPC.
 
-The round loop sees the same ``wait_for``/``fit``/``evaluate`` calls as in simulation. Behind them,
+The round loop sees the same ``wait_for``/``submit``/``results`` stream as in simulation. Behind them,
 tasks wait in each connected client's mailbox until the client pulls them; results arrive from the
 gRPC handler threads and are yielded to the loop as they come. A client whose heartbeats stop, or
 that misses the round deadline, is reported as a failure for that round; its late result, if any,
@@ -11,18 +11,20 @@ number of clients.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import queue
 import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from insitu.client.api import Config, EvalResult, FitResult, ProtocolReply
-from insitu.engines.base import EvalOutcome, FitOutcome, NotEnoughClientsError, Task
+from insitu.engines.base import NotEnoughClientsError, Task, TaskResult
 from insitu.params import Parameters, ParamSpec
 
 log = logging.getLogger("insitu.server")
@@ -69,14 +71,28 @@ class Session:
 @dataclass(eq=False)  # hashed by identity (a set of waiting deliveries)
 class _Delivery:
     task: PendingTask
-    outcome: FitResult | EvalResult | ProtocolReply | BaseException
+    outcome: FitResult | EvalResult | ProtocolReply | BaseException | None  # None once handed to the loop
     consumed: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Waiting:
+    """A submitted task not yet answered: its engine id, the model version it was given, its deadline."""
+
+    task_id: int
+    task: PendingTask
+    model_version: int
+    deadline: float | None
+
+    def result(self, outcome: Any, finished_at: float) -> TaskResult:
+        return TaskResult(self.task_id, self.task.client_id, self.task.kind, self.model_version,  # type: ignore[arg-type]
+                          outcome, finished_at)
 
 
 SHUTDOWN = object()
 
 
-def natural_order(client_ids: Iterator[str] | Sequence[str]) -> list[str]:
+def natural_order(client_ids: Iterable[str]) -> list[str]:
     """Ids sorted with digit runs compared as numbers ("2" < "10"): the simulation's order for "0".."N-1"."""
     return sorted(client_ids, key=lambda cid: [(0, int(p), "") if p.isdigit() else (1, 0, p)
                                                for p in re.split(r"(\d+)", cid) if p])
@@ -95,6 +111,10 @@ class GrpcClientPool:
         self._by_client: dict[str, Session] = {}
         self._pending: dict[str, PendingTask] = {}
         self._results: queue.Queue[_Delivery] = queue.Queue()
+        self._waiting: dict[str, _Waiting] = {}  # by wire task id: submitted, not yet yielded
+        self._failed: collections.deque[TaskResult] = collections.deque()  # failed before any reply
+        self._task_ids = itertools.count()
+        self._started = time.monotonic()
         self._closed = False
         self.resumable = False  # set by close(): the run stopped early and can be resumed
         self._delivering: set[_Delivery] = set()  # uploads whose handler waits until the loop folds them
@@ -182,7 +202,7 @@ class GrpcClientPool:
             self._expire_stale()
             return natural_order(self._by_client)
 
-    # -- ClientPool --------------------------------------------------------------------------
+    # -- Engine --------------------------------------------------------------------------
     def wait_for(self, num_clients: int, timeout: float | None = None) -> list[str]:
         deadline = None if timeout is None else time.monotonic() + timeout
         announced = -1
@@ -204,16 +224,73 @@ class GrpcClientPool:
                     )
                 self._lock.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
 
-    def fit(self, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, FitOutcome]]:
-        return self._dispatch("fit", parameters, tasks)  # type: ignore[return-value]
+    def submit(self, kind: str, parameters: Parameters | None, model_version: int,
+               tasks: Sequence[Task]) -> list[int]:
+        """Put each task in its client's mailbox; a client not connected fails its task at once.
 
-    def evaluate(self, parameters: Parameters, tasks: Sequence[Task]) -> Iterator[tuple[str, EvalOutcome]]:
-        return self._dispatch("evaluate", parameters, tasks)  # type: ignore[return-value]
+        Each task must come back within ``round_timeout`` of its submission, or it fails with
+        RoundDeadlineError."""
+        expected = parameters.specs if parameters is not None else ()
+        if parameters is not None:
+            self.model_values = parameters.num_values
+        deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
+        ids: list[int] = []
+        with self._lock:
+            for task in tasks:
+                server_round = int(task.config.get("round", 0))  # type: ignore[arg-type]
+                pending = PendingTask(secrets.token_hex(8), task.client_id, kind, server_round,
+                                      dict(task.config), parameters, expected)
+                task_id = next(self._task_ids)
+                ids.append(task_id)
+                self._waiting[pending.task_id] = _Waiting(task_id, pending, model_version, deadline)
+                session = self._by_client.get(task.client_id)
+                if session is None:
+                    self._failed.append(self._waiting.pop(pending.task_id).result(
+                        ClientDroppedError(f"client {task.client_id} was not connected when its task was sent"),
+                        self.clock()))
+                    continue
+                pending.session_token = session.token
+                self._pending[pending.task_id] = pending
+                session.mailbox.put(pending)
+        return ids
+
+    def results(self) -> Iterator[TaskResult]:
+        """Results as they arrive; a lost client, a passed deadline or shutdown fails its task."""
+        while self._failed or self._waiting:
+            if self._failed:
+                yield self._failed.popleft()
+                continue
+            try:
+                delivery = self._results.get(timeout=0.25)
+            except queue.Empty:
+                self._fail_lost()
+                continue
+            waiting = self._waiting.pop(delivery.task.task_id, None)
+            if waiting is None:  # late, or failed already
+                delivery.consumed.set()
+                continue
+            outcome, delivery.outcome = delivery.outcome, None
+            result = waiting.result(outcome, self.clock())
+            del outcome
+            try:
+                yield result
+            finally:
+                del result  # the loop has folded it; only then may the next upload be decoded
+                delivery.consumed.set()
+                del delivery
+
+    def outstanding(self) -> int:
+        return len(self._waiting) + len(self._failed)
+
+    def clock(self) -> float:
+        return time.monotonic() - self._started
 
     def exchange(self, parameters: Parameters | None,
                  tasks: Sequence[Task]) -> Iterator[tuple[str, ProtocolReply | BaseException]]:
         """One step of secure aggregation: each task's config carries that client's protocol message."""
-        return self._dispatch("secagg", parameters, tasks)
+        self.submit("secagg", parameters, 0, tasks)
+        for result in self.results():
+            yield result.client_id, result.outcome  # type: ignore[misc]
 
     def close(self, resumable: bool = False) -> None:
         """Tell every client to shut down (at its next pull) and fail what is in flight.
@@ -230,65 +307,25 @@ class GrpcClientPool:
             self._lock.notify_all()
 
     # -- internals ---------------------------------------------------------------------------
-    def _dispatch(self, kind: str, parameters: Parameters | None, tasks: Sequence[Task]) -> Iterator[tuple[str, Any]]:
-        expected = parameters.specs if parameters is not None else ()
-        if parameters is not None:
-            self.model_values = parameters.num_values
-        waiting: dict[str, PendingTask] = {}
-        with self._lock:
-            for task in tasks:
-                server_round = int(task.config.get("round", 0))
-                pending = PendingTask(secrets.token_hex(8), task.client_id, kind, server_round,
-                                      dict(task.config), parameters, expected)
-                session = self._by_client.get(task.client_id)
-                waiting[pending.task_id] = pending
-                if session is None:
-                    continue
-                pending.session_token = session.token
-                self._pending[pending.task_id] = pending
-                session.mailbox.put(pending)
-        for pending in list(waiting.values()):
-            if pending.task_id not in self._pending:
-                waiting.pop(pending.task_id)
-                yield pending.client_id, ClientDroppedError(f"client {pending.client_id} disconnected before the round")
-        deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
-        while waiting:
-            try:
-                delivery = self._results.get(timeout=0.25)
-            except queue.Empty:
-                yield from self._fail_lost(waiting, deadline)
-                continue
-            if waiting.pop(delivery.task.task_id, None) is None:
-                delivery.consumed.set()
-                continue
-            outcome, delivery.outcome = delivery.outcome, None
-            try:
-                yield delivery.task.client_id, outcome
-            finally:
-                del outcome  # the loop has folded it; only then may the next upload be decoded
-                delivery.consumed.set()
-                del delivery
-
-    def _fail_lost(self, waiting: dict[str, PendingTask], deadline: float | None) -> Iterator[tuple[str, BaseException]]:
-        """Fail tasks whose client vanished, or all remaining ones once the deadline passed."""
+    def _fail_lost(self) -> None:
+        """Fail tasks whose client vanished, or whose deadline passed; all of them on shutdown."""
         now = time.monotonic()
         with self._lock:
             self._expire_stale()
-            lost = []
-            for task_id, task in list(waiting.items()):
+            for wire_id, waiting in list(self._waiting.items()):
+                task = waiting.task
                 session = self._by_client.get(task.client_id)
+                error: BaseException | None = None
                 if self._closed:
-                    lost.append((task, PoolClosedError("server is shutting down")))
+                    error = PoolClosedError("server is shutting down")
                 elif session is None or session.token != task.session_token:
-                    lost.append((task, ClientDroppedError(f"client {task.client_id} disconnected during the round")))
-                elif deadline is not None and now >= deadline:
-                    lost.append((task, RoundDeadlineError(
-                        f"no result within the round deadline of {self.round_timeout:.0f} s")))
-            for task, _ in lost:
-                waiting.pop(task.task_id, None)
-                self._pending.pop(task.task_id, None)
-        for task, error in lost:
-            yield task.client_id, error
+                    error = ClientDroppedError(f"client {task.client_id} disconnected while it held a task")
+                elif waiting.deadline is not None and now >= waiting.deadline:
+                    error = RoundDeadlineError(f"no result within the round deadline of {self.round_timeout:.0f} s")
+                if error is not None:
+                    del self._waiting[wire_id]
+                    self._pending.pop(wire_id, None)
+                    self._failed.append(waiting.result(error, self.clock()))
 
     def _expire_stale(self) -> None:
         now = time.monotonic()

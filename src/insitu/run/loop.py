@@ -20,7 +20,7 @@ import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.client.api import EvalResult, FitResult
-from insitu.engines.base import ClientPool, Task
+from insitu.engines.base import Engine, Task, run_tasks
 from insitu.params import Parameters
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
@@ -66,7 +66,7 @@ class Coordinator:
     def __init__(
         self,
         strategy: Strategy,
-        pool: ClientPool,
+        pool: Engine,
         *,
         num_rounds: int,
         seed: int = 0,
@@ -209,7 +209,7 @@ class Coordinator:
     ) -> Iterator[tuple[str, FitResult]]:
         """Validated results, streamed to the aggregator as they arrive; rejections are recorded."""
         expected, bound = parameters.specs, magnitude_bound(parameters)
-        for client_id, result in self.pool.fit(parameters, tasks):
+        for client_id, result in run_tasks(self.pool, "fit", parameters, server_round - 1, tasks):
             if isinstance(result, BaseException):
                 reason = f"fit failed: {type(result).__name__}: {result}"
             else:
@@ -231,7 +231,7 @@ class Coordinator:
             base_config = strategy.evaluate_config_for(server_round)
             tasks = [self._task(cid, server_round, base_config) for cid in chosen]
             results: list[tuple[str, EvalResult]] = []
-            for client_id, result in self.pool.evaluate(parameters, tasks):
+            for client_id, result in run_tasks(self.pool, "evaluate", parameters, server_round, tasks):
                 if isinstance(result, BaseException):
                     reason = f"evaluate failed: {type(result).__name__}: {result}"
                 else:
