@@ -168,6 +168,18 @@ class SimulationConfig:
     secure_aggregation: bool = False  # every round's sum through the SecAgg protocol (the server learns only the sum)
     secagg_bound: float = 10.0  # fixed-point range [-B, B] of each (weighted) update element
     secagg_dropout: float = 0.0  # simulation only: share of clients that drop after sending their masked input
+    # -- asynchronous FL and the systems model (simulated wall-clock time) --
+    mode: str = "sync"  # "sync": rounds that wait for every sampled client | "fedbuff": buffered asynchronous FL
+    concurrency: int = 0  # fedbuff: clients training at once (0 = 2 x buffer_size)
+    buffer_size: int = 10  # fedbuff: client updates folded into each server step (K in Nguyen et al. 2022)
+    staleness_exponent: float = 0.5  # fedbuff: an update s versions old is weighted (1 + s)^-a
+    max_staleness: int = 0  # fedbuff: drop updates more than this many versions old (0 = keep all)
+    speed_sigma: float = 0.0  # systems model: clients' compute speeds ~ LogNormal(0, sigma) (0 = all equal)
+    step_seconds: float = 0.01  # systems model: simulated seconds per local step at the median speed
+    latency: float = 0.0  # systems model: simulated seconds added to every task (download + upload)
+    dropout: float = 0.0  # systems model: chance that a client drops out during a task
+    straggler_fraction: float = 0.0  # share of sampled clients that can do only 1..E-1 local epochs (Li et al. 2020)
+    drop_stragglers: bool = False  # FedAvg as in Li et al. 2020: stragglers' partial work is dropped, not used
     eval_every: int = 1  # centralized evaluation every k rounds (and the last)
     stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
     # One seed drives partitioning, sampling and training. In simulation it also drives central DP's noise
