@@ -26,7 +26,6 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ SPLITS: tuple[str, ...] = ("train", "test")
 #: Environment variable consulted when no ``data_dir`` is passed.
 DATA_DIR_ENV = "INSITU_DATA_DIR"
 
-IndexLike = Union[np.ndarray, Sequence[int], torch.Tensor]
+IndexLike = np.ndarray | Sequence[int] | torch.Tensor
 
 
 # --------------------------------------------------------------------------- container

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 
@@ -30,7 +29,7 @@ __all__ = [
 
 PARTITION_NAMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity")
 
-LabelsLike = Union[np.ndarray, Sequence[int]]
+LabelsLike = np.ndarray | Sequence[int]
 Partitions = Sequence[np.ndarray]
 
 
