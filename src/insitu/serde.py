@@ -114,7 +114,9 @@ def _preamble(arrays: Iterable[tuple[object, np.dtype, Sequence[int]]]) -> tuple
 def _array_bytes(array: np.ndarray, wire: np.dtype) -> memoryview:
     """The array's bytes in C order and wire byte order (a copy only if it is not already so)."""
     contiguous = np.ascontiguousarray(array, dtype=wire)
-    return memoryview(contiguous.reshape(-1).view(np.uint8))
+    # ndarray.data is memoryview(ndarray) for a contiguous array; numpy's stubs declare the buffer
+    # protocol only for Python >= 3.12, so memoryview(ndarray) does not type-check for 3.10.
+    return contiguous.reshape(-1).view(np.uint8).data
 
 
 def dumps(params: Parameters) -> bytes:
@@ -403,7 +405,7 @@ class StreamDecoder:
                 raise SerdeError(f"cannot allocate array {spec.name!r} of shape {spec.shape}: {exc}") from None
         self._specs = specs
         self._arrays = arrays
-        self._targets = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
+        self._targets = [a.reshape(-1).view(np.uint8).data for a in arrays]  # writable byte views (see _array_bytes)
         self._state = _PAYLOAD
         self._index = 0
         self._offset = 0
