@@ -80,7 +80,7 @@ class Parameters:
         """
         flat = _flat_storage(module)
         if flat is not None:  # a flattened module: the whole state is one copy
-            specs = module._insitu_specs  # type: ignore[attr-defined]
+            specs = _flat_specs(module)
             if share:
                 _release_lease(module)
                 shared = cls.from_flat(flat.detach().numpy(), specs, copy=False)
@@ -176,7 +176,7 @@ class Parameters:
         """Copy values into ``module`` in place; names, shapes and dtypes must match exactly."""
         _release_lease(module)
         flat = _flat_storage(module)
-        if flat is not None and self._flat is not None and self.specs == module._insitu_specs:  # type: ignore[attr-defined]
+        if flat is not None and self._flat is not None and self.specs == _flat_specs(module):
             with torch.no_grad():
                 flat.copy_(torch.from_numpy(self._flat))
             return
@@ -278,14 +278,28 @@ def _flat_storage(module: nn.Module) -> torch.Tensor | None:
     flat = getattr(module, "_insitu_flat", None)
     if flat is None or flat.device.type != "cpu":
         return None
-    for children, name, child in module._insitu_links:  # type: ignore[attr-defined]
+    # flatten_module_'s records, typed (see _flat_specs)
+    links: tuple[tuple[dict[str, nn.Module | None], str, nn.Module], ...] = vars(module)["_insitu_links"]
+    for children, name, child in links:
         if children.get(name) is not child:
             return None  # a submodule was replaced
-    for table, key, pointer in module._insitu_slots:  # type: ignore[attr-defined]
+    slots: tuple[tuple[dict[str, torch.Tensor | None], str, int], ...] = vars(module)["_insitu_slots"]
+    for table, key, pointer in slots:
         tensor = table.get(key)
         if tensor is None or tensor.data_ptr() != pointer:
             return None  # something re-created or removed a tensor: fall back to the per-tensor path
     return flat
+
+
+def _flat_specs(module: nn.Module) -> tuple[ParamSpec, ...]:
+    """The specs :func:`flatten_module_` recorded (only for a module :func:`_flat_storage` accepts).
+
+    flatten_module_ stores its records with ``object.__setattr__``, so they live in the instance
+    ``__dict__``; read from there they keep their declared types (to a type checker, any other
+    attribute of a Module is ``nn.Module.__getattr__``'s ``Tensor | Module``).
+    """
+    specs: tuple[ParamSpec, ...] = vars(module)["_insitu_specs"]
+    return specs
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
