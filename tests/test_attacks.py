@@ -111,6 +111,11 @@ def test_gaussian_replaces_delta_with_seeded_noise() -> None:
     assert int(first.parameters.arrays[1]) == 6
 
 
+def test_malicious_client_refuses_array_seed() -> None:
+    with pytest.raises(TypeError, match="config 'seed' must be an integer"):
+        MaliciousClient(FixedClient(), gaussian_noise(0.5)).fit(tiny_global(), {"seed": tiny_global()})
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
 def test_attack_strength_validated(bad) -> None:
     for make in (SignFlip, Scaling, GaussianNoise):

@@ -65,7 +65,11 @@ class Trigger:
         """This trigger with ``value`` fixed to ``x``'s maximum if it was None (one value for all rows)."""
         if self.value is not None or x.numel() == 0:
             return self
-        return dataclasses.replace(self, value=float(x.max()))
+        return dataclasses.replace(self, value=self._value_for(x))
+
+    def _value_for(self, x: torch.Tensor) -> float:
+        """``value``, or ``x``'s maximum if it is None (``x`` must not be empty)."""
+        return self.value if self.value is not None else float(x.max())
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A copy of ``x`` (a batch of images) with the trigger stamped on every image."""
@@ -76,7 +80,7 @@ class Trigger:
         out = x.clone(memory_format=torch.contiguous_format)
         if out.numel() == 0:
             return out
-        value = self.resolved(x).value
+        value = self._value_for(x)
         _as_images(out)[..., height - self.size :, width - self.size :] = value
         return out
 

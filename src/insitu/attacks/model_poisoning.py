@@ -129,7 +129,10 @@ class MaliciousClient:
         else:
             float_mask = np.concatenate([np.full(a.size, np.issubdtype(a.dtype, np.floating)) for a in honest.arrays])
         delta = (honest.flat()[float_mask] - global_flat[float_mask]).astype(np.float32, copy=False)
-        rng = np.random.default_rng(int(config.get("seed", self.seed)))
+        seed = config.get("seed", self.seed)
+        if isinstance(seed, Parameters):  # int() would refuse it too, with a less helpful message
+            raise TypeError(f"MaliciousClient: config 'seed' must be an integer, got {seed!r}")
+        rng = np.random.default_rng(int(seed))
         attacked = np.asarray(self.attack(delta, rng), dtype=np.float32)
         if attacked.shape != delta.shape:
             raise ValueError(
