@@ -7,7 +7,7 @@ settings, which is what the CLI and the benchmarks use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import nn
 from insitu.aggregation import AGGREGATOR_NAMES, make_reducer
 from insitu.aggregation.transforms import min_updates_of
 from insitu.attacks import (
+    ATTACK_NAMES,
     DATA_ATTACKS,
     UPDATE_ATTACKS,
     MaliciousClient,
@@ -31,17 +32,20 @@ from insitu.attacks import (
 )
 from insitu.client.api import Client
 from insitu.client.state import MemoryStates
-from insitu.client.torch_client import TorchClient, TrainSettings, evaluate_model
+from insitu.client.torch_client import OPTIMIZERS, TorchClient, TrainSettings, evaluate_model
+from insitu.config import from_mapping, setting
 from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
 from insitu.engines.base import Engine
 from insitu.engines.heap import frozen_heap
 from insitu.engines.inprocess import ClientFn, InProcessPool
-from insitu.models import build_model
+from insitu.engines.systems import SystemsModel, epochs_times_batches
+from insitu.models import MODEL_NAMES, build_model
 from insitu.params import Parameters, flatten_module_
 from insitu.privacy.central import CentralDP
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import OSEntropy, SimulationSeed
 from insitu.privacy.secure import SecureAggregation
+from insitu.run.fedbuff import AsyncCoordinator, FedBuff, check_async_strategy
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.strategies import (
     SCHEDULE_NAMES,
@@ -70,18 +74,27 @@ def simulate(
     on_round: RoundCallback | None = None,
     pool: Engine | None = None,
     stop_at_accuracy: float = 0.0,
+    fedbuff: FedBuff | None = None,
 ) -> RunResult:
     """Run ``num_rounds`` of ``strategy`` over ``num_clients`` virtual clients made by ``client_fn``.
 
     ``client_fn(cid)`` is called whenever client ``cid`` ("0" .. "N-1") is needed; keep it cheap
     (share one model object, pass index lists rather than copies of the data). With
-    ``stop_at_accuracy`` > 0 the run ends after the first round whose accuracy reaches it.
+    ``stop_at_accuracy`` > 0 the run ends after the first round whose accuracy reaches it. With
+    ``fedbuff`` the rounds are FedBuff's asynchronous server steps; give ``pool`` a systems model
+    (``InProcessPool(client_fn, n, systems=SystemsModel(...))``) to simulate client speeds.
     """
     pool = pool if pool is not None else InProcessPool(client_fn, num_clients)
     stop_when = None
     if stop_at_accuracy > 0:
         stop_when = lambda record: (record.accuracy or 0.0) >= stop_at_accuracy
-    coordinator = Coordinator(strategy, pool, num_rounds=num_rounds, seed=seed, on_round=on_round, stop_when=stop_when)
+    coordinator: Coordinator | AsyncCoordinator
+    if fedbuff is not None:
+        coordinator = AsyncCoordinator(strategy, pool, fedbuff, num_rounds=num_rounds, seed=seed, on_round=on_round,
+                                       stop_when=stop_when)
+    else:
+        coordinator = Coordinator(strategy, pool, num_rounds=num_rounds, seed=seed, on_round=on_round,
+                                  stop_when=stop_when)
     try:
         with frozen_heap():  # no full-heap GC pauses in the middle of rounds
             return coordinator.run(initial_parameters)
@@ -114,90 +127,140 @@ def central_evaluator(model: nn.Module, test: TensorDataset, batch_size: int = 1
 
 @dataclass
 class SimulationConfig:
-    """Every setting of a simulated experiment; the CLI's flags and TOML keys map onto these."""
+    """Every setting of a simulated experiment, declared once: ``insitu simulate``'s flags, the TOML keys
+    and ``config.json`` are generated from these fields (``insitu.config``)."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    num_clients: int = 10
-    fraction_fit: float = 1.0
-    min_fit_clients: int = 1
-    fraction_evaluate: float = 0.0
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.0
-    optimizer: str = "sgd"
-    model: str = "2nn"
-    strategy: str = "fedavg"
-    mu: float = 0.01  # FedProx's proximal weight
-    server_optimizer: str = ""  # "" = the strategy's own (sgd, or the one fedavgm/fedadam/... name)
-    server_lr: float = 0.0  # 0 = the server optimizer's default (1.0 for sgd/fedavgm, 0.1 adaptive)
-    server_momentum: float = 0.9
-    tau: float = 1e-3  # adaptive server optimizers' epsilon (Reddi et al. 2021)
-    lr_schedule: str = "constant"  # constant | exponential | step | cosine, over rounds
-    lr_decay: float = 0.99  # exponential: lr x decay^(round-1); step: x decay every lr_step_every rounds
-    lr_step_every: int = 10
-    aggregator: str = "mean"
-    byzantine_f: int = 0  # attackers Krum/Multi-Krum/Bulyan must tolerate
-    trim_fraction: float = 0.1
-    clip_norm: float = 0.0  # bound every update's L2 norm (0 = off)
-    screen: bool = False  # drop non-finite and outsized updates before aggregating
-    attack: str = "none"
-    attack_fraction: float = 0.0  # share of clients that are malicious (ignored when attack is "none")
-    attack_scale: float = 10.0  # sign_flip and scaling strength
-    attack_std: float = 1.0  # gaussian attack's noise std
-    backdoor_target: int = 0
-    poison_fraction: float = 0.5  # share of a backdoor attacker's examples that carry the trigger
-    backdoor_boost: float = 1.0  # backdoor attackers scale their update by this (model replacement)
-    dp_clip: float = 0.0  # central DP (DP-FedAvg) on when > 0: clip each client's update to this L2 norm
-    dp_noise: float = 1.0  # noise multiplier z: Gaussian noise of std z x dp_clip on the sum
-    dp_delta: float = 1e-5
-    dp_target_epsilon: float = 0.0  # stop before a round that would exceed it (0 = no budget)
-    dp_adaptive_clip: bool = False  # Andrew et al. 2021: track the median update norm
-    dp_accountant: str = "rdp"  # "rdp" (built in) or "pld" (tighter; needs dp-accounting)
-    dp_record_client_metrics: bool = False  # keep per-client facts in the history under DP: NOT covered by epsilon
-    dp_mode: str = "central"  # "central": the server noises the sum; "distributed": each client adds a Skellam share
-    dp_min_contributors: int = 0  # distributed DP: clients whose shares make up the full noise (0 = q N - 2 sd)
-    local_dp_noise: float = 0.0  # local DP (DP-SGD via Opacus) in every client when > 0: noise multiplier
-    local_dp_clip: float = 1.0  # per-example gradient clip norm for local DP
-    local_dp_target_epsilon: float = 0.0  # each client refuses rounds past this epsilon (0 = no budget)
-    secure_aggregation: bool = False  # every round's sum through the SecAgg protocol (the server learns only the sum)
-    secagg_bound: float = 10.0  # fixed-point range [-B, B] of each (weighted) update element
-    secagg_dropout: float = 0.0  # simulation only: share of clients that drop after sending their masked input
+    # -- data and federation --
+    dataset: str = setting("digits", section="data", help="Dataset: digits, breast-cancer (bundled), mnist, "
+                           "fashion-mnist (IDX files in --data-dir).")
+    data_dir: str | None = setting(None, section="data", help="Folder with the MNIST/Fashion-MNIST IDX files "
+                                   "(default $INSITU_DATA_DIR, else ~/.insitu/data).")
+    partition: str = setting("iid", section="data", choices=PARTITION_NAMES, help="How the training set is split "
+                             "over clients.")
+    alpha: float = setting(0.5, section="data", help="Dirichlet concentration (dirichlet, quantity); smaller = more "
+                           "skew.")
+    shards_per_client: int = setting(2, section="data", help="Shards per client (shards partition).")
+    num_clients: int = setting(10, section="data", aliases=("--clients",), help="Number of virtual clients.")
+    fraction_fit: float = setting(1.0, section="strategy", aliases=("--fraction",), help="Fraction of clients "
+                                  "sampled each round.")
+    min_fit_clients: int = setting(1, section="strategy", help="Fewest usable results for a round to count.")
+    fraction_evaluate: float = setting(0.0, section="strategy", help="Fraction of clients that evaluate on their "
+                                       "local test shard (0 = off).")
+    rounds: int = setting(5, section="run", help="Number of federated rounds (FedBuff: server steps).")
+    # -- client training --
+    local_epochs: int = setting(1, section="training", help="Local epochs per round.")
+    batch_size: int = setting(32, section="training", help="Local batch size (0 = full batch).")
+    lr: float = setting(0.01, section="training", help="Client learning rate.")
+    momentum: float = setting(0.0, section="training", help="Client SGD momentum.")
+    optimizer: str = setting("sgd", section="training", choices=OPTIMIZERS, help="Client optimizer.")
+    model: str = setting("2nn", section="training", choices=MODEL_NAMES, help="Model architecture.")
+    # -- strategy and server optimizer --
+    strategy: str = setting("fedavg", section="strategy", choices=STRATEGY_NAMES, help="Federated algorithm.")
+    mu: float = setting(0.01, section="strategy", help="FedProx's proximal weight mu (>= 0).")
+    server_optimizer: str = setting("", section="strategy", choices=lambda: ("", *SERVER_OPTIMIZER_NAMES),
+                                    help="Override the strategy's server optimizer ('' = the strategy's own: sgd, or "
+                                    "the one fedavgm/fedadam/... names).")
+    server_lr: float = setting(0.0, section="strategy", help="Server learning rate (0 = the server optimizer's "
+                               "default: 1.0 for sgd/fedavgm, 0.1 adaptive).")
+    server_momentum: float = setting(0.9, section="strategy", help="Server momentum (fedavgm; beta1 of the adaptive "
+                                     "server optimizers).")
+    tau: float = setting(1e-3, section="strategy", help="Adaptive server optimizers' epsilon (Reddi et al. 2021).")
+    lr_schedule: str = setting("constant", section="training", choices=SCHEDULE_NAMES, help="Client learning rate "
+                               "over rounds.")
+    lr_decay: float = setting(0.99, section="training", help="Schedule factor: exponential: lr x decay^(round-1); "
+                              "step: x decay every --lr-step-every rounds.")
+    lr_step_every: int = setting(10, section="training", help="Rounds between the step schedule's decays.")
+    # -- aggregation --
+    aggregator: str = setting("mean", section="aggregation", choices=lambda: AGGREGATOR_NAMES,
+                              help="How client updates are combined.")
+    aggregator_options: dict[str, float | int | str | bool] = setting(  # noqa: RUF009 (a dataclass field, like field())
+        section="aggregation", aliases=("--aggregator-option",), default_factory=dict,
+        help="Aggregator-specific settings by name (TOML: an [aggregator_options] table).")
+    byzantine_f: int = setting(0, section="aggregation", help="Attackers Krum/Multi-Krum/Bulyan must tolerate.")
+    trim_fraction: float = setting(0.1, section="aggregation", help="Trimmed mean: share cut at each end (< 0.5).")
+    clip_norm: float = setting(0.0, section="aggregation", help="Bound every update's L2 norm (0 = off).")
+    screen: bool = setting(False, section="aggregation", help="Drop non-finite and outsized updates before "
+                           "aggregating.")
+    # -- simulated attacks --
+    attack: str = setting("none", section="attack", choices=ATTACK_NAMES, help="Simulated attack.")
+    attack_fraction: float = setting(0.0, section="attack", help="Share of malicious clients, in [0, 1) (ignored "
+                                     "when --attack is none).")
+    attack_scale: float = setting(10.0, section="attack", help="sign_flip and scaling attacks' strength.")
+    attack_std: float = setting(1.0, section="attack", help="gaussian attack's noise std.")
+    backdoor_target: int = setting(0, section="attack", help="Label the backdoor's trigger maps to.")
+    poison_fraction: float = setting(0.5, section="attack", help="Share of a backdoor attacker's examples that carry "
+                                     "the trigger, in (0, 1].")
+    backdoor_boost: float = setting(1.0, section="attack", help="Backdoor attackers scale their update by this "
+                                    "(model replacement; 1 = no boosting).")
+    # -- privacy --
+    dp_clip: float = setting(0.0, section="privacy", help="DP-FedAvg on when > 0: clip each client's update to this "
+                             "L2 norm.")
+    dp_noise: float = setting(1.0, section="privacy", help="DP noise multiplier z: Gaussian noise of std z x dp_clip "
+                              "on the sum.")
+    dp_delta: float = setting(1e-5, section="privacy", help="DP delta.")
+    dp_target_epsilon: float = setting(0.0, section="privacy", help="Stop before a round that would exceed this "
+                                       "epsilon (0 = no budget).")
+    dp_adaptive_clip: bool = setting(False, section="privacy", help="Adapt the clip norm to the median update norm "
+                                     "(Andrew et al. 2021).")
+    dp_accountant: str = setting("rdp", section="privacy", choices=("rdp", "pld"), help="Privacy accountant: rdp "
+                                 "(built in) or pld (tighter; needs dp-accounting).")
+    dp_record_client_metrics: bool = setting(False, section="privacy", help="Keep per-client facts in the history "
+                                             "under DP: NOT covered by epsilon.")
+    dp_mode: str = setting("central", section="privacy", choices=("central", "distributed"), help="central: the "
+                           "server noises the sum | distributed: each client adds a Skellam noise share before "
+                           "secure aggregation (needs --secure-aggregation).")
+    dp_min_contributors: int = setting(0, section="privacy", help="Distributed DP: clients whose shares make up the "
+                                       "full noise (0 = q N minus two standard deviations).")
+    local_dp_noise: float = setting(0.0, section="privacy", help="Local DP (DP-SGD via Opacus) in every client when "
+                                    "> 0: the noise multiplier.")
+    local_dp_clip: float = setting(1.0, section="privacy", help="Local DP: per-example gradient clip norm.")
+    local_dp_target_epsilon: float = setting(0.0, section="privacy", help="Local DP: each client refuses rounds past "
+                                             "this epsilon (0 = no budget).")
+    secure_aggregation: bool = setting(False, section="privacy", help="Sum each round through the SecAgg protocol "
+                                       "(the server learns only the sum).")
+    secagg_bound: float = setting(10.0, section="privacy", help="Secure aggregation: fixed-point range [-B, B] of "
+                                  "each (weighted) update element.")
+    secagg_dropout: float = setting(0.0, section="privacy", help="Secure aggregation in simulation: share of clients "
+                                    "that drop after sending their masked input.")
     # -- asynchronous FL and the systems model (simulated wall-clock time) --
-    mode: str = "sync"  # "sync": rounds that wait for every sampled client | "fedbuff": buffered asynchronous FL
-    concurrency: int = 0  # fedbuff: clients training at once (0 = 2 x buffer_size)
-    buffer_size: int = 10  # fedbuff: client updates folded into each server step (K in Nguyen et al. 2022)
-    staleness_exponent: float = 0.5  # fedbuff: an update s versions old is weighted (1 + s)^-a
-    max_staleness: int = 0  # fedbuff: drop updates more than this many versions old (0 = keep all)
-    speed_sigma: float = 0.0  # systems model: clients' compute speeds ~ LogNormal(0, sigma) (0 = all equal)
-    step_seconds: float = 0.01  # systems model: simulated seconds per local step at the median speed
-    latency: float = 0.0  # systems model: simulated seconds added to every task (download + upload)
-    dropout: float = 0.0  # systems model: chance that a client drops out during a task
-    straggler_fraction: float = 0.0  # share of sampled clients that can do only 1..E-1 local epochs (Li et al. 2020)
-    drop_stragglers: bool = False  # FedAvg as in Li et al. 2020: stragglers' partial work is dropped, not used
-    eval_every: int = 1  # centralized evaluation every k rounds (and the last)
-    stop_at_accuracy: float = 0.0  # end the run once test accuracy reaches this (0 = run all rounds)
+    mode: str = setting("sync", section="systems", choices=("sync", "fedbuff"), help="sync: rounds that wait for "
+                        "every sampled client | fedbuff: buffered asynchronous FL.")
+    concurrency: int = setting(0, section="systems", help="FedBuff: clients training at once (0 = 2 x buffer_size).")
+    buffer_size: int = setting(10, section="systems", help="FedBuff: client updates folded into each server step "
+                               "(K in Nguyen et al. 2022).")
+    staleness_exponent: float = setting(0.5, section="systems", help="FedBuff: an update s versions old is weighted "
+                                        "(1 + s)^-a.")
+    max_staleness: int = setting(0, section="systems", help="FedBuff: drop updates more than this many versions old "
+                                 "(0 = keep all).")
+    speed_sigma: float = setting(0.0, section="systems", help="Clients' compute speeds ~ LogNormal(0, sigma) "
+                                 "(0 = all equal).")
+    step_seconds: float = setting(0.01, section="systems", help="Simulated seconds per local step at the median "
+                                  "speed.")
+    latency: float = setting(0.0, section="systems", help="Simulated seconds added to every task (download + upload).")
+    dropout: float = setting(0.0, section="systems", help="Chance that a client drops out during a task.")
+    straggler_fraction: float = setting(0.0, section="systems", help="Share of sampled clients that can do only "
+                                        "1..E-1 local epochs (Li et al. 2020).")
+    drop_stragglers: bool = setting(False, section="systems", help="FedAvg as in Li et al. 2020: stragglers' partial "
+                                    "work is dropped, not used.")
+    # -- run --
+    eval_every: int = setting(1, section="run", help="Evaluate on the test set every k rounds (and the last).")
+    stop_at_accuracy: float = setting(0.0, section="run", help="End the run once test accuracy reaches this "
+                                      "(0 = run all rounds).")
     # One seed drives partitioning, sampling and training. In simulation it also drives central DP's noise
     # and Poisson sample: reproducible, simulation only, not private against anyone who knows the seed.
     # A deployment (`insitu server`) always draws DP noise and sampling from OS entropy.
-    seed: int = 0
-    train_limit: int = 0  # use only the first N training examples (0 = all): quick tries and tests
-    test_limit: int = 0
+    seed: int = setting(0, section="run", help="Seed for partitioning, sampling and training (same seed, same "
+                        "bits; simulation only: not private against anyone who knows it).")
+    train_limit: int = setting(0, section="data", help="Use only the first N training examples (0 = all): quick "
+                               "tries and tests.")
+    test_limit: int = setting(0, section="data", help="Use only the first N test examples (0 = all).")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SimulationConfig:
-        """Build from TOML/CLI keys (dashes or underscores); unknown keys are an error naming them."""
-        known = {f.name: f for f in fields(cls)}
-        normalized = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalized) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
-        return cls(**normalized)
+    def from_dict(cls, values: dict[str, Any], source: str = "settings") -> SimulationConfig:
+        """Build from TOML/JSON/CLI keys (names or flag aliases, dashes or underscores), checking each value's
+        type and choices; an unknown key is an error naming it and the valid keys."""
+        config: SimulationConfig = from_mapping(cls, values, source)
+        return config
 
     def validate(self) -> None:
         """Fail before any data is loaded on settings that cannot work."""
@@ -272,11 +335,28 @@ class Experiment:
     initial_parameters: Parameters
     malicious: list[str]
     client_states: MemoryStates | None = None
+    systems: SystemsModel | None = None  # simulated client speeds, latency, dropouts, stragglers
+    fedbuff: FedBuff | None = None  # mode "fedbuff": asynchronous server steps instead of rounds
+
+    def engine(self) -> InProcessPool:
+        """A fresh in-process engine over this experiment's clients (with its systems model)."""
+        return InProcessPool(self.client_fn, self.config.num_clients, systems=self.systems)
+
+    def run(self, on_round: RoundCallback | None = None, engine: Engine | None = None) -> RunResult:
+        """Train (rounds, or FedBuff steps) and leave the final global parameters in ``self.model``."""
+        config = self.config
+        result = simulate(self.client_fn, num_clients=config.num_clients, strategy=self.strategy,
+                          num_rounds=config.rounds, initial_parameters=self.initial_parameters, seed=config.seed,
+                          on_round=on_round, pool=engine if engine is not None else self.engine(),
+                          stop_at_accuracy=config.stop_at_accuracy, fedbuff=self.fedbuff)
+        result.parameters.to_module(self.model)
+        return result
 
 
 def build_experiment(config: SimulationConfig) -> Experiment:
     """Load data, partition it, build one shared model and the strategy; nothing trains yet."""
     config.validate()
+    fedbuff = make_fedbuff(config)
     train = _limit(load_dataset(config.dataset, "train", config.data_dir), config.train_limit)
     test = _limit(load_dataset(config.dataset, "test", config.data_dir), config.test_limit)
     labels = train.labels_numpy()
@@ -331,8 +411,40 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     evaluator = central_evaluator(model, test, every=config.eval_every, last_round=config.rounds,
                                   backdoor=(trigger, config.backdoor_target) if trigger else None)
     strategy = make_strategy(config, evaluator)
-    return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn,
-                      Parameters.from_module(model), malicious, states)
+    initial = Parameters.from_module(model)
+    if fedbuff is not None:
+        check_async_strategy(strategy, initial)
+    systems = make_systems_model(config, {str(i): len(part) for i, part in enumerate(train_parts)})
+    return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn, initial, malicious,
+                      states, systems, fedbuff)
+
+
+def make_fedbuff(config: SimulationConfig) -> FedBuff | None:
+    """FedBuff's settings for mode "fedbuff", None for synchronous rounds; refuses an unknown mode."""
+    if config.mode not in ("sync", "fedbuff"):
+        raise ValueError(f"unknown mode {config.mode!r}; choose sync (rounds) or fedbuff (buffered asynchronous)")
+    if config.mode == "sync":
+        return None
+    fedbuff = FedBuff(config.buffer_size, config.concurrency, config.staleness_exponent, config.max_staleness)
+    if fedbuff.clients_at_once > config.num_clients:
+        raise ValueError(f"fedbuff trains {fedbuff.clients_at_once} clients at once but the federation has "
+                         f"{config.num_clients}: lower concurrency (or buffer_size) or raise num_clients")
+    if fedbuff.buffer_size > fedbuff.clients_at_once:
+        raise ValueError(f"buffer_size ({fedbuff.buffer_size}) exceeds concurrency ({fedbuff.clients_at_once}): "
+                         "a server step could never fill its buffer")
+    return fedbuff
+
+
+def make_systems_model(config: SimulationConfig, sizes: dict[str, int]) -> SystemsModel | None:
+    """The simulated speeds, latency, dropouts and stragglers, or None when every setting is off (and
+    the mode is synchronous): then the engine's clock is wall time."""
+    heterogeneous = (config.speed_sigma > 0 or config.latency > 0 or config.dropout > 0
+                     or config.straggler_fraction > 0)
+    if not heterogeneous and config.mode == "sync":
+        return None
+    return SystemsModel(config.speed_sigma, config.step_seconds, config.latency, config.dropout,
+                        config.straggler_fraction, config.drop_stragglers, config.local_epochs, config.seed,
+                        steps=epochs_times_batches(sizes, config.batch_size, config.local_epochs))
 
 
 def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None, *, remote: bool = False) -> Strategy:
@@ -396,11 +508,7 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
 def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = None) -> tuple[Experiment, RunResult]:
     """Build and run an experiment; the final global parameters are left in ``experiment.model``."""
     experiment = build_experiment(config)
-    result = simulate(experiment.client_fn, num_clients=config.num_clients, strategy=experiment.strategy,
-                      num_rounds=config.rounds, initial_parameters=experiment.initial_parameters,
-                      seed=config.seed, on_round=on_round, stop_at_accuracy=config.stop_at_accuracy)
-    result.parameters.to_module(experiment.model)
-    return experiment, result
+    return experiment, experiment.run(on_round)
 
 
 def _limit(data: TensorDataset, limit: int) -> TensorDataset:

@@ -68,6 +68,7 @@ class SystemsModel:
     dropout: float = 0.0
     straggler_fraction: float = 0.0
     drop_stragglers: bool = False
+    local_epochs: int = 1  # the epochs a task does when its config does not say
     seed: int = 0
     steps: StepsFn | None = None
 
@@ -97,7 +98,7 @@ class SystemsModel:
         rng = self._rng(client_id, 1 + task_index)
         failure: BaseException | None = None
         if self.straggler_fraction > 0 and rng.random() < self.straggler_fraction:
-            epochs = int(config.get("local_epochs", 1))  # type: ignore[arg-type]
+            epochs = int(config.get("local_epochs", self.local_epochs))  # type: ignore[arg-type]
             fewer = int(rng.integers(1, epochs)) if epochs > 1 else 1
             config = {**config, "local_epochs": fewer}
             if self.drop_stragglers:
@@ -113,14 +114,15 @@ class SystemsModel:
         return np.random.default_rng([self.seed, zlib.crc32(client_id.encode()), stream])
 
 
-def epochs_times_batches(sizes: dict[str, int] | Callable[[str], int], default_batch: int) -> StepsFn:
+def epochs_times_batches(sizes: dict[str, int] | Callable[[str], int], default_batch: int,
+                         default_epochs: int = 1) -> StepsFn:
     """A ``steps`` function for TorchClient-style training: local_epochs x ceil(examples / batch_size)."""
     size_of = sizes.__getitem__ if isinstance(sizes, dict) else sizes
 
     def steps(client_id: str, config: Config) -> int:
         examples = int(size_of(client_id))
         batch = int(config.get("batch_size", default_batch)) or examples  # type: ignore[arg-type]
-        epochs = int(config.get("local_epochs", 1))  # type: ignore[arg-type]
+        epochs = int(config.get("local_epochs", default_epochs))  # type: ignore[arg-type]
         return max(1, epochs * math.ceil(examples / max(batch, 1)))
 
     return steps

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,8 @@ import numpy as np
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
 from insitu.client.api import EvalResult, FitResult
 from insitu.engines.base import Engine, Task, run_tasks
-from insitu.params import Parameters
+from insitu.engines.systems import ClientDroppedOut, StragglerDropped
+from insitu.params import Parameters, ParamSpec
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
@@ -112,9 +113,7 @@ class Coordinator:
         if server_state is None:
             server_state = self.strategy.init_state(parameters)
         if start_round == 1 and self.evaluate_initial and history.initial is None:
-            central = self.strategy.evaluate(0, parameters)
-            if central is not None:
-                history.initial = Evaluation(central[0], dict(central[1]))
+            history.initial = evaluate_central(self.strategy, 0, parameters)
         for server_round in range(start_round, self.num_rounds + 1):
             reason = self.strategy.stop_reason(server_state)
             if reason is not None:
@@ -149,8 +148,8 @@ class Coordinator:
             if strategy.secure_aggregation is not None and can_exchange(self.pool):
                 outcome = secure_fit(self.pool, strategy, server_round, parameters, server_state, tasks, record,
                                      num_clients=len(available), session=secrets.randbits(63),
-                                     reject=lambda cid, stage, reason: self._reject(server_round, cid, stage, reason,
-                                                                                    record))
+                                     reject=lambda cid, stage, reason: reject(server_round, cid, stage, reason,
+                                                                              record))
             else:
                 accepted = self._accepted_fit(server_round, parameters, tasks, record)
                 try:
@@ -194,6 +193,7 @@ class Coordinator:
         self._evaluate(server_round, parameters, available, record)
         record.timings["evaluate_s"] = time.perf_counter() - eval_started
         record.timings["total_s"] = time.perf_counter() - started
+        record.timings["clock_s"] = self.pool.clock()
         if strategy.withholds_client_facts:
             _withhold_client_facts(record)
         return record, parameters, server_state
@@ -206,16 +206,13 @@ class Coordinator:
 
     def _accepted_fit(
         self, server_round: int, parameters: Parameters, tasks: list[Task], record: RoundRecord
-    ) -> Iterator[tuple[str, FitResult]]:
+    ) -> Generator[tuple[str, FitResult], None, None]:
         """Validated results, streamed to the aggregator as they arrive; rejections are recorded."""
         expected, bound = parameters.specs, magnitude_bound(parameters)
         for client_id, result in run_tasks(self.pool, "fit", parameters, server_round - 1, tasks):
-            if isinstance(result, BaseException):
-                reason = f"fit failed: {type(result).__name__}: {result}"
-            else:
-                reason = check_fit_result(result, expected, bound) or self.strategy.check_fit_result(result, expected)
+            reason = usable_fit_result(self.strategy, result, expected, bound)
             if reason is not None:
-                self._reject(server_round, client_id, "fit", reason, record)
+                reject(server_round, client_id, "fit", reason, record, result)
                 continue
             assert isinstance(result, FitResult)
             record.clients[client_id] = {"num_examples": result.num_examples, **_numeric(result.metrics)}
@@ -232,12 +229,15 @@ class Coordinator:
             tasks = [self._task(cid, server_round, base_config) for cid in chosen]
             results: list[tuple[str, EvalResult]] = []
             for client_id, result in run_tasks(self.pool, "evaluate", parameters, server_round, tasks):
+                reason: str | None
                 if isinstance(result, BaseException):
                     reason = f"evaluate failed: {type(result).__name__}: {result}"
+                elif not isinstance(result, EvalResult):
+                    reason = f"evaluate returned a {type(result).__name__}, expected an EvalResult"
                 else:
                     reason = check_eval_result(result)
                 if reason is not None:
-                    self._reject(server_round, client_id, "evaluate", reason, record)
+                    reject(server_round, client_id, "evaluate", reason, record, result)
                     continue
                 assert isinstance(result, EvalResult)
                 results.append((client_id, result))
@@ -250,14 +250,33 @@ class Coordinator:
             if loss is not None:
                 examples = sum(r.num_examples for _, r in results)
                 record.federated = Evaluation(loss, metrics, examples)
-        central = strategy.evaluate(server_round, parameters)
+        central = evaluate_central(strategy, server_round, parameters)
         if central is not None:
-            record.centralized = Evaluation(float(central[0]), dict(central[1]))
+            record.centralized = central
 
-    @staticmethod
-    def _reject(server_round: int, client_id: str, stage: str, reason: str, record: RoundRecord) -> None:
-        log.warning("round %d: rejected %s result from client %s: %s", server_round, stage, client_id, reason)
-        record.failures.append({"client": client_id, "stage": stage, "reason": reason})
+
+def usable_fit_result(strategy: Strategy, outcome: object, expected: tuple[ParamSpec, ...], bound: float) -> str | None:
+    """Why a fit outcome cannot be folded (a failure, a malformed or absurd update), or None."""
+    if isinstance(outcome, BaseException):
+        return f"fit failed: {type(outcome).__name__}: {outcome}"
+    if not isinstance(outcome, FitResult):
+        return f"fit returned a {type(outcome).__name__}, expected a FitResult"
+    return check_fit_result(outcome, expected, bound) or strategy.check_fit_result(outcome, expected)
+
+
+def reject(server_round: int, client_id: str, stage: str, reason: str, record: RoundRecord,
+           outcome: object = None) -> None:
+    """Record (and log) a client result that was not used. A simulated dropout or straggler is the systems
+    model at work, logged at INFO; anything else is a warning."""
+    level = logging.INFO if isinstance(outcome, (ClientDroppedOut, StragglerDropped)) else logging.WARNING
+    log.log(level, "round %d: rejected %s result from client %s: %s", server_round, stage, client_id, reason)
+    record.failures.append({"client": client_id, "stage": stage, "reason": reason})
+
+
+def evaluate_central(strategy: Strategy, server_round: int, parameters: Parameters) -> Evaluation | None:
+    """The strategy's centralized evaluation of ``parameters`` (None when it has none, or skips this round)."""
+    central = strategy.evaluate(server_round, parameters)
+    return None if central is None else Evaluation(float(central[0]), dict(central[1]))
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
