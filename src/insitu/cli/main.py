@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ from insitu.cli.common import console, err_console, fail, setup_logging
 from insitu.cli.outputs import write_outputs
 from insitu.cli.presets import resolve_config
 from insitu.cli.progress import RoundPrinter, progress_bar
+from insitu.config.cli import with_settings
+from insitu.simulation import SimulationConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -19,77 +20,25 @@ app = typer.Typer(
     help="insitu: federated learning for PyTorch. Simulate many clients in one process, or deploy.",
 )
 @app.command()
+@with_settings(SimulationConfig)
 def simulate(
-    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML file of settings (flags override it)."),
-    dataset: str | None = typer.Option(None, help="digits | breast-cancer | mnist | fashion-mnist."),
-    data_dir: str | None = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
-    partition: str | None = typer.Option(None, help="iid | dirichlet | shards | quantity."),
-    alpha: float | None = typer.Option(None, help="Dirichlet concentration (dirichlet, quantity); smaller = more skew."),
-    shards_per_client: int | None = typer.Option(None, help="Shards per client (shards partition)."),
-    clients: int | None = typer.Option(None, "--clients", help="Number of virtual clients."),
-    fraction: float | None = typer.Option(None, "--fraction", help="Fraction of clients sampled each round."),
-    min_fit_clients: int | None = typer.Option(None, help="Fewest usable results for a round to count."),
-    fraction_evaluate: float | None = typer.Option(None, help="Fraction of clients that evaluate on their local test shard (0 = off)."),
-    rounds: int | None = typer.Option(None, help="Number of federated rounds."),
-    local_epochs: int | None = typer.Option(None, help="Local epochs per round."),
-    batch_size: int | None = typer.Option(None, help="Local batch size (0 = full batch)."),
-    lr: float | None = typer.Option(None, help="Client learning rate."),
-    momentum: float | None = typer.Option(None, help="Client SGD momentum."),
-    optimizer: str | None = typer.Option(None, help="sgd | adam."),
-    model: str | None = typer.Option(None, help="simple-cnn | 2nn | logreg | mlp."),
-    strategy: str | None = typer.Option(None, help="fedavg | fedsgd | fedprox | scaffold | fedavgm | fedadam | fedyogi | fedadagrad."),
-    mu: float | None = typer.Option(None, help="FedProx proximal weight mu (>= 0)."),
-    server_optimizer: str | None = typer.Option(None, help="Override the server optimizer: sgd | fedavgm | fedadam | fedyogi | fedadagrad."),
-    server_lr: float | None = typer.Option(None, help="Server learning rate (0 = the optimizer's default)."),
-    lr_schedule: str | None = typer.Option(None, help="Client lr over rounds: constant | exponential | step | cosine."),
-    lr_decay: float | None = typer.Option(None, help="Decay factor of the exponential/step schedules."),
-    aggregator: str | None = typer.Option(None, help="mean | median | trimmed_mean | krum | multi_krum | bulyan."),
-    byzantine_f: int | None = typer.Option(None, help="Attackers Krum/Multi-Krum/Bulyan must tolerate."),
-    trim_fraction: float | None = typer.Option(None, help="Trimmed mean: share cut at each end (< 0.5)."),
-    clip_norm: float | None = typer.Option(None, help="Bound each update's L2 norm (0 = off)."),
-    screen: bool | None = typer.Option(None, "--screen/--no-screen", help="Drop non-finite and outsized updates."),
-    attack: str | None = typer.Option(None, help="Simulated attack: none | sign_flip | scaling | gaussian | label_flip | backdoor."),
-    attack_fraction: float | None = typer.Option(None, help="Share of malicious clients, in [0, 1)."),
-    dp_clip: float | None = typer.Option(None, help="Central DP (DP-FedAvg): clip each client's update to this L2 norm (0 = off)."),
-    dp_noise: float | None = typer.Option(None, help="Central DP noise multiplier z (noise std z x clip on the sum)."),
-    dp_target_epsilon: float | None = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
-    dp_mode: str | None = typer.Option(None, help="central: the server noises the sum | distributed: each client adds a Skellam noise share before secure aggregation (needs --secure-aggregation)."),
-    dp_delta: float | None = typer.Option(None, help="Central DP delta (default 1e-5)."),
-    dp_adaptive_clip: bool | None = typer.Option(None, "--dp-adaptive-clip/--no-dp-adaptive-clip", help="Adapt the clip norm to the median update norm."),
-    secure_aggregation: bool | None = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Sum each round through the SecAgg protocol (simulated parties)."),
-    secagg_dropout: float | None = typer.Option(None, help="With --secure-aggregation: share of clients dropping after their masked input."),
-    eval_every: int | None = typer.Option(None, help="Evaluate on the test set every k rounds (and the last)."),
-    stop_at_accuracy: float | None = typer.Option(None, help="Stop once test accuracy reaches this (0 = never)."),
-    seed: int | None = typer.Option(None, help="Seed for partitioning, sampling and training."),
-    train_limit: int | None = typer.Option(None, help="Use only the first N training examples (quick tries)."),
-    test_limit: int | None = typer.Option(None, help="Use only the first N test examples."),
+    settings: dict[str, Any],
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="Settings file (flags override it): TOML, "
+                                            "optionally under \\[simulate], or a run's config.json."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Where to write history, model and plot."),
     show_partition: bool = typer.Option(False, help="Print the per-client label histogram before training."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
 ) -> None:
-    """Run a federated simulation. With no arguments: a demo on the bundled digits dataset."""
+    """Run a federated simulation. With no arguments: a demo on the bundled digits dataset.
+
+    Settings: defaults (shown) < the dataset's preset < --config file < flags.
+    """
     setup_logging(verbose)
-    flags: dict[str, Any] = {
-        "dataset": dataset, "data_dir": data_dir, "partition": partition, "alpha": alpha,
-        "shards_per_client": shards_per_client, "num_clients": clients, "fraction_fit": fraction,
-        "min_fit_clients": min_fit_clients, "fraction_evaluate": fraction_evaluate, "rounds": rounds,
-        "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-        "optimizer": optimizer, "model": model, "strategy": strategy, "seed": seed, "mu": mu,
-        "server_optimizer": server_optimizer, "server_lr": server_lr, "lr_schedule": lr_schedule,
-        "lr_decay": lr_decay, "aggregator": aggregator, "byzantine_f": byzantine_f,
-        "trim_fraction": trim_fraction, "clip_norm": clip_norm, "screen": screen, "attack": attack,
-        "attack_fraction": attack_fraction, "eval_every": eval_every, "stop_at_accuracy": stop_at_accuracy,
-        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_target_epsilon": dp_target_epsilon, "dp_mode": dp_mode, "dp_delta": dp_delta,
-        "dp_adaptive_clip": dp_adaptive_clip, "secure_aggregation": secure_aggregation, "secagg_dropout": secagg_dropout,
-        "train_limit": train_limit, "test_limit": test_limit,
-    }
     from insitu.data import format_histogram
-    from insitu.engines import InProcessPool
     from insitu.simulation import build_experiment
-    from insitu.simulation import simulate as run_rounds
 
     try:
-        config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
+        config = resolve_config(config_file, settings)
         config.validate()
         experiment = build_experiment(config)
     except (ValueError, FileNotFoundError) as error:
@@ -107,13 +56,7 @@ def simulate(
     printer = RoundPrinter(console, config.rounds)
     per_round = experiment.strategy.num_fit_clients(config.num_clients)
     with progress_bar(console, total=config.rounds * per_round) as bar:
-        pool = bar.wrap(InProcessPool(experiment.client_fn, config.num_clients))
-        result = run_rounds(
-            experiment.client_fn, num_clients=config.num_clients, strategy=experiment.strategy,
-            num_rounds=config.rounds, initial_parameters=experiment.initial_parameters, seed=config.seed,
-            on_round=lambda record, _p, _s: printer(record), pool=pool,
-        )
-    result.parameters.to_module(experiment.model)
+        result = experiment.run(on_round=lambda record, _p, _s: printer(record), engine=bar.wrap(experiment.engine()))
     paths = write_outputs(out, config, experiment.model, result.history)
     final = result.history.final_accuracy
     summary = f"final accuracy {100 * final:.2f}%" if final is not None else "no accuracy recorded"
@@ -198,4 +141,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
