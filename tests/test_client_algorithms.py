@@ -9,13 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from insitu.algorithms import ALGORITHM, SCAFFOLD_C, SCAFFOLD_DELTA_C
 from insitu.client.state import DiskState, MemoryStates
-from insitu.client.torch_client import (
-    SCAFFOLD_C,
-    SCAFFOLD_DELTA_C,
-    TorchClient,
-    TrainSettings,
-)
+from insitu.client.torch_client import TorchClient, TrainSettings
 from insitu.data.datasets import TensorDataset
 from insitu.engines import InProcessPool
 from insitu.params import Parameters
@@ -49,7 +45,7 @@ def test_fedprox_local_steps_follow_the_proximal_gradient_in_closed_form():
     model = scalar_model()
     client = target_client(model, t, steps, lr)
     start = Parameters.from_arrays({"weight": np.array([[x]], np.float32)})
-    result = client.fit(start, {"proximal_mu": mu})
+    result = client.fit(start, {ALGORITHM: "fedprox", "proximal_mu": mu})
     w_star = (t + mu * x) / (1 + mu)
     expected = w_star + (1 - lr * (1 + mu)) ** steps * (x - w_star)
     assert result.parameters.flat()[0] == pytest.approx(expected, rel=1e-6)
@@ -60,7 +56,7 @@ def test_fedprox_local_steps_follow_the_proximal_gradient_in_closed_form():
 def test_fedprox_strategy_sends_mu_and_refuses_negative_mu():
     strategy = fedprox(0.3)
     state = strategy.init_state(Parameters.from_arrays({"w": np.zeros(2, np.float32)}))
-    assert strategy.algorithm_config(state, ()) == {"proximal_mu": 0.3}
+    assert strategy.algorithm_config(state, ()) == {ALGORITHM: "fedprox", "proximal_mu": 0.3}
     with pytest.raises(ValueError, match="mu >= 0"):
         fedprox(-0.1)
 
@@ -115,7 +111,7 @@ def test_scaffold_divides_the_control_variate_update_by_the_whole_federation():
 
 def test_scaffold_needs_a_state_store():
     start = Parameters.from_arrays({"weight": np.zeros((1, 1), np.float32)})
-    c = {SCAFFOLD_C: Parameters.from_arrays({"weight": np.zeros((1, 1), np.float32)})}
+    c = {ALGORITHM: "scaffold", SCAFFOLD_C: Parameters.from_arrays({"weight": np.zeros((1, 1), np.float32)})}
     with pytest.raises(ValueError, match="state store"):
         target_client(scalar_model(), 1, 1, 0.1).fit(start, c)
 
@@ -141,7 +137,7 @@ def run_scaffold_fit(settings: TrainSettings, seed: int = 0):
     data, model, start, c, c_i = small_problem(seed)
     state = MemoryStates().for_client("0")
     state.save("scaffold_c_i", c_i)
-    result = TorchClient(model, data, settings=settings, state=state).fit(start, {SCAFFOLD_C: c, "seed": 3})
+    result = TorchClient(model, data, settings=settings, state=state).fit(start, {ALGORITHM: "scaffold", SCAFFOLD_C: c, "seed": 3})
     new_c_i = state.load("scaffold_c_i")
     assert np.allclose(result.extras[SCAFFOLD_DELTA_C].flat(), new_c_i - c_i, atol=1e-7)
     return data, start, c.flat(), c_i, result.parameters.flat(), new_c_i
@@ -249,7 +245,7 @@ def test_scaffold_with_local_dp_keeps_option_ii_on_the_noised_gradients():
     state.save("scaffold_c_i", c_i)
     client = DPTorchClient(model, data, dp=LocalDPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
                            settings=TrainSettings(local_epochs=epochs, batch_size=5, lr=lr), state=state, rng_seed=1)
-    y = client.fit(start, {SCAFFOLD_C: c, "seed": 0}).parameters.flat()
+    y = client.fit(start, {ALGORITHM: "scaffold", SCAFFOLD_C: c, "seed": 0}).parameters.flat()
     new_c_i = state.load("scaffold_c_i")
     option_ii = c_i - c.flat() + (start.flat() - y) / (epochs * 2 * lr)
     assert np.abs(start.flat() - y).max() > 0.05

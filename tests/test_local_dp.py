@@ -272,7 +272,7 @@ def test_empty_poisson_batches_and_fedprox(digits) -> None:
                            train_indices=np.arange(6), rng_seed=3, report_train_loss=True)
     start = Parameters.from_module(model)
     for seed in range(5):  # q = 1/6 over 6 examples: about a third of the steps draw nobody
-        result = client.fit(start, {"seed": seed, "proximal_mu": 0.1})
+        result = client.fit(start, {"seed": seed, "algorithm": "fedprox", "proximal_mu": 0.1})
         assert np.all(np.isfinite(result.parameters.flat())) and np.isfinite(result.metrics["train_loss"])
     assert client.ledger() == [(1.0, pytest.approx(1 / 6), 30)]
 

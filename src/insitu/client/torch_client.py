@@ -2,21 +2,27 @@
 
 The training loop is deliberately the loop one would write by hand: batches are gathered by index
 from tensors already in memory, and nothing runs per sample in Python. Several virtual clients may
-share one model object; each call loads the global parameters into it first.
+share one model object; each call loads the global parameters into it first. It is the one loop
+every client algorithm runs in: the algorithm the task names (``config["algorithm"]``, see
+:mod:`insitu.algorithms`) hooks in after each backward pass and adds extras to the result, and a
+loop plug-in (:class:`LoopPlugin`; DP-SGD's in :mod:`insitu.privacy.local`) may draw the batches and
+take the optimizer steps its own way.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from insitu.algorithms import FitContext, GradHook, algorithm_for
 from insitu.client.api import Config, EvalResult, FitResult
 from insitu.client.state import ClientState
 from insitu.params import Parameters
@@ -24,14 +30,8 @@ from insitu.params import Parameters
 if TYPE_CHECKING:
     from insitu.data.datasets import TensorDataset
 
-log = logging.getLogger("insitu")
-
 OPTIMIZERS = ("sgd", "adam")
-ADAM_BETAS = (0.9, 0.999)  # torch's defaults, named because SCAFFOLD's control variate replays beta1
-SCAFFOLD_C = "scaffold_c"  # config: the server control variate c (Parameters)
-SCAFFOLD_DELTA_C = "scaffold_delta_c"  # result extras: c_i+ - c_i (Parameters)
-SCAFFOLD_STATE = "scaffold_c_i"  # client state: this client's control variate c_i
-GradHook = Callable[[], None]
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross_entropy": nn.CrossEntropyLoss,
     "nll": nn.NLLLoss,
@@ -41,7 +41,7 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training hyper-parameters; any field may be overridden per round by the server config."""
+    """Local training hyper-parameters; any field may be overridden per task by the server config."""
 
     local_epochs: int = 1
     batch_size: int = 32  # 0 means the whole local dataset in one batch (FedSGD)
@@ -51,7 +51,6 @@ class TrainSettings:
     weight_decay: float = 0.0
     loss: str = "cross_entropy"
     eval_batch_size: int = 1024
-    proximal_mu: float = 0.0  # FedProx: adds mu/2 ||w - w_global||^2 to the local objective
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -62,24 +61,79 @@ class TrainSettings:
             raise ValueError("local_epochs and batch_size must be >= 0 and eval_batch_size >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu (FedProx's mu) must be >= 0, got {self.proximal_mu}")
 
     def updated(self, config: Config) -> TrainSettings:
         """A copy with every config key that names a field applied (cast to the field's type)."""
         changes: dict[str, Any] = {}
         for f in fields(self):
             if f.name in config:
-                kind = type(getattr(self, f.name))
-                changes[f.name] = kind(config[f.name])
+                kind, value = type(getattr(self, f.name)), config[f.name]
+                if kind is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(f"config {f.name!r} must be a whole number, got {value}")
+                changes[f.name] = kind(value)
         return replace(self, **changes) if changes else self
+
+
+class Steps(NamedTuple):
+    """How one fit's batches are drawn and stepped, as a :class:`LoopPlugin` opens them.
+
+    ``batches`` yields the rows of each optimizer step (indices into the training tensors; a step
+    may draw none); ``forward`` is what the loop calls on a batch; ``optimizer`` is zeroed before
+    each step; ``step(after_backward, empty)`` turns the gradient into a model update, running the
+    client algorithm's ``after_backward`` (if any) on the gradient the update will use."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    batches: Iterable[torch.Tensor]
+    step: Callable[[GradHook | None, bool], None]
+
+
+class LoopPlugin(Protocol):
+    """Changes how the one training loop samples batches and steps (DP-SGD: Poisson sampling,
+    per-example clipping, noise), without a second loop."""
+
+    def open(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+             index: torch.Tensor | None, num_examples: int, settings: TrainSettings,
+             seed: int) -> AbstractContextManager[Steps]:
+        """The steps of one fit over ``num_examples`` rows (``index``, or all rows when None); whatever
+        it attaches to ``model`` or ``optimizer`` it removes on exit."""
+        ...
+
+
+class ShuffledSGD:
+    """The plain loop: each epoch reshuffles the rows (by the task's seed) and cuts them into batches;
+    each step is one optimizer step."""
+
+    @contextmanager
+    def open(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+             index: torch.Tensor | None, num_examples: int, settings: TrainSettings, seed: int) -> Iterator[Steps]:
+        yield Steps(model, optimizer, _shuffled_batches(index, num_examples, settings, seed),
+                    partial(_optimizer_step, optimizer))
+
+
+def _shuffled_batches(index: torch.Tensor | None, n: int, settings: TrainSettings, seed: int) -> Iterator[torch.Tensor]:
+    batch = settings.batch_size or n
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        if index is not None:
+            order = index[order]
+        for start in range(0, n, batch):
+            yield order[start : start + batch]
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, after_backward: GradHook | None, empty: bool) -> None:
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
 
 
 class TorchClient:
     """Train/evaluate ``model`` on ``train``/``test`` (optionally restricted to index lists).
 
     ``config`` from the server may override :class:`TrainSettings` fields (``lr``, ``local_epochs``,
-    ``batch_size``, ...) and carries a ``seed`` that makes local shuffling reproducible.
+    ``batch_size``, ...), names the client algorithm to run and carries a ``seed`` that makes local
+    shuffling reproducible. ``loop_plugin`` changes how batches are drawn and stepped (DP-SGD).
     """
 
     def __init__(
@@ -96,6 +150,7 @@ class TorchClient:
         seed: int = 0,
         share_result: bool = False,
         state: ClientState | None = None,
+        loop_plugin: LoopPlugin | None = None,
     ) -> None:
         self.model = model
         self.train = train
@@ -112,27 +167,20 @@ class TorchClient:
         # State kept between rounds (SCAFFOLD's c_i): MemoryStates().for_client(cid) in
         # simulation, DiskState(folder) in a deployed client.
         self.state = state
+        self.loop_plugin: LoopPlugin = loop_plugin if loop_plugin is not None else ShuffledSGD()
 
     # -- Client protocol ---------------------------------------------------------------------
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
+        algorithm = algorithm_for(config)  # before touching the model: an unknown one fails the task
         settings = self.settings.updated(config)
+        seed = _as_int(config.get("seed", self.seed))
         parameters.to_module(self.model)
-        hooks: list[GradHook] = []
-        if settings.proximal_mu > 0:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            hooks.append(_proximal_hook(trainable, settings.proximal_mu))
-        scaffold = None
-        server_c = config.get(SCAFFOLD_C)
-        if server_c is not None:
-            scaffold = _ScaffoldStep(self.model, parameters, server_c, self._require_state(), settings)
-            hooks.append(scaffold.hook)
-        hook = _chain(hooks)
-        num_examples, mean_loss = self._train(settings, _as_int(config.get("seed", self.seed)), hook)
+        optimizer = fresh_optimizer(self.model, settings)
+        local = algorithm.client_half(FitContext(self.model, parameters, config, optimizer, self.state))
+        num_examples, mean_loss = self._train(settings, seed, optimizer, local.after_backward)
         metrics = {"train_loss": mean_loss} if num_examples else {}
-        result = FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics)
-        if scaffold is not None:
-            result.extras[SCAFFOLD_DELTA_C] = scaffold.finish()
-        return result
+        return FitResult(Parameters.from_module(self.model, share=self.share_result), num_examples, metrics,
+                         local.after_training())
 
     def evaluate(self, parameters: Parameters, config: Config) -> EvalResult:
         settings = self.settings.updated(config)
@@ -144,54 +192,45 @@ class TorchClient:
         )
         return EvalResult(loss, n, {"accuracy": accuracy})
 
-    # -- internals ---------------------------------------------------------------------------
-    def _require_state(self) -> ClientState:
-        if self.state is None:
-            raise ValueError("SCAFFOLD keeps a control variate per client between rounds: give this TorchClient a "
-                             "state store (state=MemoryStates().for_client(cid) in simulation, DiskState(folder) "
-                             "in a deployed client)")
-        return self.state
+    def num_train_examples(self) -> int:
+        """How many examples this client trains on."""
+        if self.train is None:
+            return 0
+        return len(self.train_indices) if self.train_indices is not None else len(self.train.y)
 
+    # -- internals ---------------------------------------------------------------------------
     def _loss(self, settings: TrainSettings) -> nn.Module:
         return self.loss_fn if self.loss_fn is not None else LOSSES[settings.loss]()
 
-    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float]:
-        """Run the local epochs; returns (examples in the local dataset, mean training loss).
-
-        ``grad_hook`` runs after each backward pass, before the optimizer step (FedProx's proximal
-        gradient, SCAFFOLD's correction)."""
-        if self.train is None:
-            return 0, 0.0
-        x, y = self.train.x, self.train.y
-        index = self.train_indices
-        n = len(index) if index is not None else len(y)
-        if n == 0 or settings.local_epochs == 0:
+    def _train(self, settings: TrainSettings, seed: int, optimizer: torch.optim.Optimizer,
+               after_backward: GradHook | None) -> tuple[int, float]:
+        """Run the local epochs, the one training loop; returns (examples in the local dataset, mean
+        training loss per example). ``after_backward`` (the algorithm's gradient correction) runs on
+        the gradient each step uses."""
+        n, train = self.num_train_examples(), self.train
+        if train is None or n == 0 or settings.local_epochs == 0:
             return n, 0.0
-        batch = settings.batch_size or n
-        model, loss_fn, device = self.model, self._loss(settings), self.device
-        optimizer = fresh_optimizer(model, settings)
-        generator = torch.Generator().manual_seed(seed)
+        x, y, model, device = train.x, train.y, self.model, self.device
+        loss_fn = self._loss(settings)
+        summed = getattr(loss_fn, "reduction", "mean") == "sum"
         loss_sum, steps = torch.zeros((), device=device), 0  # summed in place: no per-step objects kept
         model.train()
-        for _ in range(settings.local_epochs):
-            order = torch.randperm(n, generator=generator)
-            if index is not None:
-                order = index[order]
-            for start in range(0, n, batch):
-                rows = order[start : start + batch]
-                xb, yb = x.index_select(0, rows), y.index_select(0, rows)
-                if xb.device != device:
-                    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                if grad_hook is not None:
-                    grad_hook()
-                optimizer.step()
-                loss_sum += loss.detach()
-                steps += 1
-        optimizer.zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
-        return n, float(loss_sum) / steps
+        with self.loop_plugin.open(model, optimizer, loss_fn, self.train_indices, n, settings, seed) as loop:
+            forward, zero_grad, step = loop.forward, loop.optimizer.zero_grad, loop.step
+            for rows in loop.batches:
+                zero_grad(set_to_none=True)
+                empty = len(rows) == 0
+                if not empty:
+                    xb, yb = x.index_select(0, rows), y.index_select(0, rows)
+                    if xb.device != device:
+                        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                    loss = loss_fn(forward(xb), yb)
+                    loss.backward()
+                    loss_sum += loss.detach() / len(rows) if summed else loss.detach()
+                    steps += 1
+                step(after_backward, empty)
+            zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
+        return n, float(loss_sum) / max(steps, 1)
 
 
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()
@@ -226,133 +265,9 @@ def fresh_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Op
     return optimizer
 
 
-def _chain(hooks: list[GradHook]) -> GradHook | None:
-    """One hook running ``hooks`` in order; None when there are none (the plain loop stays plain)."""
-    if len(hooks) <= 1:
-        return hooks[0] if hooks else None
-
-    def run_all() -> None:
-        for hook in hooks:
-            hook()
-
-    return run_all
-
-
-def _proximal_hook(params: list[nn.Parameter], mu: float) -> GradHook:
-    """Adds mu (w - w_global) to each gradient: the gradient of FedProx's mu/2 ||w - w_global||^2."""
-    anchors = [p.detach().clone() for p in params]
-
-    def hook() -> None:
-        with torch.no_grad():
-            for p, anchor in zip(params, anchors):
-                if p.grad is not None:
-                    p.grad.add_(p - anchor, alpha=mu)
-
-    return hook
-
-
-class _ScaffoldStep:
-    """One client's SCAFFOLD round: corrected gradients, then the control-variate update.
-
-    Every local gradient g (after backward, before the optimizer step) is corrected to g - c_i + c,
-    and the corrected gradient goes to whatever optimizer the client runs: with momentum, Adam or
-    weight decay that optimizer minimises the corrected local objective f_i(y) + <c - c_i, y>.
-
-    The new control variate c_i+ is this round's raw (uncorrected) gradients averaged with the
-    weight the optimizer gave each of them in the distance the model moved, so that c_i+ and the
-    correction c - c_i (which goes through the same optimizer) are measured in the same units. The
-    optimizer's first moment is replayed on the raw gradients: m_j = beta m_{j-1} + tau g_j, and,
-    fed a constant 1, s_j = beta s_{j-1} + tau.
-
-    * SGD with momentum beta (tau = 1; beta = 0 is plain SGD): step j moves the model by lr m_j, so
-      x - y = lr sum_j m_j and c_i+ = sum_j m_j / sum_j s_j. A gradient early in the round moves the
-      model on every later step (weight (1 - beta^(K-k+1)) / (1 - beta)), the last one only once.
-      Without weight decay this is option II with the effective step count S = sum_j s_j in place of
-      K: c_i+ = c_i - c + (x - y) / (S lr). With beta = 0 it is the plain mean (1/K) sum_k g_k, which
-      is exactly option II's c_i - c + (x - y) / (K lr). Option II's formula itself reads the
-      gradients back from the distance travelled with K, not S: with momentum 0.9 it makes c_i about
-      ten times too large and SCAFFOLD diverges; the unweighted mean is stable but credits late
-      gradients (which barely moved the model, and whose momentum is dropped at the round's end) as
-      much as early ones.
-    * Adam (tau = 1 - beta1): every step has about the same size, lr m_j / s_j / sqrt(v_j), so
-      c_i+ is the mean over the steps of the bias-corrected first moment, (1/K) sum_j m_j / s_j (the
-      per-coordinate 1/sqrt(v_j) scales g and the correction alike and is left out).
-
-    Weight decay is added by the optimizer, so it is not part of g (it is the same for every
-    client and would cancel in c - c_i anyway).
-    """
-
-    def __init__(self, model: nn.Module, global_params: Parameters, server_c: object, state: ClientState,
-                 settings: TrainSettings) -> None:
-        if not isinstance(server_c, Parameters) or server_c.specs != global_params.specs:
-            raise ValueError("the server's SCAFFOLD control variate does not match the model it sent")
-        specs = global_params.specs
-        self.specs, self.state = specs, state
-        self.size = global_params.num_values
-        self.c = server_c.flat()
-        c_i = state.load(SCAFFOLD_STATE)
-        if c_i is not None and c_i.size != self.size:
-            log.warning("stored SCAFFOLD control variate has %d values, the model %d: starting it afresh",
-                        c_i.size, self.size)
-            c_i = None
-        self.c_i = np.zeros(self.size, dtype=np.float32) if c_i is None else np.asarray(c_i, dtype=np.float32)
-        # The optimizer's first moment (see fresh_optimizer): m <- beta m + tau g.
-        if settings.optimizer == "adam":
-            self.beta, self.tau, self.normalized = ADAM_BETAS[0], 1.0 - ADAM_BETAS[0], True
-        else:
-            self.beta, self.tau, self.normalized = settings.momentum, 1.0, False
-        # Control variates cover trainable parameters only; buffers (BatchNorm statistics) stay 0.
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        correction = torch.from_numpy(self.c - self.c_i)
-        self.params: list[nn.Parameter] = []
-        self.offsets: list[int] = []
-        self.corrections: list[torch.Tensor] = []
-        self.moments: list[torch.Tensor] = []  # m_j: the first moment of the raw gradients
-        self.totals: list[torch.Tensor] = []  # sum_j of m_j (SGD) or m_j / s_j (Adam)
-        offset = 0
-        for spec in specs:
-            param = trainable.get(spec.name)
-            if param is not None:
-                self.params.append(param)
-                self.offsets.append(offset)
-                self.corrections.append(correction[offset : offset + spec.size].view_as(param).to(param.device))
-                self.moments.append(torch.zeros_like(param, dtype=torch.float32))
-                self.totals.append(torch.zeros_like(param, dtype=torch.float32))
-            offset += spec.size
-        self.unit = 0.0  # s_j: the first moment of a constant 1
-        self.weight = 0.0  # sum_j s_j (SGD) or the step count (Adam)
-
-    def hook(self) -> None:
-        """Fold the raw gradient g into m and its running total, then g <- g - c_i + c.
-
-        A parameter without a gradient in a step (unused by that batch) counts as g = 0 there, as
-        option II would see it (plain SGD does not move it)."""
-        self.unit = self.beta * self.unit + self.tau
-        scale = 1.0 / self.unit if self.normalized else 1.0
-        self.weight += 1.0 if self.normalized else self.unit
-        with torch.no_grad():
-            for param, correction, moment, total in zip(self.params, self.corrections, self.moments, self.totals):
-                moment.mul_(self.beta)
-                if param.grad is not None:
-                    moment.add_(param.grad, alpha=self.tau)
-                    param.grad.add_(correction)
-                total.add_(moment, alpha=scale)
-
-    def finish(self) -> Parameters:
-        """Stores c_i+ (see the class) and returns delta_c = c_i+ - c_i (zeros if nothing trained)."""
-        if self.weight == 0:
-            return Parameters.from_flat(np.zeros(self.size, dtype=np.float32), self.specs)
-        new_c_i = np.zeros(self.size, dtype=np.float32)
-        for offset, total in zip(self.offsets, self.totals):
-            mean = (total / self.weight).reshape(-1).cpu().numpy()
-            new_c_i[offset : offset + mean.size] = mean
-        self.state.save(SCAFFOLD_STATE, new_c_i)
-        return Parameters.from_flat(new_c_i - self.c_i, self.specs)
-
-
 def _as_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"config 'seed' must be an integer, got {value!r}")
+        raise TypeError(f"config 'seed' must be an integer, got {value!r}")
     return int(value)
 
 

@@ -10,9 +10,12 @@ been left out. Each client keeps its own RDP ledger, the list of ``(noise_multip
 it has run, in its state store, and reports its accumulated ``epsilon`` (at its ``delta``) with
 every result; with a ``target_epsilon`` it refuses a round that would overspend.
 
-Several virtual clients may share one model object (the simulation does). Opacus' per-sample
-gradient hooks are therefore attached for one fit only and removed afterwards, together with every
-attribute Opacus puts on the parameters, so the shared model is a plain module again between fits.
+DP-SGD is a loop plug-in (:class:`DPSGD`) of TorchClient's one training loop: it draws the
+Poisson batches and takes the clipped, noised steps; the client algorithm the task names (FedProx,
+SCAFFOLD) runs in the same loop on the noised gradient. Several virtual clients may share one model
+object (the simulation does). Opacus' per-sample gradient hooks are therefore attached for one fit
+only and removed afterwards, together with every attribute Opacus puts on the parameters, so the
+shared model is a plain module again between fits.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import math
 import secrets
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,14 +37,10 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from insitu.algorithms import GradHook
 from insitu.client.api import Config, FitResult
 from insitu.client.state import ClientState
-from insitu.client.torch_client import (
-    GradHook,
-    TorchClient,
-    TrainSettings,
-    fresh_optimizer,
-)
+from insitu.client.torch_client import Steps, TorchClient, TrainSettings
 from insitu.params import Parameters, flatten_module_
 from insitu.privacy.accountant import RDPAccountant
 
@@ -205,6 +205,74 @@ def save_ledger(state: ClientState, ledger: Sequence[LedgerEntry]) -> None:
     state.save(DP_LEDGER, np.asarray([v for entry in ledger for v in entry], dtype=np.float32))
 
 
+# -- the loop plug-in -----------------------------------------------------------------------
+
+class DPSGD:
+    """DP-SGD steps for TorchClient's loop: Poisson-sampled batches (rate q, see :func:`sampling_plan`),
+    each example's gradient clipped to ``max_grad_norm``, Gaussian noise added to the sum.
+
+    The sampling and the noise draw on fresh OS randomness each fit, never on the server's ``seed``:
+    someone who knows the noise can subtract it. ``rng_seed`` fixes both, for tests only.
+    """
+
+    def __init__(self, dp: LocalDPSettings, rng_seed: int | None = None) -> None:
+        self.dp = dp
+        self.rng_seed = rng_seed
+
+    def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
+        """(sampling, noise) generators: OS entropy, or ``rng_seed`` mixed with the task's seed."""
+        if self.rng_seed is None:
+            return (torch.Generator().manual_seed(secrets.randbits(63)),
+                    torch.Generator().manual_seed(secrets.randbits(63)))
+        base = (self.rng_seed * 1_000_003 + seed) % (2**62)
+        return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 1)
+
+    @contextmanager
+    def open(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+             index: torch.Tensor | None, num_examples: int, settings: TrainSettings, seed: int) -> Iterator[Steps]:
+        """Opacus' per-example gradients on ``model`` and its DPOptimizer around ``optimizer``, for one
+        fit; both are taken off again on exit, whatever happened."""
+        reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"DP-SGD needs a loss with reduction 'mean' or 'sum', got {reduction!r}")
+        n = num_examples
+        q, per_epoch = sampling_plan(n, settings)
+        sampler, noise = self._generators(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction=reduction, strict=True)
+        dp_optimizer: DPOptimizer | None = None
+
+        def batches() -> Iterator[torch.Tensor]:
+            for _ in range(settings.local_epochs * per_epoch):
+                rows = torch.arange(n) if q >= 1 else torch.nonzero(torch.rand(n, generator=sampler) < q).view(-1)
+                yield rows if index is None else index[rows]
+
+        def step(after_backward: GradHook | None, empty: bool) -> None:
+            assert dp_optimizer is not None
+            if empty:  # Poisson sampling may draw no one: the step still adds noise
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+            if dp_optimizer.pre_step():  # clip each example's gradient, sum, add noise, scale
+                if after_backward is not None:
+                    after_backward()
+                dp_optimizer.original_optimizer.step()
+
+        with warnings.catch_warnings():
+            # The first layer's input needs no gradient, so torch warns about its full backward hook: harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            try:
+                dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.dp.noise_multiplier,
+                                           max_grad_norm=self.dp.max_grad_norm, expected_batch_size=n * q,
+                                           loss_reduction=reduction, generator=noise)
+                gsm.train()
+                yield Steps(gsm, dp_optimizer, batches(), step)
+            finally:
+                if dp_optimizer is not None:
+                    dp_optimizer.zero_grad(set_to_none=True)
+                gsm._close()  # removes the hooks and the per-sample attributes Opacus put on the parameters
+                _strip_opacus(model)
+
+
 # -- the client -----------------------------------------------------------------------------
 
 class DPTorchClient(TorchClient):
@@ -215,8 +283,8 @@ class DPTorchClient(TorchClient):
     (``MemoryStates().for_client(cid)`` in simulation, ``DiskState(folder)`` deployed) carries the
     privacy ledger between rounds; without one the ledger lives only as long as this object.
 
-    The noise and the batch sampling draw on fresh OS randomness each round, never on the server's
-    ``seed``: someone who knows the noise can subtract it. ``rng_seed`` fixes both, for tests only.
+    The noise and the batch sampling draw on fresh OS randomness each round (see :class:`DPSGD`);
+    ``rng_seed`` fixes both, for tests only.
     The mean training loss is not noised, so it is left out of the metrics unless
     ``report_train_loss=True`` (which leaks a little outside the epsilon).
     """
@@ -234,10 +302,10 @@ class DPTorchClient(TorchClient):
         state: ClientState | None = None,
         **kwargs: object,
     ) -> None:
-        super().__init__(dp_compatible_model(model, fix=fix_model), train, test, state=state, **kwargs)  # type: ignore[arg-type]
+        super().__init__(dp_compatible_model(model, fix=fix_model), train, test, state=state,
+                         loop_plugin=DPSGD(dp, rng_seed), **kwargs)  # type: ignore[arg-type]
         self.dp = dp
         self.report_train_loss = report_train_loss
-        self.rng_seed = rng_seed
         self._ledger: list[LedgerEntry] = []  # used when there is no state store
 
     # -- accounting --------------------------------------------------------------------------
@@ -249,15 +317,10 @@ class DPTorchClient(TorchClient):
         """Epsilon spent so far, at ``dp.delta``."""
         return epsilon(self.ledger(), self.dp.delta)
 
-    def _num_train(self) -> int:
-        if self.train is None:
-            return 0
-        return len(self.train_indices) if self.train_indices is not None else len(self.train.y)
-
     # -- Client protocol ---------------------------------------------------------------------
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
         settings = self.settings.updated(config)
-        q, per_epoch = sampling_plan(self._num_train(), settings)
+        q, per_epoch = sampling_plan(self.num_train_examples(), settings)
         ledger = self.ledger()
         planned = _extended(ledger, (self.dp.noise_multiplier, q, per_epoch * settings.local_epochs))
         after = epsilon(planned, self.dp.delta)
@@ -280,70 +343,6 @@ class DPTorchClient(TorchClient):
         result.metrics["epsilon"] = after
         result.metrics["delta"] = float(self.dp.delta)
         return result
-
-    # -- training ----------------------------------------------------------------------------
-    def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
-        """(sampling, noise) generators: OS entropy, or ``rng_seed`` mixed with the round's seed."""
-        if self.rng_seed is None:
-            return (torch.Generator().manual_seed(secrets.randbits(63)),
-                    torch.Generator().manual_seed(secrets.randbits(63)))
-        base = (self.rng_seed * 1_000_003 + seed) % (2**62)
-        return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 1)
-
-    def _train(self, settings: TrainSettings, seed: int, grad_hook: GradHook | None = None) -> tuple[int, float]:
-        """DP-SGD local epochs; same contract as ``TorchClient._train`` (examples, mean loss).
-
-        ``grad_hook`` (FedProx, SCAFFOLD) runs on the clipped, noised gradient: it does not touch
-        the data, so it costs no privacy."""
-        n = self._num_train()
-        if n == 0 or settings.local_epochs == 0:
-            return n, 0.0
-        assert self.train is not None
-        q, per_epoch = sampling_plan(n, settings)
-        loss_fn = self._loss(settings)
-        reduction = getattr(loss_fn, "reduction", "mean")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"DP-SGD needs a loss with reduction 'mean' or 'sum', got {reduction!r}")
-        x, y, index, device, model = self.train.x, self.train.y, self.train_indices, self.device, self.model
-        sampler, noise = self._generators(seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction=reduction, strict=True)
-        optimizer: DPOptimizer | None = None
-        loss_sum, batches = torch.zeros((), device=device), 0
-        with warnings.catch_warnings():
-            # The first layer's input needs no gradient, so torch warns about its full backward hook: harmless.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            try:
-                optimizer = DPOptimizer(fresh_optimizer(model, settings), noise_multiplier=self.dp.noise_multiplier,
-                                        max_grad_norm=self.dp.max_grad_norm, expected_batch_size=n * q,
-                                        loss_reduction=reduction, generator=noise)
-                gsm.train()
-                for _ in range(settings.local_epochs * per_epoch):
-                    rows = torch.arange(n) if q >= 1 else torch.nonzero(torch.rand(n, generator=sampler) < q).view(-1)
-                    if index is not None:
-                        rows = index[rows]
-                    optimizer.zero_grad(set_to_none=True)
-                    if len(rows) == 0:  # Poisson sampling may draw no one: the step still adds noise
-                        for p in params:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                    else:
-                        xb, yb = x.index_select(0, rows), y.index_select(0, rows)
-                        if xb.device != device:
-                            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                        loss = loss_fn(gsm(xb), yb)
-                        loss.backward()
-                        loss_sum += loss.detach() / len(rows) if reduction == "sum" else loss.detach()
-                        batches += 1
-                    if optimizer.pre_step():  # clip each example's gradient, sum, add noise, scale
-                        if grad_hook is not None:
-                            grad_hook()
-                        optimizer.original_optimizer.step()
-            finally:
-                if optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                gsm._close()  # removes the hooks and the per-sample attributes Opacus put on the parameters
-                _strip_opacus(model)
-        return n, float(loss_sum) / max(batches, 1)
 
 
 def _strip_opacus(model: nn.Module) -> None:
