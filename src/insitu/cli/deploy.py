@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,12 @@ import typer
 
 from insitu.cli.common import console, err_console, fail, setup_logging
 from insitu.cli.outputs import write_outputs
-from insitu.cli.presets import resolve_config
+from insitu.cli.presets import load_settings_file, resolve_config
 from insitu.cli.progress import RoundPrinter
+from insitu.config import canonical_keys, from_mapping
+from insitu.config.cli import with_settings
+from insitu.net.server import ServerSettings
+from insitu.simulation import SimulationConfig
 
 
 def keygen(
@@ -62,81 +67,65 @@ def _warn_ca_key(path: Path) -> None:
                   "disk) and bring it back, or pass --ca-key, when adding a client.")
 
 
+# The SimulationConfig settings a deployed server honours (the strategy, what it sends clients, its own test
+# set); the others describe simulated clients (partitions, attacks, the systems model) and have no flag here.
+DEPLOYED_SETTINGS = (
+    "dataset", "data_dir", "model", "rounds", "num_clients", "min_fit_clients", "fraction_fit", "fraction_evaluate",
+    "local_epochs", "batch_size", "lr", "momentum", "optimizer", "lr_schedule", "lr_decay", "lr_step_every", "seed",
+    "strategy", "mu", "server_optimizer", "server_lr", "server_momentum", "tau", "aggregator", "aggregator_options",
+    "byzantine_f", "trim_fraction", "clip_norm", "screen", "dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon",
+    "dp_adaptive_clip", "dp_accountant", "dp_record_client_metrics", "dp_mode", "dp_min_contributors",
+    "secure_aggregation", "secagg_bound", "test_limit",
+)
+SERVER_HELP = {
+    "dataset": "Dataset whose test split the server evaluates on (and whose shape sets the model).",
+    "num_clients": "Clients that must be connected before a round starts.",
+    "min_fit_clients": "Fewest results for a round to count (default: --min-clients; under central DP 1, the only "
+                       "valid value).",
+    "fraction_fit": "Fraction of connected clients sampled per round.",
+    "local_epochs": "Local epochs sent to clients.",
+    "seed": "Seed for the initial model, sampling and client shuffles (DP noise and sampling always use OS entropy).",
+    "test_limit": "Evaluate on the first N test examples only (0 = all).",
+}
+
+
+@with_settings(ServerSettings, param="server_settings")
+@with_settings(SimulationConfig, include=DEPLOYED_SETTINGS, aliases={"num_clients": ("--min-clients",)},
+               help=SERVER_HELP)
 def server(
-    config_file: Path | None = typer.Option(None, "--config", "-c", help="TOML settings (as for simulate)."),
-    dataset: str | None = typer.Option(None, help="Dataset whose test split the server evaluates on (and whose shape sets the model)."),
-    data_dir: str | None = typer.Option(None, help="Folder with the IDX files."),
-    model: str | None = typer.Option(None, help="simple-cnn | 2nn | logreg | mlp."),
-    rounds: int | None = typer.Option(None, help="Number of rounds."),
-    min_clients: int | None = typer.Option(None, "--min-clients", help="Clients that must be connected before a round starts."),
-    min_fit_clients: int | None = typer.Option(None, help="Fewest results for a round to count (default: --min-clients; under central DP 1, the only valid value)."),
-    fraction: float | None = typer.Option(None, help="Fraction of connected clients sampled per round."),
-    fraction_evaluate: float | None = typer.Option(None, help="Fraction of clients evaluating locally each round."),
-    local_epochs: int | None = typer.Option(None, help="Local epochs sent to clients."),
-    batch_size: int | None = typer.Option(None, help="Local batch size sent to clients."),
-    lr: float | None = typer.Option(None, help="Client learning rate sent to clients."),
-    momentum: float | None = typer.Option(None, help="Client SGD momentum sent to clients."),
-    seed: int | None = typer.Option(None, help="Seed for the initial model, sampling and client shuffles."),
-    strategy: str | None = typer.Option(None, help="fedavg | fedsgd | fedprox | scaffold | fedavgm | fedadam | fedyogi | fedadagrad."),
-    mu: float | None = typer.Option(None, help="FedProx proximal weight mu."),
-    server_lr: float | None = typer.Option(None, help="Server learning rate (0 = the optimizer's default)."),
-    aggregator: str | None = typer.Option(None, help="mean | median | trimmed_mean | krum | multi_krum | bulyan."),
-    byzantine_f: int | None = typer.Option(None, help="Attackers Krum/Multi-Krum/Bulyan must tolerate."),
-    clip_norm: float | None = typer.Option(None, help="Bound each update's L2 norm (0 = off)."),
-    dp_clip: float | None = typer.Option(None, help="Central DP: clip each client's update to this L2 norm (0 = off)."),
-    dp_noise: float | None = typer.Option(None, help="Central DP noise multiplier z."),
-    dp_target_epsilon: float | None = typer.Option(None, help="Stop before a round that would exceed this epsilon."),
-    dp_mode: str | None = typer.Option(None, help="central: the server noises the sum | distributed: each client adds a Skellam noise share before secure aggregation (needs --secure-aggregation)."),
-    secure_aggregation: bool | None = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Learn only the sum of the updates (SecAgg protocol with the clients)."),
-    secagg_bound: float | None = typer.Option(None, help="With --secure-aggregation: fixed-point range [-B, B] of each update element."),
-    test_limit: int | None = typer.Option(None, help="Evaluate on the first N test examples only."),
+    settings: dict[str, Any],
+    server_settings: dict[str, Any],
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="Settings file (flags override it): "
+                                            "simulation keys as for simulate, server keys under \\[server]."),
     csv: Path | None = typer.Option(None, help="Evaluate on this CSV test file (clients train on their own CSVs)."),
     label_column: str = typer.Option("label", help="CSV column holding the class label."),
     num_classes: int | None = typer.Option(None, help="Classes in the CSV labels (default: largest label + 1; set it on every party)."),
-    address: str = typer.Option("127.0.0.1:8080", help="host:port to listen on."),
     certs: Path | None = typer.Option(None, help="Folder from `insitu keygen` (server.pem, server.key, ca.pem, allowed_clients.json)."),
     allow: Path | None = typer.Option(None, help="Allow-list of client keys (default: CERTS/allowed_clients.json)."),
     mtls: bool = typer.Option(True, "--mtls/--no-mtls", help="With --certs: require client TLS certificates."),
-    insecure: bool = typer.Option(False, help="Allow plaintext and no authentication, on a loopback address only (tests)."),
-    dangerously_allow_insecure_network: bool = typer.Option(False, "--dangerously-allow-insecure-network", help="Serve a non-loopback address without TLS or without client authentication: anyone who reaches the port can read the models and join. Only on a network you fully trust."),
-    store: Path | None = typer.Option(None, help="SQLite file for round-by-round persistence (default OUTPUT/server.db)."),
-    resume: bool = typer.Option(False, help="Continue the run in --store from its last completed round."),
-    round_timeout: float = typer.Option(600.0, help="Seconds a round waits for results before dropping stragglers."),
-    wait_timeout: float | None = typer.Option(None, help="Give up if too few clients connect within this many seconds."),
-    heartbeat_timeout: float = typer.Option(15.0, help="Drop a client silent for this many seconds."),
-    max_update_mb: int = typer.Option(4096, help="Largest accepted update, in MiB (never more than the model and its algorithm's extras need)."),
-    upload_slots: int = typer.Option(4, help="Uploads decoded at once; server memory grows by about one model per slot."),
-    upload_stall: float = typer.Option(10.0, help="Cancel an upload whose client sends nothing for this many seconds."),
-    upload_timeout: float = typer.Option(300.0, help="Cancel an upload still arriving this many seconds after it got a decode slot."),
-    max_examples_per_client: int = typer.Option(100_000, help="Weigh a result claiming more examples as this many (set it to your largest client's size)."),
-    max_examples_ratio: float = typer.Option(10.0, help="Weigh a result as at most this many times the previous round's median example count (0 = off)."),
+    max_update_mb: int | None = typer.Option(None, help="Largest accepted update, in MiB (instead of --max-update-bytes)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Where history, model and plot go."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log client events."),
 ) -> None:
-    """Run a federation server: wait for clients, run the rounds, persist each one."""
+    """Run a federation server: wait for clients, run the rounds, persist each one.
+
+    Settings: defaults (shown) < the dataset's preset < --config file < flags.
+    """
     from insitu.data import load_dataset
     from insitu.data.tabular import load_csv
     from insitu.engines import NotEnoughClientsError
     from insitu.models import build_model
     from insitu.net import security
-    from insitu.net.server import ResumeError, ServerSettings, ServerTLS, serve
+    from insitu.net.server import ResumeError, ServerTLS, serve
     from insitu.params import Parameters
     from insitu.simulation import central_evaluator, make_strategy
 
     setup_logging(verbose)
-    flags: dict[str, Any] = {"dataset": dataset, "data_dir": data_dir, "model": model, "rounds": rounds,
-                             "num_clients": min_clients, "min_fit_clients": min_fit_clients,
-                             "fraction_fit": fraction, "fraction_evaluate": fraction_evaluate,
-                             "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-                             "seed": seed, "test_limit": test_limit, "strategy": strategy, "mu": mu,
-                             "server_lr": server_lr, "aggregator": aggregator, "byzantine_f": byzantine_f,
-                             "clip_norm": clip_norm, "dp_clip": dp_clip, "dp_noise": dp_noise,
-                             "dp_target_epsilon": dp_target_epsilon, "dp_mode": dp_mode, "secure_aggregation": secure_aggregation,
-                             "secagg_bound": secagg_bound}
     try:
-        config = resolve_config(config_file, {k: v for k, v in flags.items() if v is not None})
-        if min_fit_clients is None:  # every client; under central DP 1 (every sampled round is released)
-            config.min_fit_clients = 1 if config.dp_clip > 0 else config.num_clients
+        file_values, file_server = _read_server_file(config_file) if config_file else ({}, {})
+        config = resolve_config(config_file, settings, file_values)
+        if "min_fit_clients" not in {**file_values, **settings}:  # every client; under central DP 1 (every
+            config.min_fit_clients = 1 if config.dp_clip > 0 else config.num_clients  # sampled round is released)
         config.validate()
         test = load_csv(csv, label_column, num_classes) if csv is not None else load_dataset(config.dataset, "test", config.data_dir)
         if config.test_limit:
@@ -156,19 +145,21 @@ def server(
                                  f"add clients with `insitu keygen --out DIR --add-client ID`")
         out = output_dir or Path("insitu-runs") / "server"
         out.mkdir(parents=True, exist_ok=True)
-        settings = ServerSettings(address=address, tls=tls, allow_list=allow_list, insecure=insecure,
-                                  allow_insecure_network=dangerously_allow_insecure_network, model=config.model,
-                                  store_path=store or out / "server.db", resume=resume, round_timeout_s=round_timeout,
-                                  wait_timeout_s=wait_timeout, heartbeat_timeout_s=heartbeat_timeout,
-                                  heartbeat_interval_s=min(3.0, heartbeat_timeout / 4),
-                                  max_update_bytes=max_update_mb << 20, upload_slots=upload_slots,
-                                  upload_stall_s=upload_stall, upload_timeout_s=upload_timeout,
-                                  max_examples_per_client=max_examples_per_client,
-                                  max_examples_ratio=max_examples_ratio)
-        console.print(f"[bold]insitu server[/] on {address}: {config.model}, {config.rounds} rounds, waiting for "
-                      f"{config.num_clients} clients; state in {settings.store_path}")
+        settings_file = str(config_file) + " [server]" if config_file else "server settings"
+        given = {**file_server, **server_settings}
+        if max_update_mb is not None:
+            if "max_update_bytes" in given:
+                raise ValueError("give --max-update-mb or max_update_bytes, not both")
+            given["max_update_bytes"] = max_update_mb << 20
+        server_config = from_mapping(ServerSettings, given, settings_file)
+        server_config = replace(
+            server_config, tls=tls, allow_list=allow_list, model=config.model,
+            store_path=server_config.store_path or out / "server.db",
+            heartbeat_interval_s=given.get("heartbeat_interval_s", min(3.0, server_config.heartbeat_timeout_s / 4)))
+        console.print(f"[bold]insitu server[/] on {server_config.address}: {config.model}, {config.rounds} rounds, "
+                      f"waiting for {config.num_clients} clients; state in {server_config.store_path}")
         printer = RoundPrinter(console, config.rounds)
-        result = serve(strategy, Parameters.from_module(net), num_rounds=config.rounds, settings=settings,
+        result = serve(strategy, Parameters.from_module(net), num_rounds=config.rounds, settings=server_config,
                        seed=config.seed, on_round=lambda record, _p, _s: printer(record))
     except KeyboardInterrupt:
         err_console.print("[bold]interrupted[/]: completed rounds are saved; continue with --resume")
@@ -282,6 +273,20 @@ def client(
                           "above; e.g. its data does not fit the server's model)")
         raise typer.Exit(code=1)
     console.print(f"Done: {tasks} tasks completed" + (f", {len(failed)} of them failed." if failed else "."))
+
+
+def _read_server_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A server's settings file: (simulation settings as for simulate, the ``[server]`` table's settings),
+    each with its keys checked and made canonical."""
+    data = dict(load_settings_file(path))
+    server_table = data.pop("server", {})
+    if not isinstance(server_table, dict):
+        raise ValueError(f"{path}: [server] must be a table of server settings")  # noqa: TRY004 (a user's bad file)
+    simulation = data.get("simulate", data)
+    if not isinstance(simulation, dict):
+        raise ValueError(f"{path}: [simulate] must be a table of settings")  # noqa: TRY004 (a user's bad file)
+    return (canonical_keys(SimulationConfig, simulation, source=str(path)),
+            canonical_keys(ServerSettings, server_table, source=f"{path} [server]"))
 
 
 def _partition_id(given: int | None, client_id: str, num_partitions: int) -> int:

@@ -33,13 +33,18 @@ def _canonical(dataset: str) -> str:
 
 
 def read_settings(path: Path, table: str = "simulate") -> dict[str, Any]:
-    """The settings in a file: TOML (its ``[table]`` if present, else the top level) or the ``config.json``
-    a run wrote (by the ``.json`` suffix), keys checked against ``SimulationConfig`` and made canonical."""
-    data = load_json(path) if path.suffix.lower() == ".json" else load_toml(path, "config file")
+    """The simulation settings in a file (its ``[table]`` if present, else the top level), keys checked
+    against ``SimulationConfig`` and made canonical."""
+    data = load_settings_file(path)
     values = data.get(table, data)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: [{table}] must be a table of settings")  # noqa: TRY004 (a user's bad file)
     return canonical_keys(SimulationConfig, values, source=str(path))
+
+
+def load_settings_file(path: Path) -> dict[str, Any]:
+    """A settings file as a dict: TOML, or the ``config.json`` a run wrote (by the ``.json`` suffix)."""
+    return load_json(path) if path.suffix.lower() == ".json" else load_toml(path, "config file")
 
 
 def load_json(path: Path) -> dict[str, Any]:

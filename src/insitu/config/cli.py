@@ -40,7 +40,8 @@ def selected(cls: type, include: Iterable[str] | None = None) -> list[Field]:
 
 
 def help_text(field: Field, override: str | None = None) -> str:
-    """The field's help, then its choices and its default (as the schema declares them)."""
+    """The field's help, then its choices and its default; a command's ``override`` of the help text says the
+    default itself (a server's differ from the schema's)."""
     parts = [override or field.setting.help]
     names = field.setting.names()
     if names is not None:
@@ -48,7 +49,7 @@ def help_text(field: Field, override: str | None = None) -> str:
     if field.kind is dict:
         parts.append("Repeatable KEY=VALUE; the value is read as a number, true/false, or text.")
     default = field.default
-    if default not in (None, {}) and not (field.kind is bool and default is False):
+    if override is None and default not in (None, {}) and not (field.kind is bool and default is False):
         parts.append(f"(default: {default if default != '' else repr(default)})")
     return " ".join(parts)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from insitu.config import setting
 from insitu.engines.grpc_pool import GrpcClientPool
 from insitu.net import security
 from insitu.net.client import GRPC_OPTIONS
@@ -34,6 +35,7 @@ from insitu.net.servicer import (
 from insitu.params import Parameters, describe_mismatch
 from insitu.privacy.randomness import OSEntropy
 from insitu.run.history import History, RoundRecord
+from insitu.run.fedbuff import AsyncCoordinator, FedBuff
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.run.store import RunStore
 from insitu.strategies.strategy import ServerState, Strategy
@@ -79,29 +81,52 @@ class BindError(OSError):
 
 @dataclass
 class ServerSettings:
-    """Network, security and fault-tolerance settings of a federation server."""
+    """Network, security and fault-tolerance settings of a federation server, declared once: ``insitu server``'s
+    flags and its settings file's ``[server]`` keys are generated from these fields (``insitu.config``)."""
 
-    address: str = "127.0.0.1:8080"
-    tls: ServerTLS | None = None
-    allow_list: Mapping[str, Ed25519PublicKey] | None = None  # a ReloadingAllowList picks up added clients
-    insecure: bool = False  # no allow-list needed (on loopback only, unless allow_insecure_network)
-    allow_insecure_network: bool = False  # serve a non-loopback address without TLS or authentication
-    store_path: Path | None = None
-    resume: bool = False
-    round_timeout_s: float | None = 600.0
-    wait_timeout_s: float | None = None
-    heartbeat_interval_s: float = 3.0
-    heartbeat_timeout_s: float = 15.0
-    max_update_bytes: int = 4 << 30  # and never more than the model (plus its algorithm's extras) needs
-    upload_slots: int = UPLOAD_SLOTS  # uploads decoded at once (memory O(slots x model))
-    upload_stall_s: float = UPLOAD_STALL_S  # an upload silent this long while awaited is cancelled
-    upload_timeout_s: float = UPLOAD_TIMEOUT_S  # an upload holding a decode slot longer is cancelled
-    max_examples_per_client: int = MAX_EXAMPLES_PER_CLIENT  # larger claimed example counts are capped
-    max_examples_ratio: float = MAX_EXAMPLES_RATIO  # and at most this x the previous round's median (0: off)
-    max_clients: int = 1000
-    max_handshakes_per_minute: int = 600  # per peer host (clients behind one NAT share it)
-    server_name: str = "insitu"
-    model: str = ""  # architecture name told to clients at authentication (they build the same model)
+    address: str = setting("127.0.0.1:8080", section="network", help="host:port to listen on.")
+    tls: ServerTLS | None = setting(None, section="security", cli=False, help="Built from --certs (and --mtls).")
+    allow_list: Mapping[str, Ed25519PublicKey] | None = setting(  # a ReloadingAllowList picks up added clients
+        None, section="security", cli=False, help="Built from --allow (default CERTS/allowed_clients.json).")
+    insecure: bool = setting(False, section="security", help="Allow plaintext and no authentication, on a loopback "
+                             "address only (tests).")
+    allow_insecure_network: bool = setting(False, section="security", flag="--dangerously-allow-insecure-network",
+                                           help="Serve a non-loopback address without TLS or without client "
+                                           "authentication: anyone who reaches the port can read the models and "
+                                           "join. Only on a network you fully trust.")
+    store_path: Path | None = setting(None, section="run", aliases=("--store",), help="SQLite file for "
+                                      "round-by-round persistence (default OUTPUT/server.db).")
+    resume: bool = setting(False, section="run", help="Continue the run in --store from its last completed round.")
+    round_timeout_s: float | None = setting(600.0, section="limits", aliases=("--round-timeout",),
+                                            help="Seconds a round waits for results before dropping stragglers.")
+    wait_timeout_s: float | None = setting(None, section="limits", aliases=("--wait-timeout",), help="Give up if "
+                                           "too few clients connect within this many seconds (default: wait).")
+    heartbeat_interval_s: float = setting(3.0, section="limits", aliases=("--heartbeat-interval",), help="Seconds "
+                                          "between a client's heartbeats (command line default: min(3, "
+                                          "heartbeat timeout / 4)).")
+    heartbeat_timeout_s: float = setting(15.0, section="limits", aliases=("--heartbeat-timeout",),
+                                         help="Drop a client silent for this many seconds.")
+    max_update_bytes: int = setting(4 << 30, section="limits", help="Largest accepted update in bytes (never more "
+                                    "than the model and its algorithm's extras need; or --max-update-mb).")
+    upload_slots: int = setting(UPLOAD_SLOTS, section="limits", help="Uploads decoded at once; server memory grows "
+                                "by about one model per slot.")
+    upload_stall_s: float = setting(UPLOAD_STALL_S, section="limits", aliases=("--upload-stall",),
+                                    help="Cancel an upload whose client sends nothing for this many seconds.")
+    upload_timeout_s: float = setting(UPLOAD_TIMEOUT_S, section="limits", aliases=("--upload-timeout",),
+                                      help="Cancel an upload still arriving this many seconds after it got a decode "
+                                      "slot.")
+    max_examples_per_client: int = setting(MAX_EXAMPLES_PER_CLIENT, section="limits", help="Weigh a result "
+                                           "claiming more examples as this many (set it to your largest client's "
+                                           "size).")
+    max_examples_ratio: float = setting(MAX_EXAMPLES_RATIO, section="limits", help="Weigh a result as at most this "
+                                        "many times the previous round's median example count (0 = off).")
+    max_clients: int = setting(1000, section="limits", help="Most clients connected at once.")
+    max_handshakes_per_minute: int = setting(600, section="security", help="Authentication attempts per minute "
+                                             "from one peer host (clients behind one NAT share it).")
+    server_name: str = setting("insitu", section="network", help="Name the server gives clients at "
+                               "authentication.")
+    model: str = setting("", section="network", cli=False, help="Architecture name told to clients at "
+                         "authentication (they build the same model); set from the strategy's --model.")
 
 
 class FederationServer:
@@ -154,8 +179,11 @@ class FederationServer:
         log.info("server listening on %s (port %d, %s, %s)", settings.address, self.port, mode, auth)
 
     def run(self, strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, seed: int = 0,
-            on_round: RoundCallback | None = None, allow_seeded_privacy: bool = False) -> RunResult:
+            on_round: RoundCallback | None = None, allow_seeded_privacy: bool = False,
+            fedbuff: FedBuff | None = None) -> RunResult:
         """Run (or resume) ``num_rounds`` rounds; every finished round is committed before the next.
+
+        With ``fedbuff`` the rounds are FedBuff's asynchronous server steps (each committed the same way).
 
         A strategy whose DP randomness is reproducible (``SimulationSeed``) is refused: anyone who knows
         the seed could subtract the noise. ``allow_seeded_privacy=True`` is for tests that compare a
@@ -184,8 +212,13 @@ class FederationServer:
 
         # Under DP who takes part must stay secret: the Poisson sample comes from OS entropy, never the seed.
         sampling = OSEntropy() if strategy.privacy is not None else None
-        coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed, sampling=sampling,
-                                  wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
+        coordinator: Coordinator | AsyncCoordinator
+        if fedbuff is not None:
+            coordinator = AsyncCoordinator(strategy, self.pool, fedbuff, num_rounds=num_rounds, seed=seed,
+                                           wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
+        else:
+            coordinator = Coordinator(strategy, self.pool, num_rounds=num_rounds, seed=seed, sampling=sampling,
+                                      wait_timeout=self.settings.wait_timeout_s, on_round=after_round)
         try:
             # Hand the model over without keeping a reference here: from round 2 on the server then
             # holds only the current global model (plus the accumulator and one update).
@@ -239,7 +272,8 @@ class FederationServer:
 
 
 def serve(strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, settings: ServerSettings,
-          seed: int = 0, on_round: RoundCallback | None = None) -> RunResult:
-    """Start a server, run the federation to the end, tell the clients, stop."""
+          seed: int = 0, on_round: RoundCallback | None = None, fedbuff: FedBuff | None = None) -> RunResult:
+    """Start a server, run the federation to the end (rounds, or FedBuff's steps), tell the clients, stop."""
     with FederationServer(settings) as server:
-        return server.run(strategy, initial_parameters, num_rounds=num_rounds, seed=seed, on_round=on_round)
+        return server.run(strategy, initial_parameters, num_rounds=num_rounds, seed=seed, on_round=on_round,
+                          fedbuff=fedbuff)
