@@ -140,8 +140,8 @@ def clients_process(address: str, clients: int, stallers: int, values: int) -> N
             task_id = messages[0].header.task_id
 
             def upload(task_id: str = task_id):
-                yield pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=task_id, num_examples=600,
-                                                              payload_bytes=size))
+                yield pb.ResultMessage(header=pb.Envelope(session_token=token, task_id=task_id, num_examples=600,
+                                                          payload_bytes=size))
                 yield pb.ResultMessage(chunk=bytes(first_chunk))
                 forever.wait()  # silent, stream open
 

@@ -397,27 +397,29 @@ def test_scaffold_runs_the_same_over_grpc_as_in_process():
 
 def test_result_extras_travel_in_order_whatever_the_chunking():
     from insitu.net import payload
+    from insitu.protocols import plain
+    from insitu.protocols.envelope import Envelope
 
     main = Parameters.from_arrays({"w": np.arange(7, dtype=np.float32)})
     extras = {"a": Parameters.from_arrays({"w": np.ones(7, np.float32)}),
               "b": Parameters.from_arrays({"z": np.arange(3, dtype=np.int64)})}
-    size, headers = payload.describe(main, extras)
-    blob = b"".join(payload.iter_payload(main, extras, 64))
+    head = payload.header(Envelope("fit", parameters=main, arrays=extras), "task")
+    blob = b"".join(payload.iter_body(Envelope("fit", parameters=main, arrays=extras), 64))
     for cut in (1, 5, 13, len(blob)):
-        decoder = payload.PayloadDecoder(size, headers, max_bytes=1 << 20, expected=main.specs)
+        decoder = payload.BodyDecoder(head, max_bytes=1 << 20, expected=main.specs)
         for i in range(0, len(blob), cut):
             decoder.feed(blob[i : i + cut])
-        got, got_extras = decoder.finish()
+        got, got_extras, _ = decoder.finish()
         assert got == main and list(got_extras) == ["a", "b"] and got_extras["b"] == extras["b"]
-    decoder = payload.PayloadDecoder(size, headers, max_bytes=1 << 20)
+    decoder = payload.BodyDecoder(head, max_bytes=1 << 20)
     decoder.feed(blob[:-3])
     with pytest.raises(ValueError, match="ended early"):
         decoder.finish()
-    decoder = payload.PayloadDecoder(size, headers, max_bytes=1 << 20)
+    decoder = payload.BodyDecoder(head, max_bytes=1 << 20)
     with pytest.raises(ValueError, match="more payload bytes"):
         decoder.feed(blob + b"x")
     with pytest.raises(ValueError, match="exceeds the limit"):
-        payload.PayloadDecoder(size, headers, max_bytes=size)
-    scalars, arrays = payload.split_config({"lr": 0.1, SCAFFOLD_C: main})
-    assert scalars == {"lr": 0.1} and list(arrays) == [SCAFFOLD_C]
+        payload.BodyDecoder(head, max_bytes=len(blob) - 1)
+    task = plain.task_envelope("fit", main, 0, {"lr": 0.1, SCAFFOLD_C: main})
+    assert task.config == {"lr": 0.1} and list(task.arrays) == [SCAFFOLD_C]
     assert SCAFFOLD_DELTA_C == "scaffold_delta_c"

@@ -92,8 +92,8 @@ class RawInsider(threading.Thread):
 
 
 def result_header(token, task, n=10, payload_bytes=0, extras=()):
-    return pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=task.task_id, num_examples=n,
-                                                   payload_bytes=payload_bytes, extras=list(extras)))
+    return pb.ResultMessage(header=pb.Envelope(session_token=token, task_id=task.task_id, num_examples=n,
+                                               payload_bytes=payload_bytes, extras=list(extras)))
 
 
 def chunks_of(data):

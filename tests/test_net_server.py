@@ -71,8 +71,8 @@ def test_bad_update_is_rejected_and_the_round_goes_on(case):
     payload = make(serde.dumps(GLOBAL))
 
     def messages():
-        yield pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=header.task_id, num_examples=5,
-                                                      payload_bytes=len(payload)))
+        yield pb.ResultMessage(header=pb.Envelope(session_token=token, task_id=header.task_id, num_examples=5,
+                                                  payload_bytes=len(payload)))
         for start in range(0, len(payload), 7):
             yield pb.ResultMessage(chunk=payload[start : start + 7])
 
@@ -96,12 +96,12 @@ def test_bad_metrics_and_oversized_updates_are_refused():
     headers = [pull(stub, t) for t in tokens]
     good = serde.dumps(Parameters.from_arrays({"w": np.ones(3, np.float32)}))
     bad_metrics = stub.PushResult(iter([
-        pb.ResultMessage(header=pb.ResultHeader(session_token=tokens[0], task_id=headers[0].task_id, num_examples=1,
-                                                metrics_json='{"acc": "high"}')),
+        pb.ResultMessage(header=pb.Envelope(session_token=tokens[0], task_id=headers[0].task_id, num_examples=1,
+                                            metrics_json='{"acc": "high"}')),
         pb.ResultMessage(chunk=good)]), metadata=auth(tokens[0]))
     oversized = stub.PushResult(iter([
-        pb.ResultMessage(header=pb.ResultHeader(session_token=tokens[1], task_id=headers[1].task_id, num_examples=1,
-                                                payload_bytes=10**9))]), metadata=auth(tokens[1]))
+        pb.ResultMessage(header=pb.Envelope(session_token=tokens[1], task_id=headers[1].task_id, num_examples=1,
+                                            payload_bytes=10**9))]), metadata=auth(tokens[1]))
     record = fed.finish().history.rounds[0]
     assert not bad_metrics.accepted and "metric 'acc'" in bad_metrics.message
     assert not oversized.accepted and "exceeds the server's limit" in oversized.message
@@ -116,8 +116,8 @@ def test_a_message_over_grpc_limits_breaks_only_that_upload():
     header = pull(stub, token)
     with pytest.raises(grpc.RpcError) as info:
         stub.PushResult(iter([
-            pb.ResultMessage(header=pb.ResultHeader(session_token=token, task_id=header.task_id, num_examples=1,
-                                                    payload_bytes=serde.encoded_size(GLOBAL))),
+            pb.ResultMessage(header=pb.Envelope(session_token=token, task_id=header.task_id, num_examples=1,
+                                                payload_bytes=serde.encoded_size(GLOBAL))),
             pb.ResultMessage(chunk=b"x" * (8 << 20))]), metadata=auth(token))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     record = fed.finish().history.rounds[0]
@@ -126,13 +126,18 @@ def test_a_message_over_grpc_limits_breaks_only_that_upload():
     assert reasons and "over the server's limit" in reasons[0] and "ended early" not in reasons[0], reasons
 
 
-def test_unknown_protocol_version_is_told_what_the_server_speaks():
+def test_unknown_protocol_version_is_told_what_the_server_speaks_and_which_side_to_upgrade():
     fed = Federation(num_rounds=1)
     stub = stub_for(fed.address)
     with pytest.raises(grpc.RpcError) as info:
         stub.Hello(pb.HelloRequest(protocol_versions=[7, 8], client_id="future"))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"client speaks [7, 8], this server speaks {list(PROTOCOL_VERSIONS)}" in info.value.details()
+    assert "upgrade insitu on the server" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # a protocol-2 client (tasks before envelopes)
+        stub.Hello(pb.HelloRequest(protocol_versions=[2], client_id="old"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "client speaks [2]" in info.value.details() and "upgrade insitu on the client" in info.value.details()
     fed.add(ValueClient([0, 0, 0]), "0")
     fed.add(ValueClient([0, 0, 0]), "1")
     fed.finish()
@@ -236,7 +241,7 @@ def test_same_seed_same_parameters_in_process_and_over_the_network():
     for i in range(3):
         client = build_experiment(config).client_fn(str(i))
         t = threading.Thread(target=connect, args=(client, f"127.0.0.1:{server.port}"),
-                             kwargs=dict(client_id=str(i), poll_wait_s=0.5), daemon=True)
+                             kwargs={"client_id": str(i), "poll_wait_s": 0.5}, daemon=True)
         t.start()
         threads.append(t)
     try:

@@ -1,4 +1,4 @@
-"""Secure aggregation over the gRPC deployment: the four protocol steps as tasks, dropouts, bad clients."""
+"""Secure aggregation over the gRPC deployment: the four protocol steps as envelopes, dropouts, bad clients."""
 
 from __future__ import annotations
 
@@ -11,28 +11,24 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from insitu.client.api import ProtocolReply
-from insitu.net import client as net_client
 from insitu.net.client import connect
 from insitu.net.server import FederationServer, ServerSettings
 from insitu.params import Parameters
 from insitu.privacy import skellam
 from insitu.privacy.secagg import codec
-from insitu.privacy.secagg.messages import AdvertiseKeys, MaskedInput
-from insitu.privacy.secagg.participant import (
-    STEP,
-    SecAggParticipant,
-    message_bytes,
-    message_parameters,
-)
-from insitu.privacy.secagg.protocol import SecAggRefused, SecAggServer
+from insitu.privacy.secagg.messages import NOISED, AdvertiseKeys, InputRequest, MaskedInput, RoutedShares
+from insitu.privacy.secagg.protocol import SecAggClient, SecAggConfig, SecAggRefused, SecAggServer
 from insitu.privacy.secure import SecureAggregation
-from insitu.run import secure_round
+from insitu.protocols import registry
+from insitu.protocols import secagg as secagg_protocol
+from insitu.protocols.base import ClientPolicy
+from insitu.protocols.envelope import Envelope, Expect
+from insitu.protocols.secagg import SecAggHandler
 from insitu.run.loop import client_seed
 from insitu.simulation import SimulationConfig, build_experiment, simulate
 from insitu.strategies import fedavg, scaffold
 
-BASE = dict(dataset="digits", model="logreg", lr=0.1, seed=3, secure_aggregation=True)
+BASE = {"dataset": "digits", "model": "logreg", "lr": 0.1, "seed": 3, "secure_aggregation": True}
 
 
 class Tagged:
@@ -48,35 +44,38 @@ class Tagged:
         return self.inner.evaluate(parameters, config)
 
 
-class Misbehaving(SecAggParticipant):
-    """Drops out at a step, or sends a truncated masked vector, or claims another client's protocol id."""
+class Misbehaving(SecAggHandler):
+    """Drops out at a step, sends a truncated masked vector, claims another client's protocol id, or
+    smuggles its model into a reply that should hold only the protocol message."""
 
-    def handle(self, parameters, config):
+    def handle(self, task):
         what, step = getattr(self.client, "behaviour", None) or (None, None)
-        if what == "drop" and config.get(STEP) == step:
+        if what == "drop" and task.step == step:
             raise ConnectionError("client went away")
-        reply = super().handle(parameters, config)
-        if what is None or config.get(STEP) != step:
+        reply = super().handle(task)
+        if what is None or task.step != step:
             return reply
+        if what == "smuggle":
+            return dataclasses.replace(reply, parameters=task.parameters)
         message = codec.decode(reply.message)
         if what == "truncate":
             message = dataclasses.replace(message, masked=message.masked[:-4])
         elif what == "spoof":
             message = dataclasses.replace(message, client_id=message.client_id % 4 + 1)
-        return ProtocolReply(codec.encode(message), reply.num_examples, reply.metrics)
+        return dataclasses.replace(reply, message=codec.encode(message))
 
 
 def run_federation(config: SimulationConfig, rounds: int, behaviours=None, monkeypatch=None, min_noise=None):
     behaviours = behaviours or {}
     if monkeypatch is not None:
-        monkeypatch.setattr(net_client, "SecAggParticipant", Misbehaving)
+        monkeypatch.setitem(registry.HANDLERS, secagg_protocol.PROTOCOL, Misbehaving)
     remote = build_experiment(config)
     remote.strategy.min_available_clients = config.num_clients
     server = FederationServer(ServerSettings(address="127.0.0.1:0", insecure=True, heartbeat_interval_s=0.5))
     for i in range(config.num_clients):
         client = Tagged(build_experiment(config).client_fn(str(i)), behaviours.get(str(i)))
         threading.Thread(target=connect, args=(client, f"127.0.0.1:{server.port}"),
-                         kwargs=dict(client_id=str(i), poll_wait_s=0.5, min_noise_multiplier=min_noise),
+                         kwargs={"client_id": str(i), "poll_wait_s": 0.5, "min_noise_multiplier": min_noise},
                          daemon=True).start()
     try:
         return remote, server.run(remote.strategy, remote.initial_parameters, num_rounds=rounds, seed=config.seed,
@@ -175,19 +174,19 @@ def test_a_deployed_server_refuses_seeded_dp_noise():
         server.stop(grace_s=0.5)
 
 
-def test_participant_refuses_steps_out_of_order_and_foreign_payloads():
+def test_handler_refuses_steps_out_of_order_and_foreign_payloads():
     class Stub:
         def fit(self, parameters, config):
             raise AssertionError("not reached")
 
-    participant = SecAggParticipant(Stub())
+    handler = SecAggHandler(Stub(), ClientPolicy())
     with pytest.raises(SecAggRefused, match="no secure round"):
-        participant.handle(None, {STEP: "share", "secagg_session": 7, "secagg_message": message_parameters(b"x")})
+        handler.handle(Envelope("secagg", "share", message=b"x"))
     with pytest.raises(ValueError, match="unknown secure-aggregation step"):
-        participant.handle(None, {STEP: "reveal-everything"})
-    with pytest.raises(ValueError, match="uint8"):
-        message_bytes(Parameters.from_arrays({"bytes": np.zeros(3, np.float32)}))
-    assert message_bytes(message_parameters(b"abc")) == b"abc"
+        handler.handle(Envelope("secagg", "reveal-everything"))
+    with pytest.raises(ValueError, match="expected a RoundSetup"):  # a train step's message is the round setup
+        handler.handle(Envelope("secagg", "train", parameters=Parameters.from_arrays({"w": np.zeros(3, np.float32)}),
+                                message=codec.encode(AdvertiseKeys(1, b"a" * 32, b"b" * 32))))
     with pytest.raises(ValueError, match="expected a MaskedInput"):
         codec.decode(codec.encode(AdvertiseKeys(1, b"a" * 32, b"b" * 32)), MaskedInput)
 
@@ -199,30 +198,30 @@ def test_scaffold_with_secure_aggregation_is_refused():
         SimulationConfig(**{**BASE, "strategy": "scaffold"}, num_clients=4).validate()
 
 
-def test_a_reply_that_is_not_one_protocol_message_is_rejected_by_the_server(monkeypatch):
-    monkeypatch.setattr(net_client, "MESSAGE", "something_else")  # every client mislabels its reply
+def test_a_reply_carrying_more_than_the_protocol_message_is_refused_from_its_header(monkeypatch):
     config = SimulationConfig(**BASE, num_clients=3, rounds=1, min_fit_clients=2)
-    remote, got = run_federation(config, 1)
+    smuggle = ("smuggle", "train")  # each client sends its model beside its keys
+    remote, got = run_federation(config, 1, {"0": smuggle, "1": smuggle, "2": smuggle}, monkeypatch)
     record = got.history.rounds[0]
     assert record.status == "failed" and got.parameters == remote.initial_parameters
     assert len(record.failures) == 3
-    assert all("exactly one extra named 'secagg_message'" in f["reason"] for f in record.failures)
+    assert all("are not part of a reply to this task" in f["reason"] for f in record.failures)
 
 
-def test_a_client_reports_a_task_kind_it_does_not_know_instead_of_guessing():
-    from insitu.engines.base import Task, run_tasks
-
+def test_a_client_reports_a_protocol_it_does_not_know_instead_of_guessing():
     config = SimulationConfig(dataset="digits", model="logreg", num_clients=1, seed=0)
     experiment = build_experiment(config)
     server = FederationServer(ServerSettings(address="127.0.0.1:0", insecure=True, heartbeat_interval_s=0.5))
     threading.Thread(target=connect, args=(experiment.client_fn("0"), f"127.0.0.1:{server.port}"),
-                     kwargs=dict(client_id="0", poll_wait_s=0.5), daemon=True).start()
+                     kwargs={"client_id": "0", "poll_wait_s": 0.5}, daemon=True).start()
     try:
         server.pool.wait_for(1, timeout=30)
-        [(cid, outcome)] = list(run_tasks(server.pool, "reveal", experiment.initial_parameters, 0, [Task("0", {})]))
+        task = Envelope("reveal", parameters=experiment.initial_parameters)
+        [(cid, outcome)] = list(server.pool.exchange([("0", task)], Expect()))
     finally:
         server.stop(grace_s=2)
-    assert cid == "0" and isinstance(outcome, RuntimeError) and "unknown task kind 'reveal'" in str(outcome)
+    assert cid == "0" and isinstance(outcome, RuntimeError)
+    assert "unknown round protocol 'reveal'" in str(outcome) and "upgrade insitu on this client" in str(outcome)
 
 
 class RecordingServer(SecAggServer):
@@ -254,14 +253,20 @@ def clipped_sum(config: SimulationConfig, client_ids: list[str], gamma: float) -
     return gamma * total
 
 
+def first_plan(experiment, config: SimulationConfig):
+    """The public parameters of the first distributed-DP round (a pure function of the state)."""
+    privacy = experiment.strategy.privacy
+    return privacy.plan(privacy.init_state(), config.num_clients, experiment.initial_parameters.num_values)
+
+
 def test_distributed_dp_over_grpc_the_server_decodes_only_the_noised_sum(monkeypatch):
-    monkeypatch.setattr(secure_round, "SecAggServer", RecordingServer)
+    monkeypatch.setattr(secagg_protocol, "SecAggServer", RecordingServer)
     RecordingServer.decoded = []
     config = SimulationConfig(**BASE, num_clients=4, rounds=1, **DISTRIBUTED)
     remote, got = run_federation(config, 1)
     record = got.history.rounds[0]
     assert record.status == "ok" and record.num_results == 4
-    plan = remote.strategy.privacy._last_plan
+    plan = first_plan(remote, config)
     [total] = RecordingServer.decoded
     exact = clipped_sum(config, ["0", "1", "2", "3"], plan.gamma)
     noise = total[:-1] - exact  # the clients' noise (plus at most 1 of rounding per client and coordinate)
@@ -278,7 +283,7 @@ def test_distributed_dp_over_grpc_charges_a_dropout_for_the_noise_it_did_not_add
     record = got.history.rounds[0]
     assert record.status == "ok" and record.num_results == 4
     assert any(f["client"] == "2" and "masked vector has" in f["reason"] for f in record.failures)
-    plan = remote.strategy.privacy._last_plan
+    plan = first_plan(remote, config)
     [row] = got.server_state.privacy["history"]
     assert row[0] == pytest.approx(plan.mu * 4 / 5)  # 4 of the m = 5 planned shares reached the sum
     expected = skellam.epsilon(skellam.round_rdp(plan.mu * 4 / 5, 1.0, plan.l1, plan.l2), config.dp_delta)
@@ -288,19 +293,20 @@ def test_distributed_dp_over_grpc_charges_a_dropout_for_the_noise_it_did_not_add
 
 
 def test_a_client_refuses_a_distributed_round_without_noise():
-    from insitu.privacy.secagg.participant import _Round
-    from insitu.privacy.secagg.protocol import SecAggClient, SecAggConfig
-
+    handler = SecAggHandler(None, ClientPolicy())
     protocol = SecAggClient(1, SecAggConfig(3, 2, 11, 1.0, integer=True))
-    current = _Round(0, protocol, np.ones(10), 5)
+    current = secagg_protocol._Round(0, protocol, np.ones(10), 5)
+
+    def request(gamma, variance):
+        return InputRequest(RoutedShares(1, ()), NOISED, 0.0, 1.0, gamma, variance)
+
     with pytest.raises(ValueError, match="refusing"):
-        SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 1000.0,
-                                           "secagg_dp_variance": 0.0})
+        handler._input(current, request(1000.0, 0.0))
     with pytest.raises(ValueError, match="exceed the 32-bit field"):
-        SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 2.0**31,
-                                           "secagg_dp_variance": 1.0})
-    got = SecAggParticipant._input(current, {"secagg_clip_norm": 1.0, "secagg_dp_gamma": 1000.0,
-                                             "secagg_dp_variance": 100.0})
+        handler._input(current, request(2.0**31, 1.0))
+    with pytest.raises(ValueError, match="unknown masked-input kind 9"):
+        handler._input(current, dataclasses.replace(request(1000.0, 100.0), kind=9))
+    got = handler._input(current, request(1000.0, 100.0))
     assert got.dtype == np.int64 and got.size == 11 and got[-1] == 0
 
 

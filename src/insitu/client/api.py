@@ -7,12 +7,12 @@ process calls it on behalf of a gRPC server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from insitu.params import Parameters
 
-Scalar = Union[bool, int, float, str]
-ConfigValue = Union[Scalar, Parameters]
+Scalar = bool | int | float | str
+ConfigValue = Scalar | Parameters
 Config = dict[str, ConfigValue]
 """Per-round settings from the server. Values are scalars, or named arrays (``Parameters``) that an
 algorithm needs on the client, such as SCAFFOLD's server control variate; both travel by name."""
@@ -36,16 +36,6 @@ class EvalResult:
 
     loss: float
     num_examples: int
-    metrics: Metrics = field(default_factory=dict)
-
-
-@dataclass
-class ProtocolReply:
-    """A client's answer to one step of a multi-message protocol (secure aggregation): opaque bytes,
-    plus the example count and metrics of the training step they follow, where there is one."""
-
-    message: bytes
-    num_examples: int = 0
     metrics: Metrics = field(default_factory=dict)
 
 

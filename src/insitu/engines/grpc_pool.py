@@ -1,8 +1,11 @@
 """The network engine's ClientPool: remote clients that pull tasks and push results over gRPC.
 
 The round loop sees the same ``wait_for``/``submit``/``results`` stream as in simulation. Behind them,
-tasks wait in each connected client's mailbox until the client pulls them; results arrive from the
-gRPC handler threads and are yielded to the loop as they come. A client whose heartbeats stop, or
+every task is an :class:`~insitu.protocols.envelope.Envelope` waiting in its client's mailbox until
+the client pulls it; replies arrive from the gRPC handler threads and are yielded as they come.
+``submit`` sends plain fit and evaluate tasks (the plain exchange's envelopes); ``exchange`` sends
+any round protocol's envelopes, each with what its reply may carry, and yields the reply envelopes.
+The pool never looks inside an envelope. A client whose heartbeats stop, or
 that misses the round deadline, is reported as a failure for that round; its late result, if any,
 is discarded. The servicer decodes at most a few uploads at a time (its upload slots) and each is
 released only after the loop has folded it, so server memory stays O(slots x model) whatever the
@@ -12,6 +15,7 @@ number of clients.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import queue
@@ -19,13 +23,14 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from insitu.client.api import Config, EvalResult, FitResult, ProtocolReply
-from insitu.engines.base import NotEnoughClientsError, Task, TaskResult
+from insitu.engines.base import NotEnoughClientsError, Task, TaskKind, TaskResult
 from insitu.params import Parameters, ParamSpec
+from insitu.protocols import plain
+from insitu.protocols.envelope import Envelope, Expect
 
 log = logging.getLogger("insitu.server")
 
@@ -48,11 +53,9 @@ class PendingTask:
 
     task_id: str
     client_id: str
-    kind: str  # "fit" | "evaluate" | "secagg" (one step of secure aggregation)
-    server_round: int
-    config: Config
-    parameters: Parameters | None
-    expected: tuple[ParamSpec, ...]
+    envelope: Envelope
+    expect: Expect  # what its reply may carry
+    model: tuple[ParamSpec, ...]  # the model it concerns: a reply's parameters must match it, arrays fit in it
     session_token: str = ""  # the session it was handed to; a reconnect means it is lost
 
 
@@ -71,25 +74,31 @@ class Session:
 @dataclass(eq=False)  # hashed by identity (a set of waiting deliveries)
 class _Delivery:
     task: PendingTask
-    outcome: FitResult | EvalResult | ProtocolReply | BaseException | None  # None once handed to the loop
+    outcome: Envelope | BaseException | None  # None once handed to the loop
     consumed: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
 class _Waiting:
-    """A submitted task not yet answered: its engine id, the model version it was given, its deadline."""
+    """A submitted task not yet answered: its engine id, its deadline, and how its reply is read
+    (``submit``'s tasks: as the plain exchange's FitResult/EvalResult; ``exchange``'s: as the envelope)."""
 
     task_id: int
     task: PendingTask
-    model_version: int
     deadline: float | None
+    read: Callable[[Envelope], Any] | None = None
 
-    def result(self, outcome: Any, finished_at: float) -> TaskResult:
-        return TaskResult(self.task_id, self.task.client_id, self.task.kind, self.model_version,  # type: ignore[arg-type]
-                          outcome, finished_at)
+    def result(self, outcome: Envelope | BaseException, finished_at: float) -> TaskResult:
+        if self.read is not None and isinstance(outcome, Envelope):
+            outcome = self.read(outcome)
+        envelope = self.task.envelope
+        return TaskResult(self.task_id, self.task.client_id, envelope.protocol, envelope.model_version,  # type: ignore[arg-type]
+                          outcome, finished_at)  # type: ignore[arg-type]
 
 
 SHUTDOWN = object()
+MESSAGE_BYTES_PER_VALUE = 8  # opaque protocol bytes a reply may carry per model value (a masked vector needs 4)
+MESSAGE_SLACK_BYTES = 4 << 20  # ... plus this much (key and share messages: one per peer)
 
 
 def natural_order(client_ids: Iterable[str]) -> list[str]:
@@ -119,6 +128,7 @@ class GrpcClientPool:
         self.resumable = False  # set by close(): the run stopped early and can be resumed
         self._delivering: set[_Delivery] = set()  # uploads whose handler waits until the loop folds them
         self.model_values = 0  # values of the last model dispatched: bounds what a client may upload
+        self._model: tuple[ParamSpec, ...] = ()  # specs of the last model dispatched
         self.listeners: list[Any] = []  # callables(event: str, client_id: str, detail: str)
 
     # -- registry (called by the gRPC servicer) ----------------------------------------------
@@ -177,7 +187,7 @@ class GrpcClientPool:
         with self._lock:
             return self._pending.get(task_id)
 
-    def deliver(self, task: PendingTask, outcome: FitResult | EvalResult | ProtocolReply | BaseException,
+    def deliver(self, task: PendingTask, outcome: Envelope | BaseException,
                 wait_consumed: float | None = None) -> bool:
         """Hand a result to the round loop; False if the task is no longer awaited (late)."""
         with self._lock:
@@ -224,29 +234,57 @@ class GrpcClientPool:
                     )
                 self._lock.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
 
-    def submit(self, kind: str, parameters: Parameters | None, model_version: int,
+    def submit(self, kind: TaskKind, parameters: Parameters, model_version: int,
                tasks: Sequence[Task]) -> list[int]:
-        """Put each task in its client's mailbox; a client not connected fails its task at once.
+        """Send plain fit or evaluate tasks (the plain exchange's envelopes); their results are read
+        back as FitResult/EvalResult. A client not connected fails its task at once.
 
         Each task must come back within ``round_timeout`` of its submission, or it fails with
         RoundDeadlineError."""
-        expected = parameters.specs if parameters is not None else ()
-        if parameters is not None:
-            self.model_values = parameters.num_values
+        envelopes = [(task.client_id, plain.task_envelope(kind, parameters, model_version, task.config))
+                     for task in tasks]
+        return self._post(envelopes, plain.expect(kind), functools.partial(plain.read_reply, kind))
+
+    def exchange(self, envelopes: Sequence[tuple[str, Envelope]],
+                 expect: Expect) -> Iterator[tuple[str, Envelope | BaseException]]:
+        """One step of a round protocol: send each client its envelope and yield ``(client id, reply
+        envelope or failure)`` as they come back, until all are. Nothing else may be outstanding.
+
+        ``expect`` says what every reply may carry; the opaque protocol bytes it allows must be within
+        what a model of the last dispatched size justifies (``MESSAGE_BYTES_PER_VALUE`` per value, plus
+        ``MESSAGE_SLACK_BYTES``)."""
+        if self.outstanding():
+            raise RuntimeError(f"{self.outstanding()} task(s) are still outstanding: a protocol step needs an idle "
+                               "engine")
+        for _, envelope in envelopes:
+            if envelope.parameters is not None:
+                self.model_values = envelope.parameters.num_values
+        limit = MESSAGE_BYTES_PER_VALUE * self.model_values + MESSAGE_SLACK_BYTES
+        if expect.message_bytes > limit:
+            raise ValueError(f"a reply of up to {expect.message_bytes} protocol bytes exceeds the {limit} bytes a "
+                             f"model of {self.model_values} values may need: the protocol declares too much")
+        self._post(envelopes, expect, None)
+        for result in self.results():
+            yield result.client_id, result.outcome  # type: ignore[misc]
+
+    def _post(self, envelopes: Sequence[tuple[str, Envelope]], expect: Expect,
+              read: Callable[[Envelope], Any] | None) -> list[int]:
+        """Put each envelope in its client's mailbox; a client not connected fails its task at once."""
         deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
         ids: list[int] = []
         with self._lock:
-            for task in tasks:
-                server_round = int(task.config.get("round", 0))  # type: ignore[arg-type]
-                pending = PendingTask(secrets.token_hex(8), task.client_id, kind, server_round,
-                                      dict(task.config), parameters, expected)
+            for client_id, envelope in envelopes:
+                if envelope.parameters is not None:
+                    self.model_values = envelope.parameters.num_values
+                    self._model = envelope.parameters.specs
+                pending = PendingTask(secrets.token_hex(8), client_id, envelope, expect, self._model)
                 task_id = next(self._task_ids)
                 ids.append(task_id)
-                self._waiting[pending.task_id] = _Waiting(task_id, pending, model_version, deadline)
-                session = self._by_client.get(task.client_id)
+                self._waiting[pending.task_id] = _Waiting(task_id, pending, deadline, read)
+                session = self._by_client.get(client_id)
                 if session is None:
                     self._failed.append(self._waiting.pop(pending.task_id).result(
-                        ClientDroppedError(f"client {task.client_id} was not connected when its task was sent"),
+                        ClientDroppedError(f"client {client_id} was not connected when its task was sent"),
                         self.clock()))
                     continue
                 pending.session_token = session.token
@@ -270,6 +308,7 @@ class GrpcClientPool:
                 delivery.consumed.set()
                 continue
             outcome, delivery.outcome = delivery.outcome, None
+            assert outcome is not None  # handed to the loop only once
             result = waiting.result(outcome, self.clock())
             del outcome
             try:
@@ -284,13 +323,6 @@ class GrpcClientPool:
 
     def clock(self) -> float:
         return time.monotonic() - self._started
-
-    def exchange(self, parameters: Parameters | None,
-                 tasks: Sequence[Task]) -> Iterator[tuple[str, ProtocolReply | BaseException]]:
-        """One step of secure aggregation: each task's config carries that client's protocol message."""
-        self.submit("secagg", parameters, 0, tasks)
-        for result in self.results():
-            yield result.client_id, result.outcome  # type: ignore[misc]
 
     def close(self, resumable: bool = False) -> None:
         """Tell every client to shut down (at its next pull) and fail what is in flight.

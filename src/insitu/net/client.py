@@ -1,8 +1,9 @@
 """The client side of a deployment: connect a ``Client`` to a federation server and serve it.
 
 ``connect`` handshakes (protocol version, then an Ed25519 signature over the server's challenge),
-keeps a heartbeat going, pulls tasks, runs ``client.fit``/``client.evaluate`` and pushes results
-back in chunks. Network trouble and server restarts lead to reconnection with exponential backoff;
+keeps a heartbeat going, pulls task envelopes, hands each to the handler of the round protocol it
+names (:func:`~insitu.protocols.registry.client_handlers`: ``client.fit``/``client.evaluate`` for the
+plain exchange, secure aggregation's steps) and pushes the reply envelopes back in chunks. Network trouble and server restarts lead to reconnection with exponential backoff;
 a refusal (bad key, incompatible version) is final and raised with the server's reason.
 """
 
@@ -15,20 +16,21 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from insitu import serde
-from insitu.client.api import Client, EvalResult, FitResult, ProtocolReply
+from insitu.client.api import Client
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
 from insitu.net.servicer import CHUNK_SIZE, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, SESSION_METADATA
-from insitu.privacy.secagg.participant import MESSAGE, SecAggParticipant, message_parameters
+from insitu.protocols.base import ClientHandler, ClientPolicy
+from insitu.protocols.envelope import Envelope
+from insitu.protocols.registry import client_handlers
 
 log = logging.getLogger("insitu.client")
 
@@ -96,7 +98,7 @@ def connect(
     """Serve ``client`` to the server at ``address`` until it says the federation is over.
 
     ``min_noise_multiplier``: take part only in distributed-DP secure rounds with at least this much
-    noise (see :class:`SecAggParticipant`); plain fit and evaluate tasks are then refused.
+    noise (see :class:`~insitu.protocols.base.ClientPolicy`); plain fit and evaluate tasks are then refused.
 
     ``on_task(ok)`` is called after each task, with False when it failed here (and the failure was
     reported to the server).
@@ -116,7 +118,8 @@ def connect(
     local: Client | None = client if isinstance(client, Client) else None
     factory: ClientFactory | None = None if isinstance(client, Client) else client
     server_model: str | None = None
-    participant: SecAggParticipant | None = None  # secure rounds: this client's protocol state between steps
+    policy = ClientPolicy(min_noise_multiplier)
+    handlers: dict[str, ClientHandler] | None = None  # by protocol name; they keep protocol state between steps
     unreachable_since: float | None = None
     tls_refusals = 0
     while True:
@@ -129,18 +132,18 @@ def connect(
                 if local is None:
                     assert factory is not None
                     local = factory(model)
-                participant = SecAggParticipant(local, min_noise_multiplier=min_noise_multiplier)
+                handlers = client_handlers(local, policy)
             elif model != server_model:
                 _leave(stub, token)
                 raise ConnectionRefused(f"the server at {address} now trains {model!r}, but this client joined a "
                                         f"federation of {server_model!r}: restart the client")
-            assert local is not None and participant is not None
+            assert handlers is not None
             log.info("connected to %s as %s", address, client_id)
             delays, unreachable_since, tls_refusals = backoff.delays(), None, 0
             beat = _Heartbeat(stub, token, interval)
             try:
                 while True:
-                    outcome = _serve_one(stub, token, local, participant, poll_wait_s)
+                    outcome = _serve_one(stub, token, handlers, poll_wait_s)
                     if outcome == "shutdown":
                         log.info("server finished the federation after %d tasks", done)
                         _leave(stub, token)
@@ -279,8 +282,7 @@ def _handshake(stub: pb_grpc.FederationStub, client_id: str,
     return reply.session_token, reply.heartbeat_interval_s or 3.0, reply.model
 
 
-def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, participant: SecAggParticipant,
-               wait_s: float) -> str:
+def _serve_one(stub: pb_grpc.FederationStub, token: str, handlers: dict[str, ClientHandler], wait_s: float) -> str:
     """Pull one task and answer it: "done", "failed" (reported), "idle", "shutdown" or "suspended" (resumable)."""
     stream = stub.PullTask(pb.PullRequest(session_token=token, wait_s=wait_s), timeout=wait_s + 60,
                            metadata=((SESSION_METADATA, token),))
@@ -290,56 +292,32 @@ def _serve_one(stub: pb_grpc.FederationStub, token: str, client: Client, partici
     if first.WhichOneof("body") == "shutdown":
         return "suspended" if first.shutdown.resumable else "shutdown"
     header = first.header
-    declared = header.payload_bytes + sum(e.payload_bytes for e in header.extras)
-    decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=max(declared, 1))
+    decoder = payload.BodyDecoder(header, max_bytes=max(payload.declared_bytes(header), 1))
     for message in stream:
         decoder.feed(message.chunk)
-    parameters, extras = decoder.finish()
-    if parameters is None and header.kind != "secagg":
-        raise serde.SerdeError("the server sent a task without parameters")
-    config = {**json.loads(header.config_json or "{}"), **extras}
-    log.info("round %d: %s task received", header.round, header.kind)
-    try:
-        if header.kind == "secagg":
-            result: FitResult | EvalResult | ProtocolReply = participant.handle(parameters, config)
-        elif participant.min_noise_multiplier is not None:
-            raise ValueError(f"this client takes part only in distributed-DP secure rounds, but the server sent a "
-                             f"plain {header.kind} task: its result would leave this client un-noised")
-        elif header.kind == "fit":
-            result = client.fit(parameters, config)
-        elif header.kind == "evaluate":
-            result = client.evaluate(parameters, config)
-        else:
-            raise ValueError(f"unknown task kind {header.kind!r}: this client may be older than the server")
-    except Exception as error:  # report the failure to the server; keep serving
-        log.exception("round %d: %s failed", header.round, header.kind)
-        _push(stub, pb.ResultHeader(session_token=token, task_id=header.task_id, error=f"{type(error).__name__}: {error}"))
-        return "failed"
+    parameters, arrays, protocol_bytes = decoder.finish()
+    task = Envelope(header.protocol, header.step, header.round, header.model_version,
+                    json.loads(header.config_json or "{}"), parameters, arrays, protocol_bytes)
     del parameters
-    _push_result(stub, token, header.task_id, result)
+    what = f"{header.protocol} {header.step}".strip()
+    log.info("round %d: %s task received", header.round, what)
+    try:
+        handler = handlers.get(header.protocol)
+        if handler is None:
+            raise ValueError(f"unknown round protocol {header.protocol!r} (this client speaks "
+                             f"{', '.join(sorted(handlers))}): upgrade insitu on this client to the server's version")
+        reply = handler.handle(task)
+    except Exception as error:  # report the failure to the server; keep serving
+        log.exception("round %d: %s failed", header.round, what)
+        _push(stub, pb.Envelope(session_token=token, task_id=header.task_id, protocol=header.protocol,
+                                step=header.step, round=header.round, error=f"{type(error).__name__}: {error}"))
+        return "failed"
+    del task
+    _push(stub, payload.header(reply, header.task_id, token), payload.iter_body(reply, CHUNK_SIZE))
     return "done"
 
 
-def _push_result(stub: pb_grpc.FederationStub, token: str, task_id: str,
-                 result: FitResult | EvalResult | ProtocolReply) -> None:
-    metrics = json.dumps({k: float(v) for k, v in result.metrics.items()})
-    if isinstance(result, EvalResult):
-        head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
-                               loss=float(result.loss), metrics_json=metrics)
-        _push(stub, head)
-        return
-    if isinstance(result, ProtocolReply):  # secure aggregation: the message is the only payload
-        parameters, extras = None, {MESSAGE: message_parameters(result.message)}
-    else:
-        parameters, extras = result.parameters, result.extras
-    size, headers = payload.describe(parameters, extras)
-    head = pb.ResultHeader(session_token=token, task_id=task_id, num_examples=int(result.num_examples),
-                           metrics_json=metrics, payload_bytes=size, extras=headers)
-    chunks = payload.iter_payload(parameters, extras, CHUNK_SIZE)
-    _push(stub, head, chunks)
-
-
-def _push(stub: pb_grpc.FederationStub, head: pb.ResultHeader, chunks: Iterator[bytes] = iter(())) -> None:
+def _push(stub: pb_grpc.FederationStub, head: pb.Envelope, chunks: Iterable[bytes | memoryview] = ()) -> None:
     def messages() -> Iterator[pb.ResultMessage]:
         yield pb.ResultMessage(header=head)
         for chunk in chunks:

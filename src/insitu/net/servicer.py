@@ -1,15 +1,17 @@
 """The gRPC service a federation server exposes to its clients.
 
 It authenticates clients (Ed25519 signature over a one-time challenge, checked against the
-allow-list) before they can pull anything, streams parameters out in chunks and decodes pushed
-updates chunk by chunk into preallocated arrays. Every refusal names its reason; a bad update is
+allow-list) before they can pull anything, streams task envelopes out in chunks and decodes pushed
+reply envelopes chunk by chunk into preallocated arrays. It moves envelopes and knows no round
+protocol: what a reply may carry comes with its task. Every refusal names its reason; a bad update is
 reported to the round loop as that client's failure and never stops the server.
 
 Hostile peers are bounded (threat model: docs/deployment.md#limits-against-hostile-clients): a
 PullTask or PushResult call without a live session token in its metadata is refused before any
 message is read; calls with one request must deliver it within the stall limit, at most 64
-waiting per peer host; an upload may declare no more bytes than the model (and the extras a
-client algorithm returns) needs; it waits for a decode slot without holding memory (one upload is
+waiting per peer host; an upload may declare no more than what its task's round protocol said a
+reply may carry (an :class:`~insitu.protocols.envelope.Expect`), each section at most the model's
+size; it waits for a decode slot without holding memory (one upload is
 received at a time, up to ``upload_slots`` while the others' peers are silent), and a watchdog cancels it when
 its peer stays silent for ``upload_stall_s`` or it exceeds ``upload_timeout_s``; a client has at
 most one upload in flight; claimed example counts are capped at ``max_examples_per_client``.
@@ -31,17 +33,17 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from insitu import serde
-from insitu.client.api import EvalResult, FitResult, ProtocolReply
-from insitu.client.torch_client import SCAFFOLD_DELTA_C
 from insitu.engines.grpc_pool import SHUTDOWN, GrpcClientPool, PendingTask, PoolClosedError
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
-from insitu.privacy.secagg.participant import MESSAGE, message_bytes
+from insitu.protocols.envelope import Envelope
 
 log = logging.getLogger("insitu.server")
 
-PROTOCOL_VERSIONS = (2,)  # 2: the session token travels in the call metadata of PullTask and PushResult
+# 2: the session token travels in the call metadata of PullTask and PushResult.
+# 3: tasks and results are one Envelope type (protocol, step, round, model version, typed body).
+PROTOCOL_VERSIONS = (3,)
 SESSION_METADATA = "insitu-session"  # metadata key of the session token (sent before any message)
 GATED_METHODS = frozenset({"/insitu.v1.Federation/PullTask", "/insitu.v1.Federation/PushResult"})
 # Calls whose single request gRPC would wait for, in a handler thread, with no deadline.
@@ -67,10 +69,7 @@ SLOT_YIELD_RATE = 1 << 20  # bytes per second
 MIN_UPLOAD_RATE = 64 << 10  # bytes per second
 MAX_EXAMPLES_PER_CLIENT = 100_000  # a result claiming more examples counts as this many
 MAX_EXAMPLES_RATIO = 10.0  # ... and at most this many times the median count of the previous round (0: off)
-# Extras a client algorithm returns with a fit result (each at most the model's size); others are refused.
-RESULT_EXTRAS = frozenset({SCAFFOLD_DELTA_C})
 SECTION_SLACK_BYTES = 4 << 10  # a section's serde header may differ a little from ours (names are the same)
-SECAGG_SLACK_BYTES = 4 << 20  # key and share messages of a secure round (one per peer)
 
 
 def session_token(metadata: Any) -> str:
@@ -169,7 +168,7 @@ class SessionGate(grpc.ServerInterceptor):
     def _refuse(request_iterator: Any, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       f"no valid session: authenticate, then send the session token in the {SESSION_METADATA!r} "
-                      "call metadata (insitu protocol 2)")
+                      f"call metadata (insitu protocol {PROTOCOL_VERSIONS[-1]})")
 
 
 class _Upload:
@@ -364,9 +363,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         if not common:
             log.warning("refused client %r from %s: protocol versions %s, server speaks %s",
                         request.client_id, peer, list(request.protocol_versions), list(PROTOCOL_VERSIONS))
+            older = all(v < min(PROTOCOL_VERSIONS) for v in request.protocol_versions)
+            fix = ("the client is older than this server: upgrade insitu on the client (pip install -U insitu) to "
+                   "the server's version" if older else
+                   "the client is newer than this server: upgrade insitu on the server, or install the server's "
+                   "version on the client")
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"protocol version mismatch: client speaks {list(request.protocol_versions)}, "
-                          f"this server speaks {list(PROTOCOL_VERSIONS)}; install a matching insitu")
+                          f"this server speaks {list(PROTOCOL_VERSIONS)}; {fix}")
         nonce = security.new_challenge()
         with self._lock:
             now = time.monotonic()
@@ -435,13 +439,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield pb.TaskMessage(idle=pb.Idle())
             return
         assert isinstance(task, PendingTask)
-        scalars, extras = payload.split_config(task.config)
-        size, extra_headers = payload.describe(task.parameters, extras)
         with self.download_slots:
-            yield pb.TaskMessage(header=pb.TaskHeader(task_id=task.task_id, kind=task.kind, round=task.server_round,
-                                                      config_json=json.dumps(scalars), payload_bytes=size,
-                                                      extras=extra_headers))
-            for chunk in payload.iter_payload(task.parameters, extras, CHUNK_SIZE):
+            yield pb.TaskMessage(header=payload.header(task.envelope, task.task_id))
+            for chunk in payload.iter_body(task.envelope, CHUNK_SIZE):
                 if not context.is_active():
                     return
                 yield pb.TaskMessage(chunk=bytes(chunk))
@@ -494,7 +494,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                         upload.reason or "the stream broke off")
             return pb.PushReply(accepted=False, message=f"upload failed: {upload.reason or 'the stream broke off'}")
         if first is None or first.WhichOneof("body") != "header":
-            return pb.PushReply(accepted=False, message="a result must start with a ResultHeader")
+            return pb.PushReply(accepted=False, message="a result must start with an Envelope header")
         header = first.header
         if header.session_token != token:
             return pb.PushReply(accepted=False, message="the header's session token is not the call's")
@@ -506,15 +506,17 @@ class FederationServicer(pb_grpc.FederationServicer):
         if header.error:
             self.pool.deliver(task, RuntimeError(f"client reported an error: {header.error}"))
             return pb.PushReply(accepted=True, message="error recorded")
-        declared = _declared_bytes(header)
+        declared = payload.declared_bytes(header)
         try:
             metrics = _parse_metrics(header.metrics_json)
             num_examples = self._count(task, int(header.num_examples))
-            if task.kind == "evaluate":
-                self.pool.deliver(task, EvalResult(float(header.loss), num_examples, metrics))
-                return pb.PushReply(accepted=True, message="ok")
             self._check_declared(task, header)  # before any slot or buffer is taken
-            if not self._receive(upload, task, header, num_examples, metrics, messages, context):
+            reply = Envelope(task.envelope.protocol, task.envelope.step, task.envelope.round,
+                             task.envelope.model_version, num_examples=num_examples, loss=float(header.loss),
+                             metrics=metrics)
+            if not declared:  # nothing to decode (an evaluation): no slot needed
+                self.pool.deliver(task, reply)
+            elif not self._receive(upload, task, header, reply, messages, context):
                 return pb.PushReply(accepted=False, message="this task is no longer awaited (late or unknown)")
             self._record_count(task, num_examples)  # only a received result moves the next round's median
         except (serde.SerdeError, ValueError) as error:
@@ -529,7 +531,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.PushReply(accepted=True, message="ok")
 
     def _fail(self, task: PendingTask, error: BaseException, message: str) -> pb.PushReply:
-        log.warning("upload of client %s for round %d refused: %s", task.client_id, task.server_round, error)
+        log.warning("upload of client %s for round %d refused: %s", task.client_id, task.envelope.round, error)
         self.pool.deliver(task, error)
         return pb.PushReply(accepted=False, message=message)
 
@@ -537,7 +539,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         """The example count a result is weighted by: what the client claims, at most the server's cap
         and, for training results, ``max_examples_ratio`` x the median count of the previous round."""
         cap, why = self.max_examples_per_client, "max_examples_per_client"
-        median = self._previous_median(task.server_round) if task.kind != "evaluate" else None
+        median = self._previous_median(task.envelope.round) if task.expect.training else None
         if median is not None and self.max_examples_ratio > 0 and self.max_examples_ratio * median < cap:
             cap = max(1, int(self.max_examples_ratio * median))
             why = f"max_examples_ratio {self.max_examples_ratio:g} x the previous round's median count {median:g}"
@@ -548,10 +550,11 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _record_count(self, task: PendingTask, counted: int) -> None:
         """Remember a received training result's counted examples (the median of a round caps the next)."""
-        if task.kind == "fit" and counted > 0:
+        server_round = task.envelope.round
+        if task.expect.training and counted > 0:
             with self._lock:
-                self._claims.setdefault(task.server_round, []).append(counted)
-                for old in [r for r in self._claims if r < task.server_round - 1]:
+                self._claims.setdefault(server_round, []).append(counted)
+                for old in [r for r in self._claims if r < server_round - 1]:
                     del self._claims[old]
 
     def _previous_median(self, server_round: int) -> float | None:
@@ -559,36 +562,32 @@ class FederationServicer(pb_grpc.FederationServicer):
             earlier = [r for r in self._claims if r < server_round]
             return float(statistics.median(self._claims[max(earlier)])) if earlier else None
 
-    def _check_declared(self, task: PendingTask, header: pb.ResultHeader) -> None:
-        """Refuse an upload whose declared sections are more than the model and the task's kind need."""
-        sections = [(None, header.payload_bytes), *((e.name, e.payload_bytes) for e in header.extras)]
-        total = sum(size for _, size in sections)
+    def _check_declared(self, task: PendingTask, header: pb.Envelope) -> None:
+        """Refuse a reply whose declared sections are more than its task's ``Expect`` and the model allow."""
+        expect = task.expect
+        total = payload.declared_bytes(header)
         if total > self.max_update_bytes:
             raise serde.SerdeError(f"update of {total} bytes exceeds the server's limit of {self.max_update_bytes}")
-        if task.kind == "secagg":
-            if header.payload_bytes or [e.name for e in header.extras] != [MESSAGE]:
-                raise serde.SerdeError(f"a secure-aggregation reply carries exactly one extra named {MESSAGE!r} "
-                                       "and no parameters")
-            values = self.pool.model_values  # a masked vector holds at most 8 bytes per model value
-            limit = 8 * values + SECAGG_SLACK_BYTES if values else self.max_update_bytes
-            if total > limit:
-                raise serde.SerdeError(f"secure-aggregation reply of {total} bytes exceeds the {limit} bytes a "
-                                       f"model of {values} values needs")
-            return
-        if not header.payload_bytes:
-            raise serde.SerdeError("a fit result must carry parameters (payload_bytes was 0)")
-        model = serde.encoded_size_of(task.expected)
+        if expect.parameters and not header.payload_bytes:
+            raise serde.SerdeError("this reply must carry parameters (payload_bytes was 0)")
+        if header.payload_bytes and not expect.parameters:
+            raise serde.SerdeError(f"parameters ({header.payload_bytes} bytes) are not part of a reply to this task")
+        if header.message_bytes > expect.message_bytes:
+            raise serde.SerdeError(f"a protocol message of {header.message_bytes} bytes exceeds the "
+                                   f"{expect.message_bytes} bytes a reply to this task may carry")
+        model = serde.encoded_size_of(task.model)
+        sections = [(None, header.payload_bytes), *((e.name, e.payload_bytes) for e in header.extras)]
         for name, size in sections:
             what = "parameters" if name is None else f"extra {name!r}"
-            if name is not None and name not in RESULT_EXTRAS:
+            if name is not None and name not in expect.arrays:
+                accepted = ", ".join(sorted(expect.arrays)) or "none"
                 raise serde.SerdeError(f"{what} ({size} bytes) is not a result any client algorithm returns "
-                                       f"(accepted extras: {', '.join(sorted(RESULT_EXTRAS))})")
+                                       f"(accepted extras: {accepted})")
             if size > model + SECTION_SLACK_BYTES:
                 raise serde.SerdeError(f"{what} of {size} bytes exceeds the model's size ({model} bytes)")
 
-    def _receive(self, upload: _Upload, task: PendingTask, header: pb.ResultHeader, num_examples: int,
-                 metrics: dict[str, float], messages: Iterator[pb.ResultMessage],
-                 context: grpc.ServicerContext) -> bool:
+    def _receive(self, upload: _Upload, task: PendingTask, header: pb.Envelope, reply: Envelope,
+                 messages: Iterator[pb.ResultMessage], context: grpc.ServicerContext) -> bool:
         """Decode the upload chunk by chunk into preallocated arrays and hand it to the loop.
 
         The first chunk is awaited without a slot; the slot is then held until the loop has folded
@@ -598,27 +597,24 @@ class FederationServicer(pb_grpc.FederationServicer):
             if not context.is_active() or self.pool.pending_task(task.task_id) is None:
                 return False
         try:
-            declared = _declared_bytes(header)
+            declared = payload.declared_bytes(header)
             upload.limit_s = min(self.upload_timeout_s, self.upload_stall_s + declared / MIN_UPLOAD_RATE)
             upload.receiving_since = time.monotonic()
             upload.deadline = upload.receiving_since + upload.limit_s
-            outcome = self._decode(upload, task, header, num_examples, metrics, chunk, messages, context)
+            self._decode(upload, task, header, reply, chunk, messages)
             del chunk
             upload.deadline = upload.receiving_since = None  # received: waiting for the loop is not the peer's doing
-            self.pool.deliver(task, outcome, wait_consumed=600.0)
-            del outcome
+            self.pool.deliver(task, reply, wait_consumed=600.0)
+            del reply
         finally:
             self.upload_slots.release(upload)
         return True
 
-    def _decode(self, upload: _Upload, task: PendingTask, header: pb.ResultHeader, num_examples: int,
-                metrics: dict[str, float], chunk: bytes | None, messages: Iterator[pb.ResultMessage],
-                context: grpc.ServicerContext) -> FitResult | ProtocolReply:
-        """A fit result, or a secure-aggregation reply (no parameters, one extra holding the message bytes)."""
-        secagg = task.kind == "secagg"
-        decoder = payload.PayloadDecoder(header.payload_bytes, header.extras, max_bytes=self.max_update_bytes,
-                                         expected=task.expected)
-        declared = _declared_bytes(header)
+    def _decode(self, upload: _Upload, task: PendingTask, header: pb.Envelope, reply: Envelope, chunk: bytes | None,
+                messages: Iterator[pb.ResultMessage]) -> None:
+        """Fill ``reply``'s body (parameters, named arrays, protocol bytes) from the upload's chunks."""
+        decoder = payload.BodyDecoder(header, max_bytes=self.max_update_bytes, expected=task.model)
+        declared = payload.declared_bytes(header)
         while chunk is not None:
             decoder.feed(chunk)
             upload.received += len(chunk)
@@ -627,12 +623,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise ConnectionError(upload.reason)
         if upload.received < declared:  # ended early: whether cancelled or closed, say so (not "truncated")
             raise ConnectionError(_broken_off(upload.received, declared))
-        parameters, extras = decoder.finish()
-        del decoder
-        if secagg:
-            return ProtocolReply(message_bytes(extras.pop(MESSAGE)), num_examples, metrics)
-        assert parameters is not None  # _check_declared required a parameter section
-        return FitResult(parameters, num_examples, metrics, extras)
+        reply.parameters, reply.arrays, reply.message = decoder.finish()
 
     def _next_chunk(self, upload: _Upload, messages: Iterator[pb.ResultMessage]) -> bytes | None:
         message = self.watchdog.read(upload, messages)
@@ -648,11 +639,6 @@ def _broken_off(received: int, declared: int) -> str:
             f"limit of {MAX_MESSAGE_BYTES} bytes, disconnected, cancelled, or closed its stream early")
 
 
-def _declared_bytes(header: pb.ResultHeader) -> int:
-    """The payload bytes a result header announces: parameters plus every extra."""
-    return header.payload_bytes + sum(e.payload_bytes for e in header.extras)
-
-
 def _parse_metrics(text: str) -> dict[str, float]:
     """Metrics arrive as a JSON object of finite numbers; anything else is refused."""
     if not text:
@@ -662,7 +648,7 @@ def _parse_metrics(text: str) -> dict[str, float]:
     except json.JSONDecodeError as error:
         raise ValueError(f"metrics are not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError("metrics must be a JSON object")
+        raise ValueError("metrics must be a JSON object")  # noqa: TRY004 - a bad upload, refused like any other
     out: dict[str, float] = {}
     for key, value in data.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -9,7 +9,6 @@ global model unchanged) without stopping the run.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import zlib
 from collections.abc import Callable, Generator
@@ -26,8 +25,9 @@ from insitu.params import Parameters, ParamSpec
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
+from insitu.protocols.base import FitRound
+from insitu.protocols.registry import fit_protocol
 from insitu.run.history import Evaluation, History, RoundRecord
-from insitu.run.secure_round import can_exchange, secure_fit
 from insitu.run.validation import check_aggregate, check_eval_result, check_fit_result, magnitude_bound
 from insitu.strategies.strategy import ServerState, Strategy
 
@@ -145,17 +145,10 @@ class Coordinator:
         tasks = [self._task(cid, server_round, base_config) for cid in record.selected]
 
         try:
-            if strategy.secure_aggregation is not None and can_exchange(self.pool):
-                outcome = secure_fit(self.pool, strategy, server_round, parameters, server_state, tasks, record,
-                                     num_clients=len(available), session=secrets.randbits(63),
-                                     reject=lambda cid, stage, reason: reject(server_round, cid, stage, reason,
-                                                                              record))
-            else:
-                accepted = self._accepted_fit(server_round, parameters, tasks, record)
-                try:
-                    outcome = strategy.aggregate_fit(parameters, server_state, accepted, num_clients=len(available))
-                finally:
-                    accepted.close()
+            protocol = fit_protocol(strategy, self.pool)  # the plain exchange, or secure aggregation over the network
+            outcome = protocol.fit(self.pool, FitRound(
+                strategy, server_round, parameters, server_state, tasks, record, num_clients=len(available),
+                reject=lambda cid, stage, reason, result: reject(server_round, cid, stage, reason, record, result)))
         except (AggregationAssumptionError, EmptyAggregationError, SecAggAbort) as error:
             outcome = None
             problem = f"aggregation refused: {error}"

@@ -1,23 +1,26 @@
 """Bytes for the protocol messages, so a network transport can carry them (never pickle).
 
 Layout: one tag byte naming the message type, then its fields in declaration order: an int is 8
-bytes little-endian unsigned, ``bytes`` a 4-byte length and the data, a tuple a 4-byte count and its
-items. Decoding checks every length against what is left and refuses trailing bytes, unknown tags
+bytes little-endian unsigned, a float 8 bytes little-endian IEEE 754 (finite only), ``bytes`` a
+4-byte length and the data, a tuple a 4-byte count and its items. Decoding checks every length against what is left and refuses trailing bytes, unknown tags
 and oversized counts with a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from typing import Any
 
 from insitu.privacy.secagg.messages import (
     AdvertiseKeys,
     EncryptedShare,
+    InputRequest,
     KeyBroadcast,
     MaskedInput,
     RevealedShare,
+    RoundSetup,
     RoutedShares,
     ShareKeys,
     UnmaskRequest,
@@ -25,7 +28,7 @@ from insitu.privacy.secagg.messages import (
 )
 
 MESSAGES: tuple[type, ...] = (AdvertiseKeys, KeyBroadcast, EncryptedShare, ShareKeys, RoutedShares, MaskedInput,
-                              UnmaskRequest, RevealedShare, UnmaskResponse)
+                              UnmaskRequest, RevealedShare, UnmaskResponse, RoundSetup, InputRequest)
 _BY_NAME = {cls.__name__: cls for cls in MESSAGES}
 _TAG = {cls: i + 1 for i, cls in enumerate(MESSAGES)}
 MAX_ITEMS = 1 << 20
@@ -40,6 +43,10 @@ def _put(out: bytearray, kind: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
             raise ValueError(f"protocol ints are unsigned 64-bit, got {value!r}")
         out += struct.pack("<Q", value)
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"protocol floats are finite numbers, got {value!r}")
+        out += struct.pack("<d", float(value))
     elif kind == "bytes":
         if not isinstance(value, bytes):
             raise ValueError(f"expected bytes, got {type(value).__name__}")
@@ -80,6 +87,11 @@ class _Reader:
     def get(self, kind: str) -> Any:
         if kind == "int":
             return struct.unpack("<Q", self.take(8))[0]
+        if kind == "float":
+            value = struct.unpack("<d", self.take(8))[0]
+            if not math.isfinite(value):
+                raise ValueError(f"protocol floats are finite, got {value}")
+            return value
         if kind == "bytes":
             return self.take(struct.unpack("<I", self.take(4))[0])
         if kind.startswith("tuple["):

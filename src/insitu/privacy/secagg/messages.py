@@ -1,4 +1,4 @@
-"""Protocol messages: frozen dataclasses of ints and bytes only, so any transport can carry them (no pickle)."""
+"""Protocol messages: frozen dataclasses of ints, floats and bytes only, so any transport can carry them (no pickle)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CLIPPED",
+    "NOISED",
+    "WEIGHTED",
     "AdvertiseKeys",
     "EncryptedShare",
+    "InputRequest",
     "KeyBroadcast",
     "MaskedInput",
     "RevealedShare",
+    "RoundSetup",
     "RoutedShares",
     "ShareKeys",
     "UnmaskRequest",
@@ -96,12 +101,52 @@ class UnmaskResponse:
     key_shares: tuple[RevealedShare, ...]
 
 
+@dataclass(frozen=True)
+class RoundSetup:
+    """Before round 0, server -> client: the round's public parameters and this client's protocol id.
+
+    ``degree`` 0 means every client is every other's neighbour (no SecAgg+ graph); ``integer`` 1 means
+    the inputs are integers already (distributed DP), 0 that they are fixed-point encoded in [-bound, bound]."""
+
+    session: int
+    client_id: int
+    n: int
+    t: int
+    dim: int
+    bound: float
+    degree: int
+    integer: int
+
+
+WEIGHTED, CLIPPED, NOISED = 1, 2, 3
+"""The three inputs a client can be asked for: [w s delta, w s] (FedAvg), a clipped delta (central DP),
+a clipped, rounded delta with the client's own noise share (distributed DP)."""
+
+
+@dataclass(frozen=True)
+class InputRequest:
+    """Round 2, server -> client: the shares routed to it and which input to mask.
+
+    ``kind`` WEIGHTED uses ``weight_scale`` (the public s of the FedAvg weight w s); CLIPPED uses
+    ``clip_norm``; NOISED uses ``clip_norm``, ``gamma`` and ``variance`` (this client's Skellam noise
+    share). Fields a kind does not use are 0."""
+
+    shares: RoutedShares
+    kind: int
+    weight_scale: float
+    clip_norm: float
+    gamma: float
+    variance: float
+
+
 def wire_size(message: Any) -> int:
-    """Bytes of a message under a plain length-prefixed encoding: int 4 B, bytes/tuple 4 B length + items."""
-    if isinstance(message, bool) or not isinstance(message, (int, bytes, tuple)) and not dataclasses.is_dataclass(message):
+    """Bytes of a message under a plain length-prefixed encoding: int 4 B, float 8 B, bytes/tuple 4 B length + items."""
+    if isinstance(message, bool) or not isinstance(message, (int, float, bytes, tuple)) and not dataclasses.is_dataclass(message):
         raise TypeError(f"not a protocol value: {type(message).__name__}")
     if isinstance(message, int):
         return 4
+    if isinstance(message, float):
+        return 8
     if isinstance(message, bytes):
         return 4 + len(message)
     if isinstance(message, tuple):

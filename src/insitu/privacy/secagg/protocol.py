@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeGuard
 
 import numpy as np
 
@@ -157,7 +158,7 @@ def _pair_context(session: int, u: int, v: int) -> bytes:
     return struct.pack(">QII", session, min(u, v), max(u, v))
 
 
-def _is_id(x: object) -> bool:
+def _is_id(x: object) -> TypeGuard[int]:
     """Client ids are plain ints (not bools or floats that merely compare equal)."""
     return type(x) is int
 
@@ -458,7 +459,8 @@ class SecAggServer:
             cid = getattr(msg, "client_id", None)
             if not isinstance(msg, ShareKeys) or not _is_id(cid) or cid not in self._u1 or cid in accepted:
                 self._exclude(cid, "share message from a client not in U1, or a second one")
-                accepted.pop(cid, None)  # a client that sends twice is out altogether
+                if _is_id(cid):
+                    accepted.pop(cid, None)  # a client that sends twice is out altogether
                 continue
             try:
                 reason = self._check_share_keys(msg)

@@ -1,0 +1,139 @@
+"""The plain exchange: every selected client trains on the global model and sends its update back.
+
+Server half: :class:`PlainExchange` submits one fit task per client, validates every result as it
+arrives (:func:`accepted_fits`) and streams the usable ones into the strategy's aggregation, so the
+server holds one update at a time. Client halves: :class:`FitHandler` and :class:`EvaluateHandler`
+run the user's unchanged ``Client.fit``/``Client.evaluate``. On the wire a task is an envelope of
+protocol ``"fit"`` or ``"evaluate"`` carrying the parameters, the scalar config, and array-valued
+config entries by name (SCAFFOLD's server control variate); a fit reply carries the new parameters
+and the extras a client algorithm returns (SCAFFOLD's ``scaffold_delta_c``), nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Mapping
+from typing import Literal
+
+from insitu.algorithms import RESULT_EXTRAS
+from insitu.client.api import Client, Config, EvalResult, FitResult
+from insitu.engines.base import Engine, Outcome, TaskKind, run_tasks
+from insitu.params import Parameters
+from insitu.protocols.base import ClientPolicy, FitRound
+from insitu.protocols.envelope import Envelope, Expect
+from insitu.run.validation import check_fit_result, magnitude_bound
+from insitu.strategies.strategy import Aggregate
+
+FIT: Literal["fit"] = "fit"
+EVALUATE: Literal["evaluate"] = "evaluate"
+# A fit result may carry the extras any client algorithm returns (each at most the model's size); others
+# are refused from the header. The strategy's algorithm then refuses extras that are not its own.
+_EXPECT = {FIT: Expect(parameters=True, arrays=RESULT_EXTRAS, training=True), EVALUATE: Expect()}
+
+
+def task_envelope(kind: TaskKind, parameters: Parameters, model_version: int, config: Config) -> Envelope:
+    """A fit or evaluate task: the global parameters, scalar config, and array-valued config by name."""
+    scalars = {k: v for k, v in config.items() if not isinstance(v, Parameters)}
+    arrays = {k: v for k, v in config.items() if isinstance(v, Parameters)}
+    return Envelope(kind, round=int(config.get("round", 0)), model_version=model_version,  # type: ignore[arg-type]
+                    config=scalars, parameters=parameters, arrays=arrays)
+
+
+def expect(kind: TaskKind) -> Expect:
+    """What a reply to a fit or evaluate task may carry: a fit result's parameters and its algorithm's
+    extras (its example count a training count); an evaluation's counts and metrics only."""
+    if kind not in _EXPECT:
+        raise ValueError(f"the plain exchange sends fit and evaluate tasks, not {kind!r}")
+    return _EXPECT[kind]
+
+
+def read_reply(kind: TaskKind, reply: Envelope) -> FitResult | EvalResult:
+    """The result a reply envelope stands for (the transport checked it against :func:`expect`)."""
+    if kind == FIT:
+        if reply.parameters is None:
+            raise ValueError("a fit reply without parameters")
+        return FitResult(reply.parameters, reply.num_examples, reply.metrics, reply.arrays)
+    return EvalResult(reply.loss, reply.num_examples, reply.metrics)
+
+
+def task_config(task: Envelope) -> Config:
+    """The config a ``Client`` receives: the scalar entries and the named arrays."""
+    return {**task.config, **task.arrays}
+
+
+def _refuse_under_noise_floor(policy: ClientPolicy, task: Envelope) -> None:
+    if policy.min_noise_multiplier is not None:
+        raise ValueError(f"this client takes part only in distributed-DP secure rounds, but the server sent a "
+                         f"plain {task.protocol} task: its result would leave this client un-noised")
+
+
+class FitHandler:
+    """Client half of a fit task: ``client.fit`` on the global parameters."""
+
+    def __init__(self, client: Client, policy: ClientPolicy) -> None:
+        self.client, self.policy = client, policy
+
+    def handle(self, task: Envelope) -> Envelope:
+        _refuse_under_noise_floor(self.policy, task)
+        if task.parameters is None:
+            raise ValueError("the server sent a fit task without parameters")
+        result = self.client.fit(task.parameters, task_config(task))
+        return Envelope(FIT, round=task.round, model_version=task.model_version, parameters=result.parameters,
+                        arrays=dict(result.extras), num_examples=int(result.num_examples),
+                        metrics=dict(result.metrics))
+
+
+class EvaluateHandler:
+    """Client half of an evaluate task: ``client.evaluate`` on the global parameters."""
+
+    def __init__(self, client: Client, policy: ClientPolicy) -> None:
+        self.client, self.policy = client, policy
+
+    def handle(self, task: Envelope) -> Envelope:
+        _refuse_under_noise_floor(self.policy, task)
+        if task.parameters is None:
+            raise ValueError("the server sent an evaluate task without parameters")
+        result = self.client.evaluate(task.parameters, task_config(task))
+        return Envelope(EVALUATE, round=task.round, model_version=task.model_version,
+                        num_examples=int(result.num_examples), loss=float(result.loss), metrics=dict(result.metrics))
+
+
+def accepted_fits(results: Iterable[tuple[str, Outcome]],
+                  round_: FitRound) -> Generator[tuple[str, FitResult], None, None]:
+    """Validated fit results, streamed to the aggregator as they arrive; rejections are recorded.
+
+    A result is refused when it failed, does not match the model, holds non-finite or absurd values
+    (:func:`~insitu.run.validation.check_fit_result`), or lacks what the client algorithm needs."""
+    expected, bound = round_.parameters.specs, magnitude_bound(round_.parameters)
+    for client_id, result in results:
+        if isinstance(result, BaseException):
+            reason: str | None = f"fit failed: {type(result).__name__}: {result}"
+        else:
+            reason = check_fit_result(result, expected, bound)
+        if reason is None and isinstance(result, FitResult):
+            reason = round_.strategy.check_fit_result(result, expected)
+        if reason is not None or not isinstance(result, FitResult):
+            round_.reject(client_id, "fit", reason or "not a fit result", result)
+            continue
+        round_.record.clients[client_id] = {"num_examples": result.num_examples, **_numeric(result.metrics)}
+        yield client_id, result
+        del result  # let the update go before the next one is fetched (server memory O(model))
+
+
+def _numeric(metrics: Mapping[str, object]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class PlainExchange:
+    """Fit tasks to every selected client, their validated results streamed into ``strategy.aggregate_fit``."""
+
+    name: str = FIT
+
+    def fit(self, engine: Engine, round_: FitRound) -> Aggregate:
+        parameters = round_.parameters
+        results = run_tasks(engine, FIT, parameters, round_.server_round - 1, round_.tasks)
+        accepted = accepted_fits(results, round_)
+        try:
+            return round_.strategy.aggregate_fit(parameters, round_.server_state, accepted,
+                                                 num_clients=round_.num_clients)
+        finally:
+            accepted.close()
