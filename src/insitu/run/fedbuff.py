@@ -173,6 +173,9 @@ class AsyncCoordinator:
                     break
                 buffer, staleness, record = [], [], RoundRecord(round=version + 1)
                 step_started = time.perf_counter()
+                # clients may have left or joined; the next update is bounded by the new model
+                available = engine.wait_for(strategy.min_available_clients, self.wait_timeout)
+                bound = magnitude_bound(parameters)
             for old in [v for v in models if v != version and v not in training.values()]:
                 del models[old]  # no client trains from it any more
             start(fedbuff.clients_at_once - len(training))
@@ -180,7 +183,8 @@ class AsyncCoordinator:
             if version < self.num_rounds:
                 raise RuntimeError(f"the engine ran out of tasks after {version} of {self.num_rounds} server steps: "
                                    "every client failed or none was available")
-        engine.close()
+        # Tasks still running are abandoned: the in-process engine drops them when closed, and a remote
+        # client's late result is discarded by the engine.
         return RunResult(parameters, history, state)
 
     def _step(self, server_round: int, parameters: Parameters, state: ServerState,
