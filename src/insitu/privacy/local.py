@@ -239,8 +239,9 @@ class DPSGD:
         q, per_epoch = sampling_plan(n, settings)
         sampler, noise = self._generators(seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction=reduction, strict=True)
-        dp_optimizer: DPOptimizer | None = None
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.dp.noise_multiplier,
+                                   max_grad_norm=self.dp.max_grad_norm, expected_batch_size=n * q,
+                                   loss_reduction=reduction, generator=noise)
 
         def batches() -> Iterator[torch.Tensor]:
             for _ in range(settings.local_epochs * per_epoch):
@@ -248,7 +249,6 @@ class DPSGD:
                 yield rows if index is None else index[rows]
 
         def step(after_backward: GradHook | None, empty: bool) -> None:
-            assert dp_optimizer is not None
             if empty:  # Poisson sampling may draw no one: the step still adds noise
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
@@ -260,15 +260,12 @@ class DPSGD:
         with warnings.catch_warnings():
             # The first layer's input needs no gradient, so torch warns about its full backward hook: harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction=reduction, strict=True)
             try:
-                dp_optimizer = DPOptimizer(optimizer, noise_multiplier=self.dp.noise_multiplier,
-                                           max_grad_norm=self.dp.max_grad_norm, expected_batch_size=n * q,
-                                           loss_reduction=reduction, generator=noise)
                 gsm.train()
                 yield Steps(gsm, dp_optimizer, batches(), step)
             finally:
-                if dp_optimizer is not None:
-                    dp_optimizer.zero_grad(set_to_none=True)
+                dp_optimizer.zero_grad(set_to_none=True)
                 gsm._close()  # removes the hooks and the per-sample attributes Opacus put on the parameters
                 _strip_opacus(model)
 
