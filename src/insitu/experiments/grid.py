@@ -1,25 +1,22 @@
 """Experiment specs: a TOML file of shared settings, a grid and explicit runs, expanded to validated runs.
 
 Nothing here knows the list of simulation settings: every key goes through
-``SimulationConfig.from_dict`` + ``validate`` (plus a type check against the dataclass's
-annotations), so new ``SimulationConfig`` fields work in experiment files as soon as they exist.
+``SimulationConfig.from_dict`` (the schema's key, type and choice checks) + ``validate``, so new
+``SimulationConfig`` fields work in experiment files as soon as they exist.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from insitu.config import key_map
 from insitu.files import load_toml
 from insitu.simulation import SimulationConfig
 
-# Short names also accepted by ``insitu simulate``'s TOML files.
-ALIASES = {"clients": "num_clients", "fraction": "fraction_fit"}
 TOP_LEVEL_KEYS = ("name", "target_accuracy", "presets", "base", "grid", "runs")
 LABEL_KEY = "label"
 
@@ -66,13 +63,13 @@ class ExperimentSpec:
             raise ValueError(f"{source}: target_accuracy must be a number in (0, 1], got {target!r}")
         presets = data.get("presets", True)
         if not isinstance(presets, bool):
-            raise ValueError(f"{source}: presets must be true or false, got {presets!r}")
+            raise ValueError(f"{source}: presets must be true or false, got {presets!r}")  # noqa: TRY004 (a bad file)
         base = data.get("base", {})
         if not isinstance(base, dict):
-            raise ValueError(f"{source}: [base] must be a table of settings")
+            raise ValueError(f"{source}: [base] must be a table of settings")  # noqa: TRY004 (a bad file)
         grid = data.get("grid", {})
         if not isinstance(grid, dict):
-            raise ValueError(f"{source}: [grid] must be a table of lists")
+            raise ValueError(f"{source}: [grid] must be a table of lists")  # noqa: TRY004 (a bad file)
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{source}: grid.{key} must be a non-empty list of values, got {values!r}")
@@ -103,18 +100,18 @@ def expand_grid(spec: ExperimentSpec | dict[str, Any]) -> list[RunSpec]:
     elif not spec.runs:
         points.append((None, {}))  # just [base]: one run
     from_grid = len(points)
-    for i, run in enumerate(spec.runs):
-        run = dict(run)
-        label = run.pop(LABEL_KEY, None)
+    for i, explicit in enumerate(spec.runs):
+        overrides = dict(explicit)
+        label = overrides.pop(LABEL_KEY, None)
         if label is not None and (not isinstance(label, str) or not label.strip()):
             raise ValueError(f"runs[{i}]: label must be a non-empty string, got {label!r}")
-        seeds = run.get("seed")
+        seeds = overrides.get("seed")
         if isinstance(seeds, list):  # seed = [0, 1, 2]: the same run repeated over seeds
             if not seeds:
                 raise ValueError(f"runs[{i}]: seed list is empty")
-            points += [(label, {**run, "seed": s}) for s in seeds]
+            points += [(label, {**overrides, "seed": s}) for s in seeds]
         else:
-            points.append((label, run))
+            points.append((label, overrides))
 
     varying = [k for k, v in spec.grid.items() if len(v) > 1 and k != "seed"]
     runs: list[RunSpec] = []
@@ -143,53 +140,14 @@ def _config(spec: ExperimentSpec, overrides: dict[str, Any], where: str) -> Simu
         if spec.presets:
             from insitu.cli.presets import resolve_config
 
-            config = resolve_config(None, values)
+            config = resolve_config(None, {}, file_values=values)
         else:
             config = SimulationConfig.from_dict(values)
-        _check_types(config, set(values))
         _check_dataset(config)
         config.validate()
     except (ValueError, TypeError) as error:
         raise ValueError(f"{where}: {error}") from None
     return config
-
-
-def _check_types(config: SimulationConfig, given: set[str]) -> None:
-    """Each given setting must have its field's type (int accepted for float), e.g. rounds = "ten" fails."""
-    try:
-        hints = typing.get_type_hints(SimulationConfig)
-    except Exception:  # an annotation we cannot resolve: leave checking to validate()
-        return
-    for f in fields(config):
-        if f.name not in given or f.name not in hints:
-            continue
-        allowed = _simple_types(hints[f.name])
-        value = getattr(config, f.name)
-        if allowed is None or _matches(value, allowed):
-            continue
-        names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
-        raise ValueError(f"{f.name} must be {names}, got {value!r}")
-
-
-def _simple_types(hint: Any) -> tuple[type, ...] | None:
-    """The plain types a hint allows (``int``, ``str | None``...), or None when it is anything fancier."""
-    if hint in (int, float, str, bool):
-        return (hint,)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if all(a in (int, float, str, bool, type(None)) for a in args):
-            return tuple(args)
-    return None
-
-
-def _matches(value: Any, allowed: tuple[type, ...]) -> bool:
-    if value is None:
-        return type(None) in allowed
-    if isinstance(value, bool):
-        return bool in allowed
-    if isinstance(value, int):
-        return int in allowed or float in allowed
-    return any(t not in (int, bool, type(None)) and isinstance(value, t) for t in allowed)
 
 
 def _check_dataset(config: SimulationConfig) -> None:
@@ -200,8 +158,10 @@ def _check_dataset(config: SimulationConfig) -> None:
 
 
 def _key(key: str) -> str:
+    """A setting's field name for any of its keys (``clients`` -> ``num_clients``); unknown keys stay as
+    given, for ``SimulationConfig.from_dict`` to name."""
     key = key.replace("-", "_")
-    return ALIASES.get(key, key)
+    return key_map(SimulationConfig).get(key, key)
 
 
 def _normalize(values: dict[str, Any]) -> dict[str, Any]:
