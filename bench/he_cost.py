@@ -1,4 +1,4 @@
-"""Benchmark (not a test): cost of Paillier aggregation (insitu.privacy.he) per client and per round.
+"""Benchmark (not a test): cost of Paillier aggregation (insitu.contrib.he) per client and per round.
 
 For each model size D and with/without packing, at one key length (default 2048 bits):
 
@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from insitu.privacy.he import (
+from insitu.contrib.he import (
     EncryptedVector,
-    HEEncoder,
+    FixedPoint,
     add_encrypted,
     decrypt_sum,
     encrypt_vector,
@@ -53,7 +53,7 @@ def fmt_s(seconds: float, extrapolated: bool) -> str:
     return f"{mark}{seconds:.2f} s"
 
 
-def measure(pk, sk, enc: HEEncoder, d: int, pack: bool, budget: float, rng) -> dict:
+def measure(pk, sk, enc: FixedPoint, d: int, pack: bool, budget: float, rng) -> dict:
     """Time one configuration; extrapolate encryption/decryption from a sample when over budget."""
     x = rng.uniform(-1.0, 1.0, d).astype(np.float32)
     probe = encrypt_vector(pk, x[:1], enc, pack=pack, max_clients=MAX_CLIENTS)
@@ -116,7 +116,7 @@ def main() -> None:
     if args.quick:
         args.dims, args.budget = [1_000], 3.0
 
-    enc = HEEncoder(scale=2**24, clip=1.0)
+    enc = FixedPoint(scale=2**24, bound=1.0)
     (pk, sk), t_key = timed(generate_keypair, args.n_length)
     rng = np.random.default_rng(0)
     try:

@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from insitu.privacy.he import (
+from insitu.contrib.he import (
     EncryptedVector,
-    HEEncoder,
+    FixedPoint,
     add_encrypted,
     decrypt_sum,
     decrypt_weighted_mean,
@@ -38,8 +38,8 @@ def other_keys():
 
 
 @pytest.fixture(scope="module")
-def encoder() -> HEEncoder:
-    return HEEncoder(scale=2**24, clip=1.0)
+def encoder() -> FixedPoint:
+    return FixedPoint(scale=2**24, bound=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def unpacked_updates(keys, encoder, client_vectors) -> list[EncryptedVector]:
     return [encrypt_vector(pk, x, encoder, private_key=sk) for x in client_vectors]
 
 
-def _tol(encoder: HEEncoder, n: int) -> float:
+def _tol(encoder: FixedPoint, n: int) -> float:
     return n * encoder.resolution + 1e-12
 
 
@@ -206,7 +206,7 @@ def test_layout_and_encoder_mismatch_refused(keys, encoder, packed_updates, unpa
     with pytest.raises(ValueError, match="differ"):
         add_encrypted(packed_updates[0], unpacked_updates[0])
     with pytest.raises(ValueError, match="encoder"):
-        decrypt_sum(sk, packed_updates[0], HEEncoder(scale=2**20, clip=1.0))
+        decrypt_sum(sk, packed_updates[0], FixedPoint(scale=2**20, bound=1.0))
     with pytest.raises(ValueError, match="expected a sum of 3"):
         decrypt_sum(sk, sum_encrypted(packed_updates[:2]), encoder, 3)
 
@@ -240,9 +240,9 @@ def test_bad_inputs(keys, encoder):
     with pytest.raises(ValueError):
         encrypt_vector(pk, np.array([]), encoder)
     with pytest.raises(ValueError):
-        HEEncoder(scale=0)
+        FixedPoint(scale=0, bound=1.0)
     with pytest.raises(ValueError):
-        HEEncoder(scale=2**40, clip=2**20)
+        FixedPoint(scale=2**40, bound=2**20)
     with pytest.raises(ValueError):
         generate_keypair(512)
     with pytest.raises(ValueError):

@@ -23,8 +23,10 @@ from insitu.privacy.secagg import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
+    from_field,
     run_round,
     split_weighted,
+    to_field,
     wire_size,
     with_weight,
 )
@@ -100,7 +102,7 @@ def test_prg_is_deterministic_and_seed_dependent() -> None:
 
 
 def test_fixed_point_round_trip_and_clipping() -> None:
-    fp = FixedPoint(n=10, bound=2.0)
+    fp = FixedPoint.for_sum(10, 2.0)
     assert fp.scale == (2**31 - 1) // 20
     x = np.array([-2.0, -1.234567, 0.0, 0.5, 1.99999], dtype=np.float64)
     enc, clipped = fp.encode(x)
@@ -115,7 +117,7 @@ def test_fixed_point_round_trip_and_clipping() -> None:
 
 @pytest.mark.parametrize(("n", "bound"), [(10, 1.0), (7, 0.3), (100, 5.0), (1000, 1e-3)])
 def test_fixed_point_extremes_do_not_overflow(n: int, bound: float) -> None:
-    fp = FixedPoint(n=n, bound=bound)
+    fp = FixedPoint.for_sum(n, bound)
     for sign in (1.0, -1.0):
         enc, _ = fp.encode(np.full(4, sign * bound))
         total = np.zeros(4, dtype=np.uint32)
@@ -124,9 +126,27 @@ def test_fixed_point_extremes_do_not_overflow(n: int, bound: float) -> None:
         assert np.all(np.abs(fp.decode_sum(total) - sign * n * bound) <= fp.max_abs_error)
 
 
+def test_one_codec_quantizes_at_any_scale_and_reads_sums_back_from_the_field() -> None:
+    codec = FixedPoint(scale=4, bound=1.0)  # Paillier's use: a scale of its own
+    ints, clipped = codec.quantize([0.3, -2.0, 0.125, 1.0])
+    assert ints.tolist() == [1, -4, 0, 4] and clipped == 1  # rint(1.2), clipped to -1, rint(0.5) = 0, 4
+    assert codec.dequantize(ints).tolist() == [0.25, -1.0, 0.0, 1.0]
+    assert codec.resolution == 0.125 and codec.max_int == 4
+    # distributed DP's integers cross the field exactly, negatives included
+    assert from_field(to_field([-5, 7]) + to_field([2, -9])).tolist() == [-3, -2]
+    # [w x, w]: one sum gives the weighted mean, (1 [1, 2] + 3 [3, 0]) / 4
+    assert split_weighted(with_weight([1.0, 2.0], 1.0) + with_weight([3.0, 0.0], 3.0)).tolist() == [2.5, 0.5]
+    with pytest.raises(ValueError, match="2\\*\\*52"):
+        FixedPoint(scale=2**40, bound=2.0**20)
+    with pytest.raises(TypeError, match="scale must be an int"):
+        FixedPoint(scale=1.5, bound=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only integers"):
+        to_field(np.array([0.5]))
+
+
 def test_fixed_point_refuses_bounds_without_precision() -> None:
     with pytest.raises(ValueError, match="precision"):
-        FixedPoint(n=1000, bound=1e7)
+        FixedPoint.for_sum(1000, 1e7)
 
 
 # --- configuration --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ t tolerates. Transport-agnostic: :class:`SecAggClient` / :class:`SecAggServer` e
 dataclasses of :mod:`~insitu.privacy.secagg.messages`; :func:`run_round` runs a round in-process.
 """
 
-from insitu.privacy.secagg.encoding import MODULUS, FixedPoint, split_weighted, with_weight
+from insitu.privacy.secagg.encoding import MODULUS, FixedPoint, from_field, split_weighted, to_field, with_weight
 from insitu.privacy.secagg.messages import (
     AdvertiseKeys,
     EncryptedShare,
@@ -49,8 +49,10 @@ __all__ = [
     "ShareKeys",
     "UnmaskRequest",
     "UnmaskResponse",
+    "from_field",
     "run_round",
     "split_weighted",
+    "to_field",
     "wire_size",
     "with_weight",
 ]

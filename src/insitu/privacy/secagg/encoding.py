@@ -1,28 +1,41 @@
-"""Fixed-point encoding of float vectors into Z_R (R = 2**32) so that sums of n clipped inputs never wrap.
+"""insitu's one fixed-point codec, and its one ``[w x, w]`` encoder.
 
-A client's value x is clipped to [-B, B] and encoded as ``round(x * scale) mod R`` with
-``scale = floor((R/2 - 1) / (n * B))`` (lowered by one in the rare case where rounding at +-B would
-push ``n * round(B * scale)`` past ``R/2 - 1``). The sum of n encoded values therefore lies in
-``[-(R/2 - 1), R/2 - 1]`` and is recovered exactly by reading the modular sum as a two's-complement
-32-bit integer. Each element's rounding error is at most ``1 / (2 * scale)``, so the decoded *sum*
-is within ``n / (2 * scale)`` of the sum of the clipped inputs (:attr:`FixedPoint.max_abs_error`).
+A float x is clipped to [-B, B] and quantized to the integer ``round(x * scale)`` (:meth:`FixedPoint.quantize`),
+so every quantized value lies in [-C, C] with ``C = round(B * scale)``; :meth:`FixedPoint.dequantize`
+divides by ``scale``. Each value is off by at most ``1 / (2 * scale)`` (:attr:`FixedPoint.resolution`), a
+sum of ``k`` quantized values by at most ``k / (2 * scale)``.
+
+Secure aggregation sums in Z_R with R = 2**32 (:data:`MODULUS`): :func:`to_field` reads integers mod R
+(as uint32) and :func:`from_field` reads a sum back as a two's-complement 32-bit integer, which is exact
+while the true sum lies in [-(R/2 - 1), R/2 - 1]. :meth:`FixedPoint.for_sum` picks the largest scale at
+which n summands clipped to [-B, B] always do: ``scale = floor((R/2 - 1) / (n * B))``, lowered by one in
+the rare case where rounding at +-B would push ``n * round(B * scale)`` past R/2 - 1. Distributed DP's
+integer inputs (rounded by the Skellam mechanism, which must round at random) enter the same field through
+:func:`to_field` and leave it through :func:`from_field`. Paillier aggregation (:mod:`insitu.contrib.he`)
+uses the same quantization with its own scale.
+
+:func:`with_weight` builds FedAvg's ``[w x, w]`` input, so that one sum yields both the numerator and the
+denominator of the weighted mean (:func:`split_weighted`); secure aggregation and Paillier both use it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MODULUS", "FixedPoint", "split_weighted", "with_weight"]
+__all__ = ["MODULUS", "FixedPoint", "from_field", "split_weighted", "to_field", "with_weight"]
 
 MODULUS = 2**32
 """R: every masked value and mask is an element of Z_R, stored as uint32 (numpy wraps mod 2**32)."""
 
 _HALF = MODULUS // 2
+MAX_INT = 2**52
+"""Largest quantized magnitude C: int64 and float64 arithmetic on it stay exact."""
 logger = logging.getLogger("insitu")
 
 
@@ -41,46 +54,88 @@ def _scale_for(n: int, bound: float) -> int:
 
 @dataclass(frozen=True)
 class FixedPoint:
-    """Encoder/decoder for n clients' values clipped to [-bound, bound]; sums decode without overflow."""
+    """Values clipped to [-bound, bound], quantized at ``scale``; a sum may hold up to ``summands`` of them.
 
-    n: int
+    >>> codec = FixedPoint(scale=4, bound=1.0)
+    >>> codec.quantize(np.array([0.3, -2.0]))[0].tolist(), codec.dequantize(np.array([1, -4])).tolist()
+    ([1, -4], [0.25, -1.0])
+    """
+
+    scale: int
     bound: float
-    scale: int = field(init=False, default=0)
+    summands: int = 1
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"need at least one client, got n={self.n}")
+        if not isinstance(self.scale, int) or isinstance(self.scale, bool):
+            raise TypeError(f"scale must be an int, got {self.scale!r}")
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1, got {self.scale}")
+        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float)):
+            raise TypeError(f"bound must be a number, got {self.bound!r}")
         if not (math.isfinite(self.bound) and self.bound > 0):
             raise ValueError(f"clipping bound must be a positive finite number, got {self.bound}")
-        object.__setattr__(self, "scale", _scale_for(self.n, float(self.bound)))
+        if self.summands < 1:
+            raise ValueError(f"need at least one summand, got {self.summands}")
+        if not 1 <= self.max_int <= MAX_INT:
+            raise ValueError(f"round(bound * scale) must be in [1, 2**52] for exact arithmetic, got {self.max_int}: "
+                             "lower the scale or the bound")
+
+    @classmethod
+    def for_sum(cls, n: int, bound: float) -> FixedPoint:
+        """The finest codec whose sum of ``n`` inputs in [-bound, bound] never wraps around Z_(2**32)."""
+        if n < 1:
+            raise ValueError(f"need at least one client, got n={n}")
+        if not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"clipping bound must be a positive finite number, got {bound}")
+        return cls(_scale_for(n, float(bound)), float(bound), n)
+
+    @property
+    def max_int(self) -> int:
+        """C = round(bound * scale): the largest quantized magnitude."""
+        return round(float(self.bound) * self.scale)
+
+    @property
+    def resolution(self) -> float:
+        """Largest rounding error of one quantized value: 1 / (2 * scale)."""
+        return 0.5 / self.scale
 
     @property
     def max_abs_error(self) -> float:
-        """Largest absolute error per element of a decoded sum of n inputs: n / (2 * scale)."""
-        return self.n / (2 * self.scale)
+        """Largest error per element of a decoded sum of ``summands`` inputs: summands / (2 * scale)."""
+        return self.summands * self.resolution
 
-    def clip(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Clip to [-B, B]; return the clipped float64 array and how many elements were changed."""
-        x = np.asarray(x, dtype=np.float64)
+    def quantize(self, x: npt.ArrayLike) -> tuple[np.ndarray, int]:
+        """Clip to [-bound, bound] and round to int64 in [-C, C]; return (ints, how many values were clipped).
+
+        NaN and infinity are refused: they have no fixed-point value."""
+        x = np.asarray(x, dtype=np.float64).ravel()
         if not np.all(np.isfinite(x)):
-            raise ValueError("input contains NaN or infinity; secure aggregation needs finite values")
+            raise ValueError("input contains NaN or infinity; fixed-point encoding needs finite values")
         clipped = np.clip(x, -self.bound, self.bound)
-        return clipped, int(np.count_nonzero(clipped != x))
-
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Clip and encode x as uint32 elements of Z_R; return (encoded, number of clipped elements)."""
-        clipped, n_clipped = self.clip(x)
-        if n_clipped:
-            logger.info("secagg: clipped %d of %d elements to [-%g, %g]", n_clipped, clipped.size, self.bound, self.bound)
+        n_clipped = int(np.count_nonzero(clipped != x))
         ints = np.rint(clipped * self.scale).astype(np.int64)
-        return ints.astype(np.uint32), n_clipped  # int64 -> uint32 keeps the low 32 bits: mod R
+        c = self.max_int
+        return np.clip(ints, -c, c, out=ints), n_clipped
+
+    def dequantize(self, ints: np.ndarray | Iterable[int]) -> np.ndarray:
+        """(Summed) quantized integers back to float64. Python ints beyond int64 are divided exactly."""
+        if isinstance(ints, np.ndarray):
+            out = ints.astype(np.float64)
+            out /= self.scale  # in place: one float64 copy of a possibly model-sized vector
+            return out
+        return np.array([i / self.scale for i in ints], dtype=np.float64)
+
+    def encode(self, x: npt.ArrayLike) -> tuple[np.ndarray, int]:
+        """Quantize into Z_(2**32) (uint32); return (encoded, number of clipped elements)."""
+        ints, n_clipped = self.quantize(x)
+        if n_clipped:
+            logger.info("fixed point: clipped %d of %d elements to [-%g, %g]", n_clipped, ints.size, self.bound,
+                        self.bound)
+        return to_field(ints), n_clipped
 
     def decode_sum(self, total: np.ndarray) -> np.ndarray:
-        """Decode a mod-R sum of at most n encoded vectors (two's complement around R/2) to float64."""
-        total = np.asarray(total)
-        if total.dtype != np.uint32:
-            raise ValueError(f"expected a uint32 vector mod 2**32, got dtype {total.dtype}")
-        out = total.view(np.int32).astype(np.float64)
+        """Decode a mod-2**32 sum of at most ``summands`` encoded vectors to float64."""
+        out = from_field(total, np.float64)
         out /= self.scale  # in place: one float64 copy of a possibly model-sized vector
         return out
 
@@ -89,14 +144,30 @@ class FixedPoint:
         return self.decode_sum(encoded)
 
 
-def with_weight(x: np.ndarray, weight: float) -> np.ndarray:
-    """Weighted-FedAvg input: [weight * x, weight] so one secure sum yields both numerator and denominator."""
+def to_field(ints: npt.ArrayLike) -> np.ndarray:
+    """Integers as elements of Z_(2**32) (uint32): int64 -> uint32 keeps the low 32 bits, i.e. x mod 2**32."""
+    array = np.asarray(ints)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"only integers enter the field, got dtype {array.dtype}")
+    return array.astype(np.int64).astype(np.uint32)
+
+
+def from_field(total: np.ndarray, dtype: npt.DTypeLike = np.int64) -> np.ndarray:
+    """A mod-2**32 sum read as a two's-complement 32-bit integer (as ``dtype``): exact while |sum| < 2**31."""
+    total = np.asarray(total)
+    if total.dtype != np.uint32:
+        raise ValueError(f"expected a uint32 vector mod 2**32, got dtype {total.dtype}")
+    return total.view(np.int32).astype(dtype)
+
+
+def with_weight(x: npt.ArrayLike, weight: float) -> np.ndarray:
+    """Weighted-FedAvg input: [weight * x, weight] so one sum yields both numerator and denominator."""
     x = np.asarray(x, dtype=np.float64).ravel()
     return np.concatenate([weight * x, [float(weight)]])
 
 
 def split_weighted(total: np.ndarray, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
-    """Weighted mean from a secure sum of :func:`with_weight` vectors: sum(w*x) / sum(w).
+    """Weighted mean from a sum of :func:`with_weight` vectors: sum(w*x) / sum(w).
 
     Divided straight into ``dtype`` (float64 arithmetic), with no model-sized temporary.
     """

@@ -32,7 +32,7 @@ from typing import TypeGuard
 import numpy as np
 
 from insitu.privacy.secagg import prg
-from insitu.privacy.secagg.encoding import FixedPoint
+from insitu.privacy.secagg.encoding import FixedPoint, from_field, to_field
 from insitu.privacy.secagg.keys import (
     CIPHERTEXT_BYTES,
     KEY_BYTES,
@@ -113,7 +113,7 @@ class SecAggConfig:
                 "or the server could unmask individual updates"
             )
         if not self.integer:
-            FixedPoint(self.n, self.bound)  # validate the bound early
+            FixedPoint.for_sum(self.n, self.bound)  # validate the bound early
 
     @property
     def group_size(self) -> int:
@@ -123,7 +123,7 @@ class SecAggConfig:
     @cached_property
     def fixed_point(self) -> FixedPoint:
         """The fixed-point codec for n summands clipped to [-bound, bound]."""
-        return FixedPoint(self.n, self.bound)
+        return FixedPoint.for_sum(self.n, self.bound)
 
     @property
     def client_ids(self) -> range:
@@ -303,7 +303,7 @@ class SecAggClient:
         if cfg.integer:
             if x.dtype.kind not in "iu":
                 raise ValueError(f"client {self.id}: an integer round needs an integer input, got dtype {x.dtype}")
-            y = x.astype(np.int64).astype(np.uint32)  # keeps the low 32 bits: x mod 2**32
+            y = to_field(x)
         else:
             y, self.n_clipped = cfg.fixed_point.encode(x)
         assert self._seed is not None and self._mask_keys is not None
@@ -568,7 +568,7 @@ class SecAggServer:
                 self.reconstructed[v] = "key"
         except ValueError as exc:
             raise self._abort(f"inconsistent shares: {exc}") from exc
-        self.result = total.view(np.int32).astype(np.int64) if cfg.integer else cfg.fixed_point.decode_sum(total)
+        self.result = from_field(total) if cfg.integer else cfg.fixed_point.decode_sum(total)
         self._masked_sum = None
         self._phase = _Phase.DONE
         return self.result

@@ -1,11 +1,22 @@
-"""Additively homomorphic aggregation (Paillier, via ``phe``) for small cross-silo models.
+"""Additively homomorphic aggregation (Paillier, via ``phe``) for small cross-silo models: a contrib
+building block, not a round protocol of insitu (no ``insitu server`` flag reaches it).
+
+Why it is not in the core: a deployment needs a party other than the server to hold the private key
+and decrypt the aggregate. Among insitu's parties only a client can, and it cannot tell the sum it is
+asked to decrypt from one client's ciphertext, so a server that deviates learns an individual update;
+secure aggregation (``--secure-aggregation``) already hides updates from a semi-honest server without
+a key holder, and pure-Python Paillier costs orders of magnitude more per value (bench/he_cost.py).
+Use this module where a trusted key holder exists (e.g. one silo of a cross-silo consortium).
 
 Setting: the clients share one Paillier key pair made by a key holder (one silo or a separate
 party). Each client encrypts its update; the server only multiplies ciphertexts (which adds the
 plaintexts) and never sees a plaintext; the key holder decrypts the aggregate only.
 
-Encoding is integer fixed point with one fixed ``scale`` (not phe's EncodedNumber, whose
-per-value exponents make sums slow and sizes variable): ``q = round(clip(x, -clip, clip) * scale)``.
+Encoding is insitu's one fixed-point codec (:class:`~insitu.privacy.secagg.encoding.FixedPoint`, the
+same as secure aggregation's) with one fixed ``scale`` (not phe's EncodedNumber, whose per-value
+exponents make sums slow and sizes variable): ``q = round(clip(x, -clip, clip) * scale)``, with
+``clip`` the codec's ``bound``. Weighted FedAvg's ``[w x, w]`` input is
+:func:`~insitu.privacy.secagg.encoding.with_weight`, as in secure aggregation.
 
 Precision: each value is off by at most ``0.5 / scale`` after rounding, so a sum of ``n`` updates
 is off by at most ``n * 0.5 / scale`` (about ``3e-8 * n`` for ``scale = 2**24``); values beyond
@@ -36,7 +47,7 @@ import json
 import math
 import secrets
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +60,14 @@ try:
         powmod,  # gmpy2-backed when gmpy2 is installed (several times faster)
     )
 except ImportError as exc:  # pragma: no cover - exercised only without the optional extra
-    raise ImportError("insitu.privacy.he needs python-paillier: pip install 'insitu[privacy]'") from exc
+    raise ImportError("insitu.contrib.he needs python-paillier: pip install 'insitu[privacy]'") from exc
+
+from insitu.privacy.secagg.encoding import FixedPoint, split_weighted, with_weight
 
 __all__ = [
     "MIN_N_LENGTH",
     "EncryptedVector",
-    "HEEncoder",
+    "FixedPoint",
     "add_encrypted",
     "decrypt_sum",
     "decrypt_weighted_mean",
@@ -85,52 +98,6 @@ def generate_keypair(n_length: int = 2048) -> tuple[PaillierPublicKey, PaillierP
     if not MIN_N_LENGTH <= n_length <= MAX_N_LENGTH:
         raise ValueError(f"n_length must be in [{MIN_N_LENGTH}, {MAX_N_LENGTH}], got {n_length}")
     return phe.generate_paillier_keypair(n_length=n_length)
-
-
-@dataclass(frozen=True)
-class HEEncoder:
-    """Fixed-point codec: float -> round(clip(x) * scale) as a signed int, one scale for all values."""
-
-    scale: int = 2**24
-    clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        """Refuse scales and clips that break exact int64/float64 arithmetic."""
-        if not isinstance(self.scale, int) or isinstance(self.scale, bool):
-            raise TypeError(f"scale must be an int, got {self.scale!r}")
-        if self.scale < 1:
-            raise ValueError(f"scale must be >= 1, got {self.scale}")
-        if not isinstance(self.clip, (int, float)) or isinstance(self.clip, bool):
-            raise TypeError(f"clip must be a number, got {self.clip!r}")
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip must be finite and > 0, got {self.clip!r}")
-        if not 1 <= self.max_int <= 2**52:
-            raise ValueError(f"round(clip * scale) must be in [1, 2**52], got {self.max_int}")
-
-    @property
-    def max_int(self) -> int:
-        """C = round(clip * scale): the largest encoded magnitude."""
-        return round(float(self.clip) * self.scale)
-
-    @property
-    def resolution(self) -> float:
-        """Largest rounding error of one encoded value (0.5 / scale)."""
-        return 0.5 / self.scale
-
-    def encode(self, vector: Any) -> np.ndarray:
-        """Clip and round a real vector to int64 fixed point in [-C, C]; NaN/inf are refused."""
-        x = np.asarray(vector, dtype=np.float64).ravel()
-        if x.size == 0:
-            raise ValueError("cannot encode an empty vector")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("vector contains NaN or infinite values")
-        c = self.max_int
-        q = np.rint(np.clip(x, -float(self.clip), float(self.clip)) * self.scale).astype(np.int64)
-        return np.clip(q, -c, c)
-
-    def decode(self, ints: Iterable[int]) -> np.ndarray:
-        """Map (summed) fixed-point ints back to float64."""
-        return np.array([i / self.scale for i in ints], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -216,7 +183,7 @@ class _Encryptor:
         return ((1 + (m % self.n) * self.n) * self._obfuscator()) % self.nsq
 
 
-def _slot_bits(encoder: HEEncoder, max_clients: int) -> int:
+def _slot_bits(encoder: FixedPoint, max_clients: int) -> int:
     """Bits per packed slot so that max_clients offset values in [0, 2C] sum without carry."""
     return (2 * encoder.max_int * max_clients).bit_length()
 
@@ -224,7 +191,7 @@ def _slot_bits(encoder: HEEncoder, max_clients: int) -> int:
 def encrypt_vector(
     public_key: PaillierPublicKey,
     vector: Any,
-    encoder: HEEncoder,
+    encoder: FixedPoint,
     *,
     pack: bool = False,
     max_clients: int = 1024,
@@ -237,19 +204,21 @@ def encrypt_vector(
     then exact for at most ``max_clients`` updates. ``private_key`` (held by clients in the shared-key
     setting) only speeds encryption up via CRT; the ciphertexts are the same kind.
     """
-    if not isinstance(encoder, HEEncoder):
-        raise TypeError(f"encoder must be an HEEncoder, got {type(encoder).__name__}")
+    if not isinstance(encoder, FixedPoint):
+        raise TypeError(f"encoder must be a FixedPoint codec, got {type(encoder).__name__}")
     if not isinstance(max_clients, int) or isinstance(max_clients, bool) or max_clients < 1:
         raise ValueError(f"max_clients must be a positive int, got {max_clients!r}")
     enc = _Encryptor(public_key, private_key)
-    q = encoder.encode(vector)
+    q, _ = encoder.quantize(vector)
+    if q.size == 0:
+        raise ValueError("cannot encode an empty vector")
     n_bits = public_key.n.bit_length()
     c = encoder.max_int
     if not pack:
         if max_clients * c >= public_key.n // 2:
             raise ValueError("max_clients * round(clip * scale) overflows the modulus; use a larger key")
         cts = tuple(enc.encrypt(int(v)) for v in q.tolist())
-        return EncryptedVector(public_key.n, cts, int(q.size), 1, encoder.scale, float(encoder.clip),
+        return EncryptedVector(public_key.n, cts, int(q.size), 1, encoder.scale, float(encoder.bound),
                                0, 1, _weighted)
     k = _slot_bits(encoder, max_clients)
     slots = (n_bits - 1) // k
@@ -262,7 +231,7 @@ def encrypt_vector(
         for j, v in enumerate(u[start:start + slots]):
             m |= v << (k * j)
         cts_list.append(enc.encrypt(m))
-    return EncryptedVector(public_key.n, tuple(cts_list), len(u), 1, encoder.scale, float(encoder.clip),
+    return EncryptedVector(public_key.n, tuple(cts_list), len(u), 1, encoder.scale, float(encoder.bound),
                            k, slots, _weighted)
 
 
@@ -270,7 +239,7 @@ def encrypt_weighted(
     public_key: PaillierPublicKey,
     vector: Any,
     weight: float,
-    encoder: HEEncoder,
+    encoder: FixedPoint,
     *,
     pack: bool = False,
     max_clients: int = 1024,
@@ -282,10 +251,9 @@ def encrypt_weighted(
     clipped; ``weight * vector`` is clipped to [-clip, clip] like any value.
     """
     w = float(weight)
-    if not (math.isfinite(w) and 0 < w <= float(encoder.clip)):
-        raise ValueError(f"weight must be in (0, clip={encoder.clip}], got {weight!r}")
-    x = np.asarray(vector, dtype=np.float64).ravel()
-    return encrypt_vector(public_key, np.concatenate([w * x, [w]]), encoder, pack=pack,
+    if not (math.isfinite(w) and 0 < w <= float(encoder.bound)):
+        raise ValueError(f"weight must be in (0, clip={encoder.bound}], got {weight!r}")
+    return encrypt_vector(public_key, with_weight(vector, w), encoder, pack=pack,
                           max_clients=max_clients, private_key=private_key, _weighted=True)
 
 
@@ -338,7 +306,7 @@ def sum_encrypted(updates: Sequence[EncryptedVector]) -> EncryptedVector:
 # ---------------------------------------------------------------------------------- key holder
 
 
-def _decrypt_ints(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder: HEEncoder,
+def _decrypt_ints(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder: FixedPoint,
                   count: int | None) -> list[int]:
     """Decrypt to the summed fixed-point ints, checking key, encoder, count and ranges."""
     if not isinstance(private_key, PaillierPrivateKey):
@@ -347,8 +315,8 @@ def _decrypt_ints(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder
         raise TypeError(f"enc must be an EncryptedVector, got {type(enc).__name__}")
     if private_key.public_key.n != enc.n:
         raise ValueError("ciphertexts were made under another public key")
-    if encoder.scale != enc.scale or float(encoder.clip) != enc.clip:
-        raise ValueError(f"encoder (scale={encoder.scale}, clip={encoder.clip}) does not match the "
+    if encoder.scale != enc.scale or float(encoder.bound) != enc.clip:
+        raise ValueError(f"encoder (scale={encoder.scale}, clip={encoder.bound}) does not match the "
                          f"ciphertexts (scale={enc.scale}, clip={enc.clip})")
     if count is None:
         count = enc.count
@@ -381,21 +349,18 @@ def _decrypt_ints(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder
     return out
 
 
-def decrypt_sum(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder: HEEncoder,
+def decrypt_sum(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder: FixedPoint,
                 count: int | None = None) -> np.ndarray:
     """Key holder: decrypt the aggregate of ``count`` updates to the plain float64 sum."""
-    return encoder.decode(_decrypt_ints(private_key, enc, encoder, count))
+    return encoder.dequantize(_decrypt_ints(private_key, enc, encoder, count))
 
 
-def decrypt_weighted_mean(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder: HEEncoder,
+def decrypt_weighted_mean(private_key: PaillierPrivateKey, enc: EncryptedVector, encoder: FixedPoint,
                           count: int | None = None) -> np.ndarray:
     """Key holder: weighted FedAvg result, sum(w_i x_i) / sum(w_i), from an encrypted weighted sum."""
     if not enc.weighted:
         raise ValueError("ciphertexts were not made with encrypt_weighted")
-    total = decrypt_sum(private_key, enc, encoder, count)
-    if total[-1] <= 0:
-        raise ValueError("decrypted total weight is not positive")
-    return total[:-1] / total[-1]
+    return split_weighted(decrypt_sum(private_key, enc, encoder, count))
 
 
 # ------------------------------------------------------------------------------- serialization
@@ -458,7 +423,7 @@ def deserialize_encrypted(blob: bytes, public_key: PaillierPublicKey | None = No
     if not isinstance(h["weighted"], bool):
         raise ValueError("header field 'weighted' must be a bool")  # noqa: TRY004
     try:
-        encoder = HEEncoder(scale, float(clip))
+        encoder = FixedPoint(scale, float(clip))
     except ValueError as exc:
         raise ValueError(f"bad scale/clip in header: {exc}") from None
     # Modulus.
