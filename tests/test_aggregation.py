@@ -14,7 +14,7 @@ def _mean(updates, weights):
     acc = r.start(len(updates[0]))
     for u, w in zip(updates, weights):
         acc = r.add(acc, np.asarray(u, dtype=np.float32), w)
-    return r.finish(acc)
+    return r.finish(acc)[0]
 
 
 def test_weighted_mean_hand_computed_unequal_weights():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from decimal import Decimal, getcontext
 
@@ -11,9 +10,11 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from insitu.aggregation import pipeline, scale
 from insitu.privacy import skellam
 from insitu.privacy.distributed import DistributedDP, client_rng, distributed_input
 from insitu.privacy.randomness import SimulationSeed
+from insitu.privacy.secagg.simulate import run_round
 from insitu.privacy.secure import SecureAggregation
 from insitu.simulation import SimulationConfig, run_simulation
 from insitu.strategies import fedavg
@@ -126,20 +127,25 @@ def test_a_client_input_is_clipped_scaled_rounded_and_noised():
 
 # -- the in-process secure round: the server never has the unnoised sum --------------------------------
 
-def test_the_server_decodes_only_the_noised_sum_in_simulation():
+def test_the_server_decodes_only_the_noised_sum_in_simulation(monkeypatch):
+    from insitu.privacy import secure
+
+    rounds = []
+    monkeypatch.setattr(secure, "run_round", lambda *args, **kwargs: rounds.append(run_round(*args, **kwargs))
+                        or rounds[-1])
     dp = DistributedDP(1.0, 1.0, 0.5, randomness=SimulationSeed(7))
     settings = SecureAggregation(seed=3, dropout_fraction=0.2)
-    state = dp.init_state()
-    reducer = settings.reducer(distributed=functools.partial(dp.plan, state, 10))
+    plan = dp.plan(dp.init_state(), 10, 300)
+    reducer = pipeline(reduce=settings.distributed_sum(plan), post=[scale(1 / plan.denominator)])
     rng = np.random.default_rng(4)
     updates = [rng.normal(size=300) * s for s in (0.01, 0.05, 0.2, 1.0, 3.0)]
     acc = reducer.start(300)
     for update in updates:
         acc = reducer.add(acc, update, 1.0)
-    mean = reducer.finish(acc)
-    plan = reducer.plan
-    server = settings.last_report.server
-    assert len(settings.last_report.included) == 5  # dropping after the masked input still counts
+    mean, report = reducer.finish(acc)
+    [protocol] = rounds
+    server = protocol.server
+    assert len(protocol.included) == 5 and report["contributors"] == 5  # dropping after the masked input still counts
     # what the clients computed, regenerated from the simulation seed: rounded clipped updates + noise
     inputs = [distributed_input(u, clip_norm=1.0, gamma=plan.gamma, client_variance=plan.client_variance,
                                 rng=client_rng(7, plan.round_index, i + 1)) for i, u in enumerate(updates)]
@@ -156,8 +162,8 @@ def test_dropouts_below_the_planned_contributors_are_charged_conservatively():
     dp = DistributedDP(1.2, 1.0, 0.05, min_contributors=40)
     state = dp.init_state()
     plan = dp.plan(state, 1000, 7850)
-    full = dp.after_round(state, 0, 1000, contributors=52)
-    short = dp.after_round(state, 0, 1000, contributors=30)
+    full = dp.after_round(state, plan, contributors=52)
+    short = dp.after_round(state, plan, contributors=30)
     assert full["history"][0, 0] == pytest.approx(plan.mu)  # k >= m: the planned variance, no more
     assert short["history"][0, 0] == pytest.approx(plan.mu * 30 / 40)  # k < m: only the shares that were added
     assert dp.epsilon(short) > dp.epsilon(full)
@@ -235,14 +241,14 @@ def test_a_decoded_sum_refused_by_the_aggregate_check_is_charged_as_computed(mon
     [row] = result.server_state.privacy["history"]
     contributors = len(record.clients)
     assert 2 <= contributors < 50
-    plan = dp._last_plan
+    plan = dp.plan(dp.init_state(), 20, experiment.initial_parameters.num_values)  # a pure function: the same plan
     assert row[0] == pytest.approx(plan.mu * contributors / 50)  # as computed: fewer shares than planned
     assert row[0] < plan.mu
 
 
 def test_a_round_that_fails_before_its_plan_is_charged_all_the_same():
-    """First round (or first after a resume, on a fresh instance): no plan yet, yet the round is counted,
-    at this round's planned noise, exactly as an instance that had planned it would count it."""
+    """First round (or first after a resume, on a fresh instance): the round is counted at this round's
+    planned noise, exactly as an instance that had planned it would count it (plans are not remembered)."""
     planned = DistributedDP(1.0, 1.0, 0.1, min_contributors=5)
     state = planned.init_state()
     plan = planned.plan(state, 100, 1000)

@@ -16,7 +16,7 @@ from insitu.privacy.accountant import (
     compute_epsilon,
     rdp_sampled_gaussian,
 )
-from insitu.privacy.central import CentralDP, GaussianMean
+from insitu.privacy.central import CentralDP, gaussian_mean
 from insitu.privacy.randomness import SimulationSeed
 from insitu.strategies import ServerState, fedavg
 
@@ -81,16 +81,17 @@ def test_calibrate_noise_hits_the_target():
 
 
 def test_gaussian_mean_clips_sums_and_divides_by_the_expected_count():
-    noiseless = GaussianMean(clip_norm=1.0, noise_std=0.0, denominator=4.0)
+    noiseless = gaussian_mean(clip_norm=1.0, noise_std=0.0, denominator=4.0)
     acc = noiseless.start(2)
     noiseless.add(acc, np.array([3.0, 4.0], np.float32), 1)  # norm 5 -> scaled to norm 1
     noiseless.add(acc, np.array([0.3, 0.4], np.float32), 100)  # below the bound; weights ignored
-    assert acc.unclipped == 1
-    assert np.allclose(noiseless.finish(acc), (np.array([0.6, 0.8]) + np.array([0.3, 0.4])) / 4.0)
-    noisy = GaussianMean(clip_norm=1.0, noise_std=2.0, denominator=1.0, rng=np.random.default_rng(0))
+    released, report = noiseless.finish(acc)
+    assert report == {"within_clip": 1}
+    assert np.allclose(released, (np.array([0.6, 0.8]) + np.array([0.3, 0.4])) / 4.0)
+    noisy = gaussian_mean(clip_norm=1.0, noise_std=2.0, denominator=1.0, rng=np.random.default_rng(0))
     acc = noisy.start(200_000)
     noisy.add(acc, np.zeros(200_000, np.float32), 1)
-    assert np.std(noisy.finish(acc)) == pytest.approx(2.0, rel=0.01)
+    assert np.std(noisy.finish(acc)[0]) == pytest.approx(2.0, rel=0.01)
 
 
 def test_central_dp_refuses_settings_without_a_guarantee():

@@ -20,7 +20,7 @@ from insitu.engines.inprocess import InProcessPool
 from insitu.net.client import connect
 from insitu.net.server import FederationServer, ServerSettings
 from insitu.params import Parameters
-from insitu.privacy.central import CentralDP, GaussianMean
+from insitu.privacy.central import CentralDP, gaussian_mean
 from insitu.privacy.randomness import (
     OSEntropy,
     SecureRandom,
@@ -275,11 +275,11 @@ def test_every_round_is_released_and_accounted_whoever_was_sampled(num_clients, 
 
 
 def test_a_dp_mean_of_no_update_releases_the_noise_divided_by_the_expected_count():
-    mean = GaussianMean(clip_norm=1.0, noise_std=2.0, denominator=4.0)
-    released = mean.finish(mean.start(200_000))  # nobody sampled
+    mean = gaussian_mean(clip_norm=1.0, noise_std=2.0, denominator=4.0)
+    released, report = mean.finish(mean.start(200_000))  # nobody sampled
     assert released.dtype == np.float32 and abs(float(released.mean())) < 0.01
     assert float(released.std()) == pytest.approx(2.0 / 4.0, rel=0.01)
-    assert mean.min_updates == 0
+    assert mean.properties.min_updates == 0 and report == {"within_clip": 0}
 
 
 def test_settings_that_make_the_release_depend_on_the_sample_are_refused(tmp_path):

@@ -5,19 +5,35 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from insitu.client.api import FitResult
+from insitu.params import Parameters
 from insitu.privacy.secure import SecureAggregation
 from insitu.simulation import SimulationConfig, run_simulation
+from insitu.strategies import fedavg
 
-BASE = dict(dataset="digits", model="logreg", num_clients=8, rounds=2, lr=0.1, seed=0)
+BASE = {"dataset": "digits", "model": "logreg", "num_clients": 8, "rounds": 2, "lr": 0.1, "seed": 0}
 
 
-def test_secure_fedavg_gives_the_plain_model_even_with_30_percent_dropouts():
+def test_secure_fedavg_gives_the_plain_model_even_with_30_percent_dropouts(monkeypatch):
+    from insitu.privacy import secure as secure_module
+    from insitu.privacy.secagg.simulate import run_round
+
+    reports = []
+    monkeypatch.setattr(secure_module, "run_round", lambda *a, **k: reports.append(run_round(*a, **k)) or reports[-1])
     _, plain = run_simulation(SimulationConfig(**BASE))
-    experiment, secure = run_simulation(SimulationConfig(**BASE, secure_aggregation=True, secagg_dropout=0.3))
+    _, secure = run_simulation(SimulationConfig(**BASE, secure_aggregation=True, secagg_dropout=0.3))
     # fixed point (scale ~ 2^31 / (n B)) loses < 1e-6 per value; nothing else differs
     assert np.abs(plain.parameters.flat() - secure.parameters.flat()).max() < 1e-5
-    report = experiment.strategy.secure_aggregation.last_report
-    assert len(report.included) == 8 and report.bytes_sent
+    assert len(reports) == 2 and all(len(r.included) == 8 and r.bytes_sent for r in reports)
+
+
+def test_the_secure_sum_reports_what_reached_it():
+    global_params = Parameters.from_arrays({"w": np.zeros(3, np.float32)})
+    results = [(str(i), FitResult(Parameters.from_arrays({"w": np.full(3, float(i), np.float32)}), i)) for i in (1, 2, 3)]
+    agg = fedavg(secure_aggregation=SecureAggregation(seed=0)).aggregate_fit(global_params, None, results)
+    np.testing.assert_allclose(agg.parameters.flat(), np.full(3, 14 / 6), rtol=1e-6)  # (1 + 4 + 9) / 6
+    assert agg.report["contributors"] == 3 and agg.report["secagg_bytes_sent"] > 0
+    assert agg.report["secagg_clipped_values"] == 0
 
 
 def test_secure_aggregation_composes_with_central_dp():

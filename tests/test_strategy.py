@@ -26,11 +26,11 @@ def test_sampling_is_deterministic_by_rng_seed():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(fraction_fit=0.0), "fraction_fit must be in"),
-        (dict(fraction_fit=1.5), "fraction_fit must be in"),
-        (dict(fraction_evaluate=-0.1), "fraction_evaluate"),
-        (dict(min_fit_clients=0), "min_fit_clients must be >= 1"),
-        (dict(min_fit_clients=5, min_available_clients=2), "min_available_clients"),
+        ({"fraction_fit": 0.0}, "fraction_fit must be in"),
+        ({"fraction_fit": 1.5}, "fraction_fit must be in"),
+        ({"fraction_evaluate": -0.1}, "fraction_evaluate"),
+        ({"min_fit_clients": 0}, "min_fit_clients must be >= 1"),
+        ({"min_fit_clients": 5, "min_available_clients": 2}, "min_available_clients"),
     ],
 )
 def test_invalid_settings_are_refused(kwargs, message):

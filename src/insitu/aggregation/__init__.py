@@ -1,7 +1,11 @@
-"""Aggregation: pure math over client update vectors."""
+"""Aggregation: pure math over client update vectors, composed as one pipeline of declared stages."""
 
-from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError, Reducer
-from insitu.aggregation.mean import MeanAccumulator, WeightedMean, weighted_average_metrics, weighted_mean
+from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError, Properties, Reducer, Report
+from insitu.aggregation.clip import Clip, clip, clip_by_norm, clip_in_place, l2_norm
+from insitu.aggregation.mean import MeanAccumulator, Total, WeightedMean, total, weighted_average_metrics, weighted_mean
+from insitu.aggregation.noise import GaussianNoise, Scale, gaussian_noise, scale
+from insitu.aggregation.pipeline import Pipeline, clipped, pipeline, screened
+from insitu.aggregation.registry import aggregator_names, aggregator_options, make_reducer, register
 from insitu.aggregation.robust import (
     Bulyan,
     CoordinateMedian,
@@ -15,41 +19,50 @@ from insitu.aggregation.robust import (
     multi_krum,
     trimmed_mean,
 )
-from insitu.aggregation.transforms import (
-    AGGREGATOR_NAMES,
-    Clipped,
-    Screened,
-    clip_by_norm,
-    clipped,
-    make_reducer,
-    min_updates_of,
-    screened,
-)
+from insitu.aggregation.screen import Screen, screen
+
+AGGREGATOR_NAMES = aggregator_names()  # built-ins and every module of aggregation/rules/
 
 __all__ = [
     "AGGREGATOR_NAMES",
     "AggregationAssumptionError",
     "Bulyan",
-    "Clipped",
+    "Clip",
     "CoordinateMedian",
     "EmptyAggregationError",
+    "GaussianNoise",
     "Krum",
     "MeanAccumulator",
     "MultiKrum",
+    "Pipeline",
+    "Properties",
     "Reducer",
-    "Screened",
+    "Report",
+    "Scale",
+    "Screen",
+    "Total",
     "TrimmedMean",
     "UpdateBuffer",
     "WeightedMean",
+    "aggregator_names",
+    "aggregator_options",
     "bulyan",
+    "clip",
     "clip_by_norm",
+    "clip_in_place",
     "clipped",
     "coordinate_median",
+    "gaussian_noise",
     "krum",
+    "l2_norm",
     "make_reducer",
-    "min_updates_of",
     "multi_krum",
+    "pipeline",
+    "register",
+    "scale",
+    "screen",
     "screened",
+    "total",
     "trimmed_mean",
     "weighted_average_metrics",
     "weighted_mean",

@@ -1,9 +1,10 @@
 """Byzantine-robust reducers: order statistics and distance-based selection over buffered updates.
 
-Each rule here must see all updates at once, so they buffer (``streaming = False``) and stack them
-into an ``[n, D]`` float32 array at ``finish``. None is shift-equivariant, so a strategy feeds them
-deltas (``client_model - global``). They are the papers' unweighted rules: example weights are
-checked (> 0) but do not enter the result, since a weight is itself attacker-controlled.
+Each rule here must see all updates at once (``needs_individual``): they buffer and stack them into
+an ``[n, D]`` float32 array at ``finish``. None declares itself shift-equivariant (Krum's Gram-matrix
+distances lose precision on whole models), so a strategy feeds them deltas (``client_model - global``).
+They are the papers' unweighted rules: example weights are checked (> 0) but do not enter the result,
+since a weight is itself attacker-controlled. Selection rules report the indices they chose.
 """
 
 from __future__ import annotations
@@ -13,17 +14,26 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
+from insitu.aggregation.base import (
+    AggregationAssumptionError,
+    EmptyAggregationError,
+    Properties,
+    Report,
+    check_update,
+    check_weight,
+)
+from insitu.aggregation.registry import register
 
 _CHUNK_VALUES = 1 << 22  # values per column block (32 MiB in float64): bounds the temporaries
 
 
 @dataclass
 class UpdateBuffer:
-    """The updates of one round, kept until ``finish`` (weights only checked, never used)."""
+    """The updates of one round and their weights, kept until ``finish``."""
 
     dim: int
     updates: list[np.ndarray] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
 
 # -- argument checks ----------------------------------------------------------------------------
@@ -32,20 +42,6 @@ def check_count(name: str, value: object, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
-
-
-def check_weight(weight: float) -> None:
-    """Weights must be > 0 even where the rule ignores them: a zero or NaN weight is a caller bug."""
-    if not weight > 0:
-        raise ValueError(f"weights must be > 0, got {weight}")
-
-
-def check_update(update: np.ndarray, dim: int) -> np.ndarray:
-    """The update as a float32 vector of length ``dim`` (copied only if its dtype differs)."""
-    update = np.asarray(update, dtype=np.float32)
-    if update.shape != (dim,):
-        raise ValueError(f"update has shape {update.shape}, accumulator expects ({dim},)")
-    return update
 
 
 def stack_updates(updates: list[np.ndarray], dim: int) -> np.ndarray:
@@ -58,15 +54,12 @@ def stack_updates(updates: list[np.ndarray], dim: int) -> np.ndarray:
 
 # -- the shared buffering machinery -------------------------------------------------------------
 class BufferingReducer:
-    """Base for rules that need every update: buffer in ``add``, check counts, reduce in ``finish``."""
+    """Base for rules that need every update: buffer in ``add``, check counts, reduce in ``finish``.
 
-    streaming = False
-    shift_equivariant = False
+    A subclass sets ``properties`` (at least ``min_updates``) and writes ``reduce``.
+    """
 
-    @property
-    def min_updates(self) -> int:
-        """The fewest updates for which the rule's assumption holds."""
-        return 1
+    properties = Properties(needs_individual=True)
 
     def start(self, dim: int) -> UpdateBuffer:
         return UpdateBuffer(check_count("dim", dim))
@@ -74,30 +67,31 @@ class BufferingReducer:
     def add(self, acc: UpdateBuffer, update: np.ndarray, weight: float) -> UpdateBuffer:
         check_weight(weight)
         acc.updates.append(check_update(update, acc.dim))
+        acc.weights.append(float(weight))
         return acc
 
-    def finish(self, acc: UpdateBuffer) -> np.ndarray:
+    def finish(self, acc: UpdateBuffer) -> tuple[np.ndarray, Report]:
         n = len(acc.updates)
         if n == 0:
             raise EmptyAggregationError(f"no updates to aggregate with {self!r}")
-        if n < self.min_updates:
+        if n < self.properties.min_updates:
             raise AggregationAssumptionError(self._assumption_message(n))
-        return self.reduce(stack_updates(acc.updates, acc.dim))
+        return self.reduce(stack_updates(acc.updates, acc.dim), np.asarray(acc.weights))
 
-    def reduce(self, stacked: np.ndarray) -> np.ndarray:
-        """The aggregate of ``stacked`` ([n, D] float32, owned: may be overwritten), float32 [D]."""
+    def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
+        """The aggregate of ``stacked`` ([n, D] float32, owned: may be overwritten) and the report."""
         raise NotImplementedError
 
     def _assumption_message(self, n: int) -> str:
-        return f"{self!r} needs at least {self.min_updates} updates, got {n}: sample more clients"
+        return f"{self!r} needs at least {self.properties.min_updates} updates, got {n}: sample more clients"
 
 
 # -- coordinate-wise rules (Yin et al. 2018) ----------------------------------------------------
 class CoordinateMedian(BufferingReducer):
     """Per-coordinate median (mean of the two middle values for even n); unweighted."""
 
-    def reduce(self, stacked: np.ndarray) -> np.ndarray:
-        return np.median(stacked, axis=0, overwrite_input=True).astype(np.float32, copy=False)
+    def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
+        return np.median(stacked, axis=0, overwrite_input=True).astype(np.float32, copy=False), {}
 
     def __repr__(self) -> str:
         return "coordinate_median()"
@@ -109,14 +103,14 @@ class TrimmedMean(BufferingReducer):
     def __init__(self, beta: float) -> None:
         if isinstance(beta, bool) or not isinstance(beta, Real) or not 0.0 <= beta < 0.5:
             raise ValueError(f"trimmed mean needs 0 <= beta < 0.5, got {beta}")
-        self.beta = float(beta)
+        self.beta: float = float(beta)
 
-    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+    def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
         n = stacked.shape[0]
         k = int(np.floor(self.beta * n))
         if k > 0:  # partition puts ranks k..n-k-1 (unordered) between the two pivots
             stacked.partition([k, n - k - 1], axis=0)
-        return stacked[k : n - k].mean(axis=0, dtype=np.float64).astype(np.float32)
+        return stacked[k : n - k].mean(axis=0, dtype=np.float64).astype(np.float32), {}
 
     def __repr__(self) -> str:
         return f"trimmed_mean(beta={self.beta})"
@@ -163,21 +157,16 @@ def krum_order(stacked: np.ndarray, f: int) -> np.ndarray:
 class Krum(BufferingReducer):
     """Krum (Blanchard et al. 2017): the single update closest to its n - f - 2 neighbours.
 
-    Tolerates f Byzantine updates out of n > 2f + 2. ``last_selection`` lists the chosen index.
+    Tolerates f Byzantine updates out of n > 2f + 2. Reports ``selected``, the chosen index.
     """
 
     def __init__(self, f: int) -> None:
         self.f = check_count("f", f)
-        self.last_selection: list[int] = []
+        self.properties = Properties(needs_individual=True, min_updates=2 * self.f + 3, metrics=("selected",))
 
-    @property
-    def min_updates(self) -> int:
-        return 2 * self.f + 3
-
-    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+    def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
         best = int(krum_order(stacked, self.f)[0])
-        self.last_selection = [best]
-        return stacked[best].copy()
+        return stacked[best].copy(), {"selected": [best]}
 
     def _assumption_message(self, n: int) -> str:
         return f"{self!r} needs n > 2f + 2 = {2 * self.f + 2} updates, got {n}: lower f or sample more clients"
@@ -193,7 +182,7 @@ class MultiKrum(Krum):
         super().__init__(f)
         self.m = None if m is None else check_count("m", m, minimum=1)
 
-    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+    def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
         n = stacked.shape[0]
         m = n - self.f if self.m is None else self.m
         if not 1 <= m <= n:
@@ -201,8 +190,7 @@ class MultiKrum(Krum):
                 f"{self!r} averages m = {m} updates but got only n = {n}: lower m or sample more clients"
             )
         chosen = np.sort(krum_order(stacked, self.f)[:m])
-        self.last_selection = [int(i) for i in chosen]
-        return stacked[chosen].mean(axis=0, dtype=np.float64).astype(np.float32)
+        return stacked[chosen].mean(axis=0, dtype=np.float64).astype(np.float32), {"selected": [int(i) for i in chosen]}
 
     def __repr__(self) -> str:
         return f"multi_krum(f={self.f}, m={self.m})"
@@ -240,49 +228,50 @@ def closest_to_median_mean(selected: np.ndarray, beta: int) -> np.ndarray:
 
 class Bulyan(BufferingReducer):
     """Bulyan (El Mhamdi et al. 2018): Krum-select theta = n - 2f updates, then per coordinate
-    average the beta = theta - 2f values nearest the median. Needs n >= 4f + 3."""
+    average the beta = theta - 2f values nearest the median. Needs n >= 4f + 3. Reports ``selected``."""
 
     def __init__(self, f: int) -> None:
         self.f = check_count("f", f)
-        self.last_selection: list[int] = []
+        self.properties = Properties(needs_individual=True, min_updates=4 * self.f + 3, metrics=("selected",))
 
-    @property
-    def min_updates(self) -> int:
-        return 4 * self.f + 3
-
-    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+    def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
         theta = stacked.shape[0] - 2 * self.f
-        self.last_selection = bulyan_select(squared_distances(stacked), self.f, theta)
-        return closest_to_median_mean(stacked[self.last_selection], theta - 2 * self.f)
+        selected = bulyan_select(squared_distances(stacked), self.f, theta)
+        return closest_to_median_mean(stacked[selected], theta - 2 * self.f), {"selected": selected}
 
     def _assumption_message(self, n: int) -> str:
-        return f"{self!r} needs n >= 4f + 3 = {self.min_updates} updates, got {n}: lower f or sample more clients"
+        return f"{self!r} needs n >= 4f + 3 = {self.properties.min_updates} updates, got {n}: lower f or sample more clients"
 
     def __repr__(self) -> str:
         return f"bulyan(f={self.f})"
 
 
 # -- factories ----------------------------------------------------------------------------------
+@register("median")
 def coordinate_median() -> CoordinateMedian:
     """Coordinate-wise median (Yin et al. 2018); unweighted."""
     return CoordinateMedian()
 
 
+@register("trimmed_mean")
 def trimmed_mean(beta: float) -> TrimmedMean:
     """Coordinate-wise beta-trimmed mean (Yin et al. 2018), 0 <= beta < 0.5; unweighted."""
     return TrimmedMean(beta)
 
 
+@register("krum")
 def krum(f: int) -> Krum:
     """Krum (Blanchard et al. 2017) tolerating f Byzantine clients; needs n > 2f + 2; unweighted."""
     return Krum(f)
 
 
+@register("multi_krum")
 def multi_krum(f: int, m: int | None = None) -> MultiKrum:
     """Multi-Krum: uniform mean of the m best Krum scores (default n - f); unweighted."""
     return MultiKrum(f, m)
 
 
+@register("bulyan")
 def bulyan(f: int) -> Bulyan:
     """Bulyan (El Mhamdi et al. 2018) tolerating f Byzantine clients; needs n >= 4f + 3; unweighted."""
     return Bulyan(f)

@@ -26,63 +26,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from insitu.aggregation.transforms import l2_norm
+from insitu.aggregation import Pipeline, clip, gaussian_noise, pipeline, scale, total
+from insitu.aggregation.pipeline import PostStage
 from insitu.privacy.accountant import RDPAccountant, pld_epsilon
 from insitu.privacy.randomness import (
     Generator,
     OSEntropy,
     RandomnessSource,
-    SecureRandom,
 )
 
 PrivacyState = dict[str, np.ndarray]
 
 
-@dataclass
-class DPSum:
-    """Running sum of clipped updates, and how many were below the clip norm."""
+def gaussian_mean(clip_norm: float, noise_std: float, denominator: float, rng: Generator | None = None) -> Pipeline:
+    """DP-FedAvg's release as one pipeline: clip each update to ``clip_norm``, sum (weights ignored:
+    every client counts once), add N(0, noise_std^2), divide by ``denominator``.
 
-    total: np.ndarray
-    count: int = 0
-    unclipped: int = 0
-
-
-class GaussianMean:
-    """Clip each update to ``clip_norm``, sum, add N(0, (noise_std)^2), divide by ``denominator``.
-
-    Streaming (O(model) memory). ``rng`` draws the noise: OS entropy through ChaCha20 by default;
-    pass a seeded numpy Generator only for reproducible simulations (not private against anyone who
-    knows the seed). With no update at all the release is the noise alone, divided the same way:
-    under DP a round is released whoever was sampled.
+    Streaming (O(model) memory). With no update at all the release is the noise alone, divided the
+    same way: under DP a round is released whoever was sampled. ``rng``: OS entropy by default.
     """
-
-    streaming = True
-    shift_equivariant = False
-    min_updates = 0  # no update: the noise alone is released
-
-    def __init__(self, clip_norm: float, noise_std: float, denominator: float,
-                 rng: Generator | None = None) -> None:
-        if not clip_norm > 0 or not noise_std >= 0 or not denominator > 0:
-            raise ValueError("clip_norm and denominator must be > 0 and noise_std >= 0")
-        self.clip_norm, self.noise_std, self.denominator = float(clip_norm), float(noise_std), float(denominator)
-        self.rng: Generator = rng if rng is not None else SecureRandom()
-
-    def start(self, dim: int) -> DPSum:
-        return DPSum(np.zeros(dim, dtype=np.float64))
-
-    def add(self, acc: DPSum, update: np.ndarray, weight: float) -> DPSum:
-        norm = l2_norm(update)
-        scale = 1.0 if norm <= self.clip_norm else self.clip_norm / norm
-        acc.total += update.astype(np.float64) * scale
-        acc.count += 1
-        acc.unclipped += int(norm <= self.clip_norm)
-        return acc
-
-    def finish(self, acc: DPSum) -> np.ndarray:
-        noisy = acc.total
-        if self.noise_std > 0:
-            noisy = noisy + self.rng.normal(0.0, self.noise_std, size=acc.total.shape)
-        return (noisy / self.denominator).astype(np.float32)
+    return pipeline(pre=[clip(clip_norm)], reduce=total(),
+                    post=[gaussian_noise(noise_std, clip_norm, rng), scale(1.0 / denominator)])
 
 
 def check_dp_settings(clip_norm: float, sample_rate: float, delta: float, target_epsilon: float | None) -> None:
@@ -197,9 +161,10 @@ class CentralDP:
             self.check_clients(num_clients)
         return clip, (z or 0.0) * clip, expected
 
-    def reducer(self, state: PrivacyState, num_clients: int) -> GaussianMean:
-        clip, noise_std, denominator = self.mechanism(state, num_clients)
-        return GaussianMean(clip, noise_std, denominator, self.noise_rng(state, "update"))
+    def release(self, state: PrivacyState, num_clients: int) -> list[PostStage]:
+        """This round's post-stages on the clipped sum: N(0, (z C)^2) noise, then division by q N."""
+        clip_norm, noise_std, denominator = self.mechanism(state, num_clients)
+        return [gaussian_noise(noise_std, clip_norm, self.noise_rng(state, "update")), scale(1.0 / denominator)]
 
     def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int, *,
                     contributors: int) -> PrivacyState:

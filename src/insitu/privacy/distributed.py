@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from insitu.aggregation.transforms import l2_norm
+from insitu.aggregation.clip import clip_in_place
 from insitu.privacy import skellam
 from insitu.privacy.central import check_dp_settings
 from insitu.privacy.randomness import OSEntropy, RandomnessSource
@@ -111,23 +111,16 @@ def distributed_input(delta: np.ndarray, *, clip_norm: float, gamma: float, clie
         raise ValueError(f"distributed DP needs a finite gamma > 0 and clip norm > 0, got {gamma}, {clip_norm}")
     if not (math.isfinite(client_variance) and client_variance > 0):
         raise ValueError(f"distributed DP: refusing noise variance {client_variance}: each client must add noise")
-    vector = np.asarray(delta, dtype=np.float64).ravel()
+    vector = np.array(delta, dtype=np.float64).ravel()  # a copy: clipped and scaled in place
     if not np.all(np.isfinite(vector)):
         raise ValueError("the update contains NaN or infinity")
-    norm = l2_norm(vector)
-    scale = gamma * (1.0 if norm <= clip_norm else clip_norm / norm)
+    clip_in_place(vector, clip_norm)
+    vector *= gamma
     bound = skellam.rounded_l2_bound(gamma * clip_norm, vector.size)
     out = np.zeros(vector.size + 1, dtype=np.int64)
-    out[:-1] = skellam.conditional_rounding(vector * scale, bound, rng)
+    out[:-1] = skellam.conditional_rounding(vector, bound, rng)
     out[:-1] += skellam.skellam_noise(client_variance, vector.size, rng)
     return out
-
-
-def decode_distributed_sum(total: np.ndarray, plan: RoundPlan) -> np.ndarray:
-    """The round's mean delta (float32) from the integer secure sum: total / (gamma q N). Noise included."""
-    mean = np.empty(total.size - 1, dtype=np.float32)
-    np.divide(np.asarray(total[:-1], dtype=np.float64), plan.gamma * plan.denominator, out=mean, casting="same_kind")
-    return mean
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,8 +151,6 @@ class DistributedDP:
     min_contributors: int | None = None
     randomness: RandomnessSource = field(default_factory=OSEntropy)
     record_client_metrics: bool = False
-    _last_plan: RoundPlan | None = field(default=None, repr=False)
-
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
@@ -185,16 +176,17 @@ class DistributedDP:
                              "< 1 in a 32-bit field: too many clients for integer precision")
 
     def plan(self, state: PrivacyState, num_clients: int, dim: int) -> RoundPlan:
-        """This round's public parameters for a model of ``dim`` values in a federation of ``num_clients``."""
+        """This round's public parameters for a model of ``dim`` values in a federation of ``num_clients``.
+
+        A pure function of its arguments: the round loop, the network round and the accounting of a
+        failed round all recompute the same plan, and nothing is remembered between rounds."""
         m = self.planned_contributors(num_clients)
         gamma = gamma_for(self.clip_norm, num_clients, self.noise_multiplier, m)
         l1, l2 = skellam.sensitivities(gamma * self.clip_norm, dim)
         mu = (self.noise_multiplier * l2) ** 2
         seed = getattr(self.randomness, "seed", None) if self.randomness.reproducible else None
-        plan = RoundPlan(self.clip_norm, gamma, mu / m, mu, l1, l2, m, self.sample_rate * num_clients,
+        return RoundPlan(self.clip_norm, gamma, mu / m, mu, l1, l2, m, self.sample_rate * num_clients,
                          self._release_index(state), seed)
-        self._last_plan = plan
-        return plan
 
     # -- accounting -------------------------------------------------------------------------
     def init_state(self) -> PrivacyState:
@@ -236,10 +228,9 @@ class DistributedDP:
         if self.target_epsilon is None:
             return None
         rows = self._rows(state)
-        if len(rows):
-            mu, q, l1, l2, _ = rows[-1]
-            plan_mu = self._last_plan.mu if self._last_plan is not None else mu
-            nxt = _round_rdp(float(plan_mu), float(q), float(l1), float(l2))
+        if len(rows):  # the last round's sensitivities at its full planned noise (z D2)^2, not a short round's
+            _, q, l1, l2, _ = rows[-1]
+            nxt = _round_rdp(float((self.noise_multiplier * l2) ** 2), float(q), float(l1), float(l2))
         else:  # nothing spent yet: the Gaussian limit of the first round (the discreteness terms are ~1e-10)
             z = self.noise_multiplier
             nxt = skellam.round_rdp(z * z * 1e12, self.sample_rate, 0.0, 1e6)
@@ -249,24 +240,15 @@ class DistributedDP:
                     f"to {after:.3f} > target {self.target_epsilon} (delta {self.delta}, distributed DP)")
         return None
 
-    def after_round(self, state: PrivacyState, acc_unclipped: int, num_clients: int, *,
-                    contributors: int) -> PrivacyState:
-        """The state after one released round in which ``contributors`` clients' noised inputs reached the sum.
-
-        Charged: Skellam of variance min(k, m) mu / m (k < m: the missing shares were never added).
-        """
-        plan = self._last_plan
-        if plan is None:
-            raise RuntimeError("distributed DP: a round was released without a plan (call plan() first)")
+    def after_round(self, state: PrivacyState, plan: RoundPlan, *, contributors: int) -> PrivacyState:
+        """The state after the round run under ``plan``, in which ``contributors`` clients' noised inputs
+        reached the sum. Charged: Skellam of variance min(k, m) mu / m (k < m: shares never added)."""
         return self._charge(state, plan.charged_variance(int(contributors)), plan)
 
     def after_failed_round(self, state: PrivacyState, num_clients: int, dim: int) -> PrivacyState:
         """A round that failed: counted at this round's full planned noise, whoever was sampled (whether a
-        round fails can depend on the sample). Planned here when the round failed before its plan (too
-        few clients sampled, the first round after a resume): every round is accounted."""
-        plan = self._last_plan
-        if plan is None or plan.round_index != self._release_index(state):
-            plan = self.plan(state, num_clients, dim)
+        round fails can depend on the sample), even when it failed before it was planned."""
+        plan = self.plan(state, num_clients, dim)
         return self._charge(state, plan.mu, plan)
 
     @staticmethod

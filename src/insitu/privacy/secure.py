@@ -1,35 +1,35 @@
 """Secure aggregation settings, and the math both ends of a secure round share.
 
 A client's input to the protocol is its update delta, weighted for FedAvg (``[w s delta, w s]``
-with a public scale s) or, under central DP, clipped to L2 norm C with a final coordinate saying
-whether clipping left it unchanged (adaptive clipping's count, learned only as a sum). The server
-decodes the protocol's sum into the round's mean delta. :class:`SecureMean` runs the whole protocol
-in-process for simulation (with optional dropouts); over gRPC the round loop runs it message by
-message (:mod:`insitu.run.secure_round`, client side :mod:`insitu.privacy.secagg.participant`).
+with a public scale s), under central DP clipped to L2 norm C with a final coordinate saying
+whether clipping left it unchanged (adaptive clipping's count, learned only as a sum), or under
+distributed DP clipped, scaled, rounded and noised by the client itself. :class:`SecureSum` is the
+pipeline's reduction: in simulation it runs the whole protocol in-process (with optional dropouts);
+over gRPC the round loop runs it message by message (:mod:`insitu.run.secure_round`, client side
+:mod:`insitu.privacy.secagg.participant`) and finishes the round from the decoded sum with the same
+``decode`` (:meth:`insitu.strategies.Strategy.aggregate_secure_sum`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
-from insitu.aggregation.transforms import l2_norm
-from insitu.privacy.distributed import (
-    RoundPlan,
-    client_rng,
-    decode_distributed_sum,
-    distributed_input,
-)
-from insitu.privacy.randomness import Generator, SecureRandom
+from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError, Properties, Report
+from insitu.aggregation.clip import clip_in_place
+from insitu.privacy.distributed import RoundPlan, client_rng, distributed_input
 from insitu.privacy.secagg.encoding import split_weighted, with_weight
 from insitu.privacy.secagg.protocol import SecAggConfig
-from insitu.privacy.secagg.simulate import RoundReport, run_round
+from insitu.privacy.secagg.simulate import run_round
 
 log = logging.getLogger("insitu")
+
+PROTOCOL_METRICS = ("contributors", "secagg_bytes_sent", "secagg_clipped_values")
+"""What a simulated secure sum reports: inputs that reached the sum, bytes the clients sent, and
+values outside [-B, B] that the fixed-point encoding clipped."""
 
 
 def weight_scale(max_weight: float, bound: float) -> float:
@@ -49,36 +49,86 @@ def secure_input(delta: np.ndarray, *, bound: float, weight: float | None = None
         raise ValueError("give exactly one of weight (FedAvg) and clip_norm (DP-FedAvg)")
     if weight is not None:
         return with_weight(delta, weight)
-    vector = np.asarray(delta, dtype=np.float64).ravel()
-    norm = l2_norm(vector)
-    if norm > clip_norm:
-        vector = vector * (clip_norm / norm)
-    return np.concatenate([vector, [bound if norm <= clip_norm else 0.0]])
+    assert clip_norm is not None
+    vector = np.array(delta, dtype=np.float64).ravel()  # a copy: clipped in place
+    within = clip_in_place(vector, clip_norm)
+    return np.concatenate([vector, [bound if within else 0.0]])
 
 
-def decode_secure_sum(total: np.ndarray, *, bound: float, dp: bool, noise_std: float = 0.0,
-                      denominator: float = 1.0, rng: Generator | None = None) -> tuple[np.ndarray, int]:
-    """(mean delta as float32, number of unclipped clients) from the protocol's sum of :func:`secure_input`.
+class Encoding(Protocol):
+    """What the clients send into the secure sum, and how the server reads the sum back."""
 
-    FedAvg: sum(w delta) / sum(w). DP: (clipped sum + N(0, noise_std^2)) / denominator, and the
-    count of updates that needed no clipping (adaptive clipping's signal).
-    """
-    if not dp:
-        return split_weighted(total, np.float32), 0
-    mean = np.empty(total.size - 1, dtype=np.float32)  # divided straight into float32: no model-sized temporary
-    unclipped = int(round(float(total[-1]) / bound))
-    noisy = (rng or SecureRandom()).normal(0.0, noise_std, size=mean.size) if noise_std > 0 else np.zeros(mean.size)
-    noisy += total[:-1]
-    np.divide(noisy, denominator, out=mean, casting="same_kind")
-    return mean, unclipped
+    properties: Properties
+    integer: bool
+
+    def encode(self, updates: list[np.ndarray], weights: list[float], bound: float) -> dict[int, np.ndarray]:
+        """The protocol inputs of clients 1..n (simulation: the server plays every client)."""
+
+    def decode(self, total: np.ndarray, bound: float) -> tuple[np.ndarray, Report]:
+        """The reduced vector (float32) and report from the protocol's sum."""
+
+
+class WeightedInputs:
+    """FedAvg: ``[w s delta, w s]`` in, sum(w delta) / sum(w) out."""
+
+    properties = Properties(linear=True, uses_weights=True, min_updates=2, hides_inputs=True)
+    integer = False
+
+    def encode(self, updates: list[np.ndarray], weights: list[float], bound: float) -> dict[int, np.ndarray]:
+        scale = weight_scale(max(weights), bound)
+        return {i + 1: secure_input(u, bound=bound, weight=w * scale) for i, (u, w) in enumerate(zip(updates, weights))}
+
+    def decode(self, total: np.ndarray, bound: float) -> tuple[np.ndarray, Report]:
+        return split_weighted(total, np.float32), {}
+
+
+class ClippedInputs:
+    """Central DP: ``[clip_C(delta), B * within]`` in; the clipped sum and the count within the clip out.
+    Weights are ignored (every client counts once); the noise is the pipeline's next stage."""
+
+    integer = False
+
+    def __init__(self, clip_norm: float) -> None:
+        self.clip_norm = float(clip_norm)
+        self.properties = Properties(linear=True, min_updates=2, sensitivity=self.clip_norm, hides_inputs=True,
+                                     metrics=("within_clip",))
+
+    def encode(self, updates: list[np.ndarray], weights: list[float], bound: float) -> dict[int, np.ndarray]:
+        return {i + 1: secure_input(u, bound=bound, clip_norm=self.clip_norm) for i, u in enumerate(updates)}
+
+    def decode(self, total: np.ndarray, bound: float) -> tuple[np.ndarray, Report]:
+        return total[:-1].astype(np.float32), {"within_clip": round(float(total[-1]) / bound)}
+
+
+class DistributedInputs:
+    """Distributed DP: each client's integer input is round(gamma clip_C(delta)) + its Skellam share;
+    the sum / gamma comes out, noise included (the fixed denominator is the pipeline's next stage)."""
+
+    integer = True
+
+    def __init__(self, plan: RoundPlan) -> None:
+        self.plan = plan
+        self.properties = Properties(linear=True, min_updates=2, sensitivity=plan.l2 / plan.gamma, hides_inputs=True)
+
+    def encode(self, updates: list[np.ndarray], weights: list[float], bound: float) -> dict[int, np.ndarray]:
+        plan = self.plan
+        return {i + 1: distributed_input(u, clip_norm=plan.clip_norm, gamma=plan.gamma,
+                                         client_variance=plan.client_variance,
+                                         rng=client_rng(plan.seed, plan.round_index, i + 1))
+                for i, u in enumerate(updates)}
+
+    def decode(self, total: np.ndarray, bound: float) -> tuple[np.ndarray, Report]:
+        out = np.empty(total.size - 1, dtype=np.float32)
+        np.divide(np.asarray(total[:-1], dtype=np.float64), self.plan.gamma, out=out, casting="same_kind")
+        return out, {}
 
 
 @dataclass
 class SecureBuffer:
+    """One round's updates and weights, until the protocol runs at ``finish``."""
+
     updates: list[np.ndarray] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    unclipped: int = 0  # known only once the sum is decoded
-    contributors: int = 0  # distributed DP: clients whose noised input reached the sum
 
 
 @dataclass
@@ -96,7 +146,6 @@ class SecureAggregation:
     dropout_fraction: float = 0.0
     seed: int | None = None
     degree: int | None = None
-    last_report: RoundReport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.bound > 0:
@@ -117,33 +166,34 @@ class SecureAggregation:
         return SecAggConfig(n, self.threshold(n), dim, self.bound, session=session, degree=self.degree,
                             integer=integer)
 
-    def reducer(self, *, clip_norm: float | None = None, noise_std: float = 0.0,
-                denominator: float | None = None, rng: Generator | None = None,
-                distributed: Callable[[int], RoundPlan] | None = None) -> SecureMean:
-        """A fresh reducer: weighted mean, (with ``clip_norm``) DP-FedAvg's clipped noisy mean, or (with
-        ``distributed``, which gives the round's plan for a model of d values) the mean of inputs each client
-        clipped, rounded and noised itself (distributed DP)."""
-        return SecureMean(self, clip_norm, noise_std, denominator, rng, distributed)
+    def weighted_mean(self) -> SecureSum:
+        """FedAvg's weighted mean through the protocol."""
+        return SecureSum(self, WeightedInputs())
+
+    def clipped_sum(self, clip_norm: float) -> SecureSum:
+        """Central DP's clipped sum (clients clip before masking) and its count within the clip."""
+        return SecureSum(self, ClippedInputs(clip_norm))
+
+    def distributed_sum(self, plan: RoundPlan) -> SecureSum:
+        """Distributed DP's noised sum / gamma: every client clips, rounds and noises its own input."""
+        return SecureSum(self, DistributedInputs(plan))
 
 
-class SecureMean:
-    """Weighted mean (or clipped sum + noise / denominator) computed through one in-process SecAgg round."""
+class SecureSum:
+    """A reduction computed through one SecAgg round: the server learns only the decoded sum.
 
-    streaming = False
-    shift_equivariant = False
-    min_updates = 2
+    In simulation ``finish`` plays every client in-process; over the network the round loop runs the
+    protocol and calls ``decode`` on the sum. Reports :data:`PROTOCOL_METRICS` and the encoding's.
+    """
 
-    def __init__(self, settings: SecureAggregation, clip_norm: float | None, noise_std: float,
-                 denominator: float | None, rng: Generator | None = None,
-                 distributed: Callable[[int], RoundPlan] | None = None) -> None:
-        self.settings, self.clip_norm, self.noise_std, self.denominator = settings, clip_norm, noise_std, denominator
-        self.rng = rng
-        self.planner = distributed
-        self.plan: RoundPlan | None = None
+    def __init__(self, settings: SecureAggregation, encoding: Encoding) -> None:
+        self.settings, self.encoding = settings, encoding
+        inner = encoding.properties
+        self.properties = Properties(linear=inner.linear, uses_weights=inner.uses_weights, min_updates=2,
+                                     sensitivity=inner.sensitivity, hides_inputs=True,
+                                     metrics=(*inner.metrics, *PROTOCOL_METRICS))
 
     def start(self, dim: int) -> SecureBuffer:
-        if self.planner is not None:
-            self.plan = self.planner(dim)
         return SecureBuffer()
 
     def add(self, acc: SecureBuffer, update: np.ndarray, weight: float) -> SecureBuffer:
@@ -151,7 +201,7 @@ class SecureMean:
         acc.weights.append(float(weight))
         return acc
 
-    def finish(self, acc: SecureBuffer) -> np.ndarray:
+    def finish(self, acc: SecureBuffer) -> tuple[np.ndarray, Report]:
         n = len(acc.updates)
         if n == 0:
             raise EmptyAggregationError("no updates to aggregate securely")
@@ -160,39 +210,24 @@ class SecureMean:
                                              "is that client's update")
         settings = self.settings
         rng = np.random.default_rng(settings.seed)
-        if self.plan is not None:
-            return self._finish_distributed(acc, rng)
-        dp = self.clip_norm is not None
-        bound = settings.bound
-        scale = weight_scale(max(acc.weights), bound)
-        inputs = {i + 1: secure_input(u, bound=bound, clip_norm=self.clip_norm) if dp
-                  else secure_input(u, bound=bound, weight=w * scale)
-                  for i, (u, w) in enumerate(zip(acc.updates, acc.weights))}
+        inputs = self.encoding.encode(acc.updates, acc.weights, settings.bound)
         acc.updates.clear()
-        config = settings.protocol_config(n, len(inputs[1]), session=int(rng.integers(2**63)))
+        config = settings.protocol_config(n, len(inputs[1]), session=int(rng.integers(2**63)),
+                                          integer=self.encoding.integer)
         drop = rng.choice(np.arange(1, n + 1), size=int(settings.dropout_fraction * n), replace=False)
         report = run_round(config, inputs, drop_before={"unmask": [int(c) for c in drop]})
-        settings.last_report = report
         if report.n_clipped:
             log.warning("secure aggregation: %d values outside [-%g, %g] were clipped; raise the bound",
-                        report.n_clipped, bound, bound)
-        mean, acc.unclipped = decode_secure_sum(report.total, bound=bound, dp=dp, noise_std=self.noise_std,
-                                                denominator=self.denominator or n, rng=self.rng)
-        return mean
+                        report.n_clipped, settings.bound, settings.bound)
+        vector, out = self.decode(report.total, len(report.included))
+        out.update(secagg_bytes_sent=sum(report.bytes_sent.values()), secagg_clipped_values=report.n_clipped)
+        return vector, out
 
-    def _finish_distributed(self, acc: SecureBuffer, rng: np.random.Generator) -> np.ndarray:
-        """Distributed DP: every simulated client noises its own integer input; the server decodes the noised sum."""
-        plan = self.plan
-        assert plan is not None
-        n = len(acc.updates)
-        inputs = {i + 1: distributed_input(u, clip_norm=plan.clip_norm, gamma=plan.gamma,
-                                           client_variance=plan.client_variance,
-                                           rng=client_rng(plan.seed, plan.round_index, i + 1))
-                  for i, u in enumerate(acc.updates)}
-        acc.updates.clear()
-        config = self.settings.protocol_config(n, len(inputs[1]), session=int(rng.integers(2**63)), integer=True)
-        drop = rng.choice(np.arange(1, n + 1), size=int(self.settings.dropout_fraction * n), replace=False)
-        report = run_round(config, inputs, drop_before={"unmask": [int(c) for c in drop]})
-        self.settings.last_report = report
-        acc.contributors = len(report.included)
-        return decode_distributed_sum(report.total, plan)
+    def decode(self, total: np.ndarray, contributors: int) -> tuple[np.ndarray, Report]:
+        """The reduced vector and report from the protocol's sum of ``contributors`` clients' inputs."""
+        vector, report = self.encoding.decode(total, self.settings.bound)
+        report["contributors"] = contributors
+        return vector, report
+
+    def __repr__(self) -> str:
+        return f"secure_sum({type(self.encoding).__name__})"

@@ -8,25 +8,34 @@ strategy runs in simulation and in deployment. Variants are factory functions (`
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from insitu.aggregation import Reducer, weighted_average_metrics, weighted_mean
+from insitu.aggregation import (
+    Pipeline,
+    Reducer,
+    Report,
+    clip,
+    pipeline,
+    total,
+    weighted_average_metrics,
+    weighted_mean,
+)
+from insitu.aggregation.noise import scale
 from insitu.client.api import Config, EvalResult, FitResult, Metrics
 from insitu.params import Parameters, ParamSpec
 from insitu.privacy.central import CentralDP
-from insitu.privacy.distributed import DistributedDP
+from insitu.privacy.distributed import DistributedDP, RoundPlan
 from insitu.privacy.randomness import Generator
-from insitu.privacy.secure import SecureAggregation, SecureBuffer
+from insitu.privacy.secure import SecureAggregation, SecureSum
 from insitu.strategies.algorithms import AlgorithmState, ClientAlgorithm, FedProx, Scaffold, local_sgd
 from insitu.strategies.server_optimizers import ServerOptimizer, sgd
 
-ConfigSource = Union[Config, Callable[[int], Config]]
+ConfigSource = Config | Callable[[int], Config]
 CentralEvaluator = Callable[[int, Parameters], tuple[float, Metrics] | None]
 """(round, global parameters) -> (loss, metrics), or None to skip evaluating that round."""
 
@@ -65,17 +74,24 @@ class ServerState:
 
 @dataclass
 class Aggregate:
-    """The outcome of folding one round's results: new parameters (None if none arrived)."""
+    """The outcome of folding one round's results: new parameters (None if none arrived), and the
+    aggregation pipeline's report (its declared metrics: e.g. Krum's ``selected``, ``rejected``)."""
 
     parameters: Parameters | None
     server_state: ServerState
     metrics: Metrics
     num_results: int
+    report: Report = field(default_factory=dict)
 
 
 @dataclass
 class Strategy:
-    """Client sampling + reducer + server optimizer + per-round configs (see ``fedavg``)."""
+    """Client sampling + reducer + server optimizer + per-round configs (see ``fedavg``).
+
+    Each round's aggregation is one pipeline (:mod:`insitu.aggregation.pipeline`): ``reducer`` alone,
+    or, under ``privacy`` and/or ``secure_aggregation``, clip -> (secure) sum -> noise -> 1 / (q N) in
+    place of the mean. A combination that cannot be honoured is refused here, when it is built.
+    """
 
     name: str = "fedavg"
     fraction_fit: float = 1.0
@@ -104,6 +120,7 @@ class Strategy:
                 f"min_available_clients ({self.min_available_clients}) must be >= min_fit_clients "
                 f"({self.min_fit_clients}): a round can never start otherwise"
             )
+        self._check_reducer()
         if self.secure_aggregation is not None and not self.algorithm.secure_compatible:
             raise ValueError(f"{type(self.algorithm).__name__} sends extra per-client arrays that secure aggregation "
                              "cannot hide: use it without secure aggregation, or choose fedavg/fedprox/fedsgd")
@@ -112,6 +129,21 @@ class Strategy:
         if isinstance(self.privacy, DistributedDP) and self.secure_aggregation is None:
             raise ValueError("distributed DP adds each client's noise share before secure aggregation: it needs "
                              "secure_aggregation (without it the server would see every noised update)")
+
+    def _check_reducer(self) -> None:
+        """Refuse a reducer that DP or secure aggregation cannot stand in for, from its declared properties."""
+        props, reducer = self.reducer.properties, self.reducer
+        if self.secure_aggregation is not None and props.needs_individual:
+            raise ValueError(f"secure aggregation reveals only the sum: {reducer!r} needs individual updates (robust "
+                             "rules and screening do); use aggregator 'mean' (for bounded updates, use dp_clip)")
+        if self.privacy is not None and not props.linear:
+            kind = "distributed DP" if isinstance(self.privacy, DistributedDP) else "central DP"
+            raise ValueError(f"{kind} clips and noises the mean itself, its noise calibrated to the clipped sum's "
+                             f"sensitivity C / (q N): it cannot follow {reducer!r}, which is not a weighted sum of the "
+                             "updates; use aggregator 'mean' without clip_norm or screen")
+        if self.secure_aggregation is not None and not props.linear:
+            raise ValueError(f"secure aggregation reveals only the sum: {reducer!r} is not a weighted sum of the "
+                             "updates; use aggregator 'mean' without clip_norm (for bounded updates, use dp_clip)")
 
     def _check_privacy(self) -> None:
         """Refuse settings under which whether (or what) a round releases depends on who was sampled,
@@ -203,15 +235,16 @@ class Strategy:
         global_flat = parameters.flat()
         algorithm = self.algorithm
         extras_acc = algorithm.start(global_flat.size)
-        reducer = self._round_reducer(server_state, num_clients)
+        reducer, plan = self.round_reducer(server_state, num_clients, global_flat.size)
+        props = reducer.properties
         # A shift-equivariant reducer (the mean) takes the client models as they are and the delta
         # is formed once at the end, instead of one subtraction per client.
-        on_models = getattr(reducer, "shift_equivariant", False)
+        on_models = props.shift_equivariant
         acc = reducer.start(global_flat.size)
         metric_entries: list[tuple[int, Metrics]] = []
         for _cid, result in results:
             update = result.parameters.flat() if on_models else result.parameters.flat() - global_flat
-            if on_models and not reducer.streaming:
+            if on_models and props.needs_individual:
                 update = update.copy()  # a buffering reducer keeps it; the result may be a shared view
             acc = reducer.add(acc, update, result.num_examples)
             extras_acc = algorithm.add(extras_acc, result)
@@ -219,67 +252,73 @@ class Strategy:
             del update, result  # released before the next result is fetched
         if not metric_entries and self.privacy is None:
             return Aggregate(None, server_state, {}, 0)
-        delta = reducer.finish(acc)  # owned by us: transformed in place below
-        unclipped = getattr(acc, "unclipped", 0)  # central DP: updates within the clip norm
-        # distributed DP: the inputs that reached the secure sum (charged as such), not the updates handed in
-        contributors = acc.contributors if isinstance(acc, SecureBuffer) and acc.contributors else None
+        delta, report = reducer.finish(acc)  # the delta is ours: transformed in place below
         del acc
         if on_models:
             np.subtract(delta, global_flat, out=delta)
         algorithm_state = algorithm.finish(extras_acc, server_state.algorithm, num_clients or len(metric_entries))
-        return self._apply(parameters, server_state, delta, metric_entries, algorithm_state, unclipped, num_clients,
-                           contributors)
+        return self._apply(parameters, server_state, delta, report, metric_entries, algorithm_state, num_clients, plan)
 
-    def apply_mean_delta(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,
-                         metric_entries: list[tuple[int, Metrics]], *, unclipped: int = 0,
-                         num_clients: int = 0) -> Aggregate:
-        """Finish a round whose mean delta was computed elsewhere (a secure aggregation over the network).
+    def aggregate_secure_sum(self, parameters: Parameters, server_state: ServerState, total: np.ndarray,
+                             metric_entries: list[tuple[int, Metrics]], *, num_clients: int) -> Aggregate:
+        """Finish a round whose secure sum was computed over the network: decode ``total`` (the protocol's
+        sum of the contributors' inputs) and run the same post-stages (noise, 1 / (q N)) as in simulation.
 
-        ``metric_entries`` are the contributors' (num_examples, metrics); ``unclipped`` is central DP's
-        count of updates within the clip norm. ``delta`` (float32) is consumed: it may be updated in place.
+        ``metric_entries`` are the contributors' (num_examples, metrics). Only the decoded sum is used.
         """
-        if not metric_entries and self.privacy is None:
-            return Aggregate(None, server_state, {}, 0)
+        reducer, plan = self.round_reducer(server_state, num_clients, total.size - 1)
+        stages = reducer if isinstance(reducer, Pipeline) else pipeline(reduce=reducer)
+        if not isinstance(stages.reduce, SecureSum):
+            raise TypeError(f"aggregate_secure_sum needs a strategy with secure_aggregation, got {reducer!r}")
+        delta, report = stages.finish_post(*stages.reduce.decode(total, len(metric_entries)))
         algorithm_state = self.algorithm.finish(self.algorithm.start(delta.size), server_state.algorithm,
                                                 num_clients or len(metric_entries))
-        return self._apply(parameters, server_state, np.asarray(delta, dtype=np.float32), metric_entries,
-                           algorithm_state, unclipped, num_clients)
+        return self._apply(parameters, server_state, delta, report, metric_entries, algorithm_state, num_clients, plan)
 
-    def _apply(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray,
-               metric_entries: list[tuple[int, Metrics]], algorithm_state: AlgorithmState, unclipped: int,
-               num_clients: int, contributors: int | None = None) -> Aggregate:
-        """Server optimizer step on the mean delta, privacy bookkeeping, round metrics."""
+    def _apply(self, parameters: Parameters, server_state: ServerState, delta: np.ndarray, report: Report,
+               metric_entries: list[tuple[int, Metrics]], algorithm_state: AlgorithmState, num_clients: int,
+               plan: RoundPlan | None) -> Aggregate:
+        """Server optimizer step on the aggregated delta, privacy bookkeeping, round metrics."""
         new_flat, optimizer_state = self.server_optimizer.update(parameters.flat(), delta, server_state.optimizer)
         del delta
         new_params = Parameters.from_flat(new_flat, parameters.specs, copy=False)
         privacy, privacy_state = self.privacy, server_state.privacy
         # Client-reported metrics are not covered by epsilon: under DP only on explicit opt-in.
         metrics = {} if self.withholds_client_facts else weighted_average_metrics(metric_entries)
+        contributors = int(report.get("contributors", len(metric_entries)))  # inputs that reached the (secure) sum
+        if isinstance(privacy, DistributedDP):
+            assert plan is not None  # planned by round_reducer
+            privacy_state = privacy.after_round(privacy_state, plan, contributors=contributors)
+        elif privacy is not None:
+            privacy_state = privacy.after_round(privacy_state, int(report["within_clip"]),
+                                                num_clients or len(metric_entries), contributors=contributors)
         if privacy is not None:
-            privacy_state = privacy.after_round(privacy_state, unclipped, num_clients or len(metric_entries),
-                                                contributors=contributors or len(metric_entries))
             metrics.update(epsilon=privacy.epsilon(privacy_state), clip_norm=float(privacy_state["clip_norm"][0]))
         return Aggregate(new_params, ServerState(optimizer_state, algorithm_state, privacy_state),
-                         metrics, len(metric_entries))
+                         metrics, len(metric_entries), report)
 
-    def _round_reducer(self, state: ServerState, num_clients: int) -> Reducer:
-        """The reducer for this round: the strategy's own, or DP's and/or secure aggregation's."""
+    def round_reducer(self, state: ServerState, num_clients: int, dim: int) -> tuple[Reducer, RoundPlan | None]:
+        """This round's aggregation pipeline, and distributed DP's round plan (None otherwise).
+
+        Without privacy or secure aggregation: ``reducer`` itself. Otherwise DP's and secure
+        aggregation's stages stand in for the (linear, checked at construction) mean:
+        central DP ``clip(C) -> total() -> noise -> 1 / (q N)``, the sum through the protocol under
+        secure aggregation (clients clip before masking), and distributed DP's noised secure sum.
+        """
         privacy, secure = self.privacy, self.secure_aggregation
-        if privacy is not None and num_clients < 1:
-            raise ValueError("central DP divides by the expected number of clients q N: pass num_clients "
+        if privacy is None:
+            return (self.reducer if secure is None else secure.weighted_mean()), None
+        if num_clients < 1:
+            raise ValueError("DP divides by the expected number of clients q N: pass num_clients "
                              "(the federation's size) to aggregate_fit")
         if isinstance(privacy, DistributedDP):  # clients clip, round and noise before masking
             assert secure is not None  # refused at construction otherwise
-            return secure.reducer(distributed=functools.partial(privacy.plan, state.privacy, num_clients))
-        if secure is not None and privacy is not None:  # clients clip before masking; noise on the sum
-            clip, noise_std, denominator = privacy.mechanism(state.privacy, num_clients)
-            return secure.reducer(clip_norm=clip, noise_std=noise_std, denominator=denominator,
-                                  rng=privacy.noise_rng(state.privacy, "update"))
-        if privacy is not None:
-            return privacy.reducer(state.privacy, num_clients)
+            plan = privacy.plan(state.privacy, num_clients, dim)
+            return pipeline(reduce=secure.distributed_sum(plan), post=[scale(1.0 / plan.denominator)]), plan
+        clip_norm = float(state.privacy["clip_norm"][0])
         if secure is not None:
-            return secure.reducer()
-        return self.reducer
+            return pipeline(reduce=secure.clipped_sum(clip_norm), post=privacy.release(state.privacy, num_clients)), None
+        return pipeline(pre=[clip(clip_norm)], reduce=total(), post=privacy.release(state.privacy, num_clients)), None
 
     def aggregate_evaluate(self, results: Sequence[tuple[str, EvalResult]]) -> tuple[float | None, Metrics]:
         """Example-weighted mean loss and metrics; clients with no examples are left out."""
