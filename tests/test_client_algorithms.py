@@ -53,6 +53,50 @@ def test_fedprox_local_steps_follow_the_proximal_gradient_in_closed_form():
     assert plain.parameters.flat()[0] == pytest.approx(t + (1 - lr) ** steps * (x - t), rel=1e-6)
 
 
+def test_two_fedprox_steps_on_a_linear_model_match_the_hand_computed_update():
+    """theta = (w, b), loss 0.5 mean (A theta - y)^2 with A = [X, 1], so g(theta) = A^T (A theta - y) / n.
+    Step 1 starts at the sent model (no pull yet); step 2 adds mu (theta_1 - theta_0)."""
+    x = np.array([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]])
+    y = np.array([1, 0, 2])
+    theta0, lr, mu = np.array([0.5, -0.25, 0.1]), 0.1, 2.0
+    model = nn.Linear(2, 1)
+    data = TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(y), 3, "linear")
+    client = TorchClient(model, data, settings=TrainSettings(local_epochs=2, batch_size=0, lr=lr), loss_fn=HalfSquare())
+    start = Parameters.from_arrays({"weight": np.array([theta0[:2]], np.float32), "bias": np.array([theta0[2]], np.float32)})
+    got = client.fit(start, {ALGORITHM: "fedprox", "proximal_mu": mu}).parameters.flat()
+    a = np.hstack([x, np.ones((3, 1))])
+
+    def grad(theta: np.ndarray) -> np.ndarray:
+        return a.T @ (a @ theta - y) / 3
+
+    theta1 = theta0 - lr * grad(theta0)
+    theta2 = theta1 - lr * (grad(theta1) + mu * (theta1 - theta0))
+    assert np.allclose(got, theta2, rtol=1e-5, atol=1e-6)
+    plain = TorchClient(nn.Linear(2, 1), data, settings=TrainSettings(local_epochs=2, batch_size=0, lr=lr),
+                        loss_fn=HalfSquare()).fit(start, {}).parameters.flat()
+    assert np.abs(plain - got).max() > 1e-3  # the proximal pull made a difference
+
+
+def test_fedprox_client_told_fewer_epochs_takes_that_many_steps_towards_the_model_it_was_sent():
+    """A systems model may send a slow client fewer local epochs than its default: it must take exactly
+    those steps, each pulled towards the global model of this task (not whatever the shared model held)."""
+    x, t, mu, lr = 2.0, 5, 0.5, 0.1
+    model = scalar_model(-7.0)  # the shared model holds another client's weights before the task
+    client = target_client(model, t, 6, lr)  # six one-step epochs by default
+    start = Parameters.from_arrays({"weight": np.array([[x]], np.float32)})
+    result = client.fit(start, {ALGORITHM: "fedprox", "proximal_mu": mu, "local_epochs": 2})
+    w_star = (t + mu * x) / (1 + mu)
+    assert result.parameters.flat()[0] == pytest.approx(w_star + (1 - lr * (1 + mu)) ** 2 * (x - w_star), rel=1e-6)
+
+
+def test_fedprox_client_refuses_a_task_without_a_valid_mu():
+    start = Parameters.from_arrays({"weight": np.zeros((1, 1), np.float32)})
+    for config in ({ALGORITHM: "fedprox"}, {ALGORITHM: "fedprox", "proximal_mu": -1.0},
+                   {ALGORITHM: "fedprox", "proximal_mu": float("nan")}):
+        with pytest.raises(ValueError, match="mu >= 0"):
+            target_client(scalar_model(), 1, 1, 0.1).fit(start, config)
+
+
 def test_fedprox_strategy_sends_mu_and_refuses_negative_mu():
     strategy = fedprox(0.3)
     state = strategy.init_state(Parameters.from_arrays({"w": np.zeros(2, np.float32)}))

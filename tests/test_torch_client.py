@@ -90,3 +90,31 @@ def test_evaluate_model_counts():
         out = model(data.x)
     assert n == 50 and acc == pytest.approx(float((out.argmax(1) == data.y).float().mean()))
     assert loss == pytest.approx(float(nn.functional.cross_entropy(out, data.y)), rel=1e-5)
+
+
+class CountingLoss(nn.Module):
+    """Cross-entropy that counts its calls: one per optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return nn.functional.cross_entropy(out, y)
+
+
+def test_a_task_asking_for_one_epoch_gets_exactly_one_epoch_of_steps():
+    """The server may send a client fewer (or more) local epochs than its own settings (a systems model
+    does for slow clients): the loop runs exactly the task's epochs, ceil(40 / 16) = 3 steps each."""
+    model, data = _model(), _data(40)
+    loss = CountingLoss()
+    client = TorchClient(model, data, settings=TrainSettings(local_epochs=5, batch_size=16, lr=0.1), loss_fn=loss)
+    start = Parameters.from_module(model)
+    for config, steps in (({"local_epochs": 1}, 3), ({}, 15), ({"local_epochs": 2.0}, 6), ({"local_epochs": 0}, 0)):
+        loss.calls = 0
+        result = client.fit(start, config)
+        assert loss.calls == steps, config
+    assert result.parameters == start  # zero epochs: the model it was sent, untouched
+    with pytest.raises(ValueError, match="whole number"):
+        client.fit(start, {"local_epochs": 1.5})
