@@ -28,7 +28,8 @@ def test_settings_overridden_by_server_config():
     assert s.updated({"unrelated": 1}) is s
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(optimizer="rmsprop"), "unknown optimizer"), (dict(loss="hinge"), "unknown loss"), (dict(lr=0), "lr must be > 0")])
+@pytest.mark.parametrize("kwargs, message", [({"optimizer": "rmsprop"}, "unknown optimizer"),
+                                             ({"loss": "hinge"}, "unknown loss"), ({"lr": 0}, "lr must be > 0")])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainSettings(**kwargs)
