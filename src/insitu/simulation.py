@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from insitu.aggregation import AGGREGATOR_NAMES, make_reducer
-from insitu.aggregation.transforms import min_updates_of
+from insitu.aggregation import AGGREGATOR_NAMES, aggregator_names, make_reducer
 from insitu.attacks import (
     ATTACK_NAMES,
     DATA_ATTACKS,
@@ -272,10 +271,6 @@ class SimulationConfig:
             raise ValueError("num_clients and rounds must be >= 1")
         if self.min_fit_clients > self.num_clients:
             raise ValueError(f"min_fit_clients ({self.min_fit_clients}) exceeds num_clients ({self.num_clients})")
-        if self.dp_clip > 0 and self.min_fit_clients > 1:
-            raise ValueError(f"central DP (dp_clip > 0) releases every round, whoever was sampled; min_fit_clients="
-                             f"{self.min_fit_clients} would release a round only when enough clients were sampled, so "
-                             "the release would depend on the sample: set min_fit_clients = 1")
         if self.partition in ("dirichlet", "quantity") and not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.eval_every < 1:
@@ -286,8 +281,8 @@ class SimulationConfig:
                              f"{', '.join(SERVER_OPTIMIZER_NAMES)}")
         if self.lr_schedule not in SCHEDULE_NAMES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
-        if self.aggregator not in AGGREGATOR_NAMES:
-            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATOR_NAMES)}")
+        if self.aggregator not in aggregator_names():
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(aggregator_names())}")
         validate_attack(self.attack, self.attack_fraction)
         if self.attack != "none" and self.attack_fraction <= 0:
             raise ValueError(f"attack {self.attack!r} needs attack_fraction > 0 (the share of malicious clients)")
@@ -303,17 +298,13 @@ class SimulationConfig:
         if self.dp_mode == "distributed" and (self.dp_adaptive_clip or self.dp_accountant != "rdp"):
             raise ValueError("dp_mode 'distributed' has a fixed clip norm and its own (Skellam RDP) accountant: "
                              "drop dp_adaptive_clip and dp_accountant")
-        if self.dp_clip > 0 and (self.aggregator != "mean" or self.clip_norm > 0 or self.screen):
-            raise ValueError("central DP (dp_clip > 0) clips and noises the mean itself: use aggregator 'mean' "
-                             "without clip_norm or screen")
-        if self.secure_aggregation and (self.aggregator != "mean" or self.clip_norm > 0 or self.screen):
-            raise ValueError("secure aggregation reveals only the sum: robust aggregators, clip_norm and screen need "
-                             "individual updates; use aggregator 'mean' (for bounded updates, use dp_clip)")
-        strategy = make_strategy(self, None)  # builds (and so checks) optimizer, schedule, reducer, mu, DP
+        # builds (and so checks) optimizer, schedule, reducer and its options, mu, and how DP, secure
+        # aggregation and the reducer compose (refused by Strategy, from the stages' declared properties)
+        strategy = make_strategy(self, None)
         if strategy.privacy is not None:
             strategy.privacy.check_clients(self.num_clients)
         per_round = strategy.num_fit_clients(self.num_clients)
-        needed = min_updates_of(strategy.reducer)
+        needed = strategy.reducer.properties.min_updates
         if per_round < needed:
             raise ValueError(f"aggregator {strategy.reducer!r} needs at least {needed} updates per round, but each "
                              f"round samples {per_round} of {self.num_clients} clients: lower byzantine_f or raise "
@@ -470,18 +461,19 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
         fit_config = lr_config(make_schedule(config.lr_schedule, config.lr, decay=config.lr_decay,
                                              every=config.lr_step_every, total_rounds=config.rounds), base)
     optimizer_name = config.server_optimizer or (name if name in SERVER_OPTIMIZER_NAMES else "sgd")
-    common: dict[str, Any] = dict(
-        fraction_fit=config.fraction_fit,
-        min_fit_clients=config.min_fit_clients,
-        min_available_clients=config.num_clients if remote else max(config.min_fit_clients, 1),
-        fraction_evaluate=config.fraction_evaluate,
-        fit_config=fit_config,
-        evaluate_fn=evaluate_fn,
-        reducer=make_reducer(config.aggregator, byzantine_f=config.byzantine_f, trim_fraction=config.trim_fraction,
-                             clip_norm=config.clip_norm, screen=config.screen),
-        server_optimizer=make_server_optimizer(optimizer_name, lr=config.server_lr or None,
-                                               momentum=config.server_momentum, tau=config.tau),
-    )
+    common: dict[str, Any] = {
+        "fraction_fit": config.fraction_fit,
+        "min_fit_clients": config.min_fit_clients,
+        "min_available_clients": config.num_clients if remote else max(config.min_fit_clients, 1),
+        "fraction_evaluate": config.fraction_evaluate,
+        "fit_config": fit_config,
+        "evaluate_fn": evaluate_fn,
+        "reducer": make_reducer(config.aggregator, byzantine_f=config.byzantine_f, trim_fraction=config.trim_fraction,
+                                clip_norm=config.clip_norm, screen=config.screen,
+                                **getattr(config, "aggregator_options", {})),
+        "server_optimizer": make_server_optimizer(optimizer_name, lr=config.server_lr or None,
+                                                  momentum=config.server_momentum, tau=config.tau),
+    }
     if config.secure_aggregation:
         common["secure_aggregation"] = SecureAggregation(  # a deployment's dropouts are real, not simulated
             config.secagg_bound, dropout_fraction=0.0 if remote else config.secagg_dropout, seed=config.seed)
