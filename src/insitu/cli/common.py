@@ -7,6 +7,7 @@ import logging
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,6 +24,7 @@ def setup_logging(verbose: bool) -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    """Print ``error: message`` and return the exit (code 2) for the caller to raise."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print ``error: message`` and return the exit (code 2) for the caller to raise. The message is shown
+    as written: brackets in it (``[server]``, ``[-B, B]``) are text, not console markup."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=2)

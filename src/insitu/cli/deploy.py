@@ -77,6 +77,7 @@ DEPLOYED_SETTINGS = (
     "dp_adaptive_clip", "dp_accountant", "dp_record_client_metrics", "dp_mode", "dp_min_contributors",
     "secure_aggregation", "secagg_bound", "test_limit",
 )
+SERVER_ALIASES = {"num_clients": ("--min-clients",)}
 SERVER_HELP = {
     "dataset": "Dataset whose test split the server evaluates on (and whose shape sets the model).",
     "num_clients": "Clients that must be connected before a round starts.",
@@ -90,8 +91,7 @@ SERVER_HELP = {
 
 
 @with_settings(ServerSettings, param="server_settings")
-@with_settings(SimulationConfig, include=DEPLOYED_SETTINGS, aliases={"num_clients": ("--min-clients",)},
-               help=SERVER_HELP)
+@with_settings(SimulationConfig, include=DEPLOYED_SETTINGS, aliases=SERVER_ALIASES, help=SERVER_HELP)
 def server(
     settings: dict[str, Any],
     server_settings: dict[str, Any],

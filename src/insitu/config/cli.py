@@ -126,10 +126,11 @@ def with_settings(cls: type, *, param: str = "settings", include: Iterable[str] 
     return decorate
 
 
-def markdown_table(cls: type, include: Iterable[str] | None = None,
-                   aliases: Mapping[str, Iterable[str]] | None = None) -> str:
-    """A Markdown table of the flags, TOML keys and meaning of ``cls``'s settings, one row per field, by section."""
-    aliases = aliases or {}
+def markdown_table(cls: type, include: Iterable[str] | None = None, aliases: Mapping[str, Iterable[str]] | None = None,
+                   help: Mapping[str, str] | None = None) -> str:
+    """A Markdown table of the flags, TOML keys and meaning of ``cls``'s settings, one row per field, by section
+    (``include``, ``aliases`` and ``help`` as for :func:`with_settings`)."""
+    aliases, help = aliases or {}, help or {}
     rows = ["| flag | TOML key | meaning |", "|---|---|---|"]
     section = None
     for f in selected(cls, include):
@@ -138,6 +139,6 @@ def markdown_table(cls: type, include: Iterable[str] | None = None,
             rows.append(f"| **{SECTION_TITLES.get(section, section.capitalize())}** | | |")
         flags = ", ".join(f"`{n}`" for n in [*f.flags, *aliases.get(f.name, ())])
         keys = ", ".join(f"`{k}`" for k in f.keys)
-        rows.append(f"| {flags} | {keys} | {help_text(f).replace('|', chr(92) + '|')} |")
+        rows.append(f"| {flags} | {keys} | {help_text(f, help.get(f.name)).replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 

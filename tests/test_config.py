@@ -1,0 +1,259 @@
+"""The settings schema: one declaration per field gives its flag, its settings-file keys, its checks and
+its saved JSON. First a toy schema by hand, then a walk over every field of SimulationConfig and
+ServerSettings, then the commands as users call them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from insitu.cli.deploy import DEPLOYED_SETTINGS, SERVER_ALIASES
+from insitu.cli.main import app
+from insitu.cli.presets import read_settings, resolve_config
+from insitu.config import canonical_keys, from_mapping, key_map, schema, settable, setting, to_dict
+from insitu.config.cli import with_settings
+from insitu.config.doc import render
+from insitu.config.schema import Field, parse_scalar
+from insitu.net.server import ServerSettings
+from insitu.simulation import SimulationConfig
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+REGISTRY = ["a", "b"]  # a registry filled after the schema is declared
+
+
+@dataclass
+class Toy:
+    rounds: int = setting(5, section="run", help="Rounds.", aliases=("--steps",))
+    lr: float = setting(0.1, section="training", help="Learning rate.")
+    name: str = setting("a", section="run", help="A registry name.", choices=lambda: REGISTRY)
+    fast: bool = setting(False, section="run", help="Go fast.")
+    where: str | None = setting(None, section="data", help="A folder.")
+    options: dict[str, float | int | str | bool] = setting(section="run", help="Named options.",
+                                                           aliases=("--option",), default_factory=dict)
+
+
+# -- the schema by hand -------------------------------------------------------------------------------
+def test_a_field_declares_its_flags_keys_type_and_default():
+    rounds, lr, _name, fast, where, options = schema(Toy)
+    assert (rounds.flags, rounds.keys, rounds.kind, rounds.default) == (("--rounds", "--steps"), ("rounds", "steps"),
+                                                                       int, 5)
+    assert (where.kind, where.optional) == (str, True) and (lr.kind, fast.kind, fast.flag) == (float, bool, "--fast")
+    assert (options.kind, options.default, options.flags) == (dict, {}, ("--options", "--option"))
+    assert key_map(Toy)["steps"] == "rounds"
+
+
+def test_values_are_checked_and_coerced_by_their_field_type():
+    toy = from_mapping(Toy, {"steps": 3, "lr": 1, "fast": True, "where": "d", "options": {"f": 1, "m": "x"}})
+    assert toy == Toy(3, 1.0, "a", True, "d", {"f": 1, "m": "x"}) and isinstance(toy.lr, float)
+    for values, message in [({"rounds": "ten"}, "rounds must be int, got 'ten'"),
+                            ({"rounds": 2.5}, "rounds must be int"),
+                            ({"rounds": True}, "rounds must be int"),
+                            ({"lr": "fast"}, "lr must be float"),
+                            ({"fast": 1}, "fast must be bool"),
+                            ({"lr": None}, "lr must be float, got nothing"),
+                            ({"options": {"f": [1]}}, "options maps names to numbers, strings or booleans")]:
+        with pytest.raises(ValueError, match=message):
+            from_mapping(Toy, values, source="toy.toml")
+
+
+def test_choices_come_from_the_registry_when_checked():
+    with pytest.raises(ValueError, match="unknown name 'c'; choose one of a, b"):
+        from_mapping(Toy, {"name": "c"})
+    REGISTRY.append("c")
+    try:
+        assert from_mapping(Toy, {"name": "c"}).name == "c"
+    finally:
+        REGISTRY.remove("c")
+
+
+def test_an_unknown_or_doubled_key_names_the_source_the_key_and_the_valid_keys():
+    with pytest.raises(ValueError, match=r"toy.toml: unknown setting\(s\) roundz \(did you mean rounds\?\); "
+                                         "valid keys: rounds, lr, name, fast, where, options"):
+        from_mapping(Toy, {"roundz": 3}, source="toy.toml")
+    with pytest.raises(ValueError, match="rounds is given twice, as 'rounds' and 'steps'"):
+        canonical_keys(Toy, {"rounds": 3, "steps": 4})
+
+
+def test_a_field_without_a_declaration_or_with_an_unsupported_type_is_refused():
+    @dataclass
+    class Bare:
+        x: int = 3
+
+    with pytest.raises(TypeError, match=r"Bare.x is not declared with insitu.config.setting"):
+        schema(Bare)
+
+    @dataclass
+    class Listy:
+        xs: list = setting(section="run", help="x", default_factory=list)
+
+    with pytest.raises(TypeError, match="settings are bool, int, float, str, Path or dict"):
+        schema(Listy)
+
+
+def test_scalars_from_the_command_line():
+    assert [parse_scalar(t) for t in ("3", "-2", "0.5", "1e-3", "true", "False", "median")] == [
+        3, -2, 0.5, 1e-3, True, False, "median"]
+
+
+# -- generated options -------------------------------------------------------------------------------
+def toy_app(seen: list[dict[str, Any]]) -> typer.Typer:
+    toy = typer.Typer()
+
+    @toy.command()
+    @with_settings(Toy)
+    def run(settings: dict[str, Any], verbose: bool = typer.Option(False, "-v")) -> None:
+        seen.append({**settings, "verbose": verbose})
+
+    return toy
+
+
+def test_generated_options_pass_only_what_was_given():
+    seen: list[dict[str, Any]] = []
+    runner = CliRunner()
+    result = runner.invoke(toy_app(seen), ["--steps", "3", "--lr", "0.5", "--fast", "--option", "f=1",
+                                           "--option", "m=median", "--option", "on=true", "-v"])
+    assert result.exit_code == 0, result.output
+    assert seen.pop() == {"rounds": 3, "lr": 0.5, "fast": True, "options": {"f": 1, "m": "median", "on": True},
+                          "verbose": True}
+    assert runner.invoke(toy_app(seen), ["--no-fast"]).exit_code == 0 and seen.pop() == {"fast": False,
+                                                                                          "verbose": False}
+
+
+def test_generated_options_refuse_bad_input_naming_the_flag():
+    runner = CliRunner()
+    bad_pair = runner.invoke(toy_app([]), ["--option", "f"])
+    assert bad_pair.exit_code == 2 and "expected KEY=VALUE, got 'f'" in bad_pair.output
+    typo = runner.invoke(toy_app([]), ["--stepz", "3"])
+    assert typo.exit_code == 2 and "No such option: --stepz" in typo.output and "--steps" in typo.output
+
+
+def test_help_groups_the_flags_by_section_and_shows_choices_and_defaults():
+    text = CliRunner().invoke(toy_app([]), ["--help"], env={"COLUMNS": "200"}).output
+    for panel in ("Run", "Client training", "Data"):
+        assert f"─ {panel} ─" in text
+    assert "One of: a, b." in text and "(default: 5)" in text and "--fast" in text and "--no-fast" in text
+
+
+# -- every SimulationConfig / ServerSettings field -----------------------------------------------------
+def other_value(field: Field) -> Any:
+    """A valid value of the field that differs from its default."""
+    names = field.setting.names()
+    if names is not None:
+        return next(n for n in names if n != field.default)
+    if field.kind is bool:
+        return not field.default
+    if field.kind is int:
+        return field.default + 3
+    if field.kind is float:
+        return (field.default or 1.0) * 2.5 + 0.125
+    if field.kind is dict:
+        return {"f": 2, "beta": 0.25, "rule": "median", "on": True}
+    if field.kind is Path:
+        return Path("some/where.db")
+    return "some-where"
+
+
+def as_flags(field: Field, value: Any) -> list[str]:
+    if field.kind is bool:
+        return [field.flag if value else "--no-" + field.flag.removeprefix("--")]
+    if field.kind is dict:
+        return [a for k, v in value.items() for a in (field.flag, f"{k}={str(v).lower() if v is True else v}")]
+    return [field.flag, str(value)]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+@pytest.mark.parametrize("cls", [SimulationConfig, ServerSettings])
+def test_every_setting_has_a_flag_and_round_trips_through_flags_toml_and_json(cls, tmp_path):
+    fields = settable(cls)
+    changed = {f.name: other_value(f) for f in fields}
+    expected = from_mapping(cls, changed)
+    for f in fields:
+        assert getattr(expected, f.name) != f.default, f.name  # every field really is changed
+
+    seen: list[dict[str, Any]] = []
+    probe = typer.Typer()
+    probe.command()(with_settings(cls)(lambda settings: seen.append(settings)))
+    result = CliRunner().invoke(probe, [a for f in fields for a in as_flags(f, changed[f.name])])
+    assert result.exit_code == 0, result.output
+    assert from_mapping(cls, seen[0]) == expected
+
+    toml = tmp_path / "all.toml"
+    toml.write_text("".join(f"{f.name} = {toml_value(changed[f.name])}\n" for f in fields))
+    from insitu.files import load_toml
+
+    assert from_mapping(cls, load_toml(toml, "test")) == expected
+    assert from_mapping(cls, json.loads(json.dumps(to_dict(expected)))) == expected
+
+
+def test_simulate_and_server_have_a_flag_for_every_setting_they_take():
+    command = get_command(app)
+    simulate_flags = {o for p in command.commands["simulate"].params for o in p.opts}  # type: ignore[attr-defined]
+    server_flags = {o for p in command.commands["server"].params for o in p.opts}  # type: ignore[attr-defined]
+    for f in settable(SimulationConfig):
+        assert set(f.flags) <= simulate_flags, f.name
+    for f in settable(ServerSettings):
+        assert set(f.flags) <= server_flags, f.name
+    for f in settable(SimulationConfig):
+        assert (set(f.flags) <= server_flags) == (f.name in DEPLOYED_SETTINGS), f.name
+    assert {"--clients", "--fraction", "--config", "-c", "--output-dir", "-o", "--show-partition", "-v",
+            "--aggregator-option", "--mode", "--drop-stragglers"} <= simulate_flags
+    assert {"--min-clients", *SERVER_ALIASES["num_clients"], "--store", "--round-timeout", "--wait-timeout",
+            "--heartbeat-timeout", "--upload-stall", "--upload-timeout", "--max-update-mb",
+            "--dangerously-allow-insecure-network", "--certs", "--allow", "--mtls", "--address"} <= server_flags
+
+
+def test_a_runs_config_json_is_read_back_unchanged(tmp_path):
+    config = resolve_config(None, {"clients": 3, "aggregator_options": {"f": 1}, "rounds": 2, "dp_delta": 1e-7})
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(asdict(config), indent=2))  # as cli/outputs.py writes it
+    assert resolve_config(saved, {}) == config
+    assert resolve_config(saved, {"rounds": 4}).rounds == 4  # flags still override the file
+
+
+def test_toml_tables_aliases_and_unknown_keys(tmp_path):
+    good = tmp_path / "fl.toml"
+    good.write_text('[simulate]\nclients = 4\nfraction = 0.5\n\n[simulate.aggregator_options]\nf = 1\nrule = "x"\n')
+    assert read_settings(good) == {"num_clients": 4, "fraction_fit": 0.5, "aggregator_options": {"f": 1, "rule": "x"}}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("clints = 3\n")
+    with pytest.raises(ValueError, match=r"bad.toml: unknown setting\(s\) clints \(did you mean clients\?\); "
+                                         "valid keys: dataset, data_dir"):
+        read_settings(bad)
+
+
+def test_simulate_refuses_an_unknown_flag_or_key_naming_the_valid_ones(tmp_path):
+    runner = CliRunner()
+    flag = runner.invoke(app, ["simulate", "--clints", "3"], env={"COLUMNS": "200"})
+    assert flag.exit_code == 2 and "No such option: --clints" in flag.output and "--clients" in flag.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = 2\nlocal_epoch = 1\n")
+    key = runner.invoke(app, ["simulate", "--config", str(bad)], env={"COLUMNS": "200"})
+    text = " ".join(key.output.split())
+    assert key.exit_code == 2 and "unknown setting(s) local_epoch (did you mean local_epochs?)" in text
+    assert "valid keys: dataset," in text
+    server = tmp_path / "server.toml"
+    server.write_text("rounds = 2\n[server]\nround_timeout = 5\nadress = 'x'\n")
+    refused = runner.invoke(app, ["server", "--config", str(server), "--insecure"], env={"COLUMNS": "200"})
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "[server]: unknown setting(s) adress (did you mean address?)" in text
+
+
+def test_the_flag_tables_in_docs_cli_md_are_current():
+    text = DOCS.read_text()
+    assert render(text) == text, "docs/cli.md is stale: run python -m insitu.config.doc docs/cli.md"
