@@ -15,7 +15,7 @@ INSITU = shutil.which("insitu") or str(Path(sys.executable).parent / "insitu")
 
 
 def run(*args: str, cwd: Path | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([INSITU, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+    proc = subprocess.run([INSITU, *args], check=False, capture_output=True, text=True, cwd=cwd, timeout=300,
                           env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
     if ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -86,3 +86,29 @@ def test_bad_input_fails_before_training_with_a_clear_message(args, message, tmp
 def test_evaluate_reports_missing_model(tmp_path):
     proc = run("evaluate", str(tmp_path / "nope.pt"), ok=False)
     assert proc.returncode == 2 and "no model file" in proc.stderr
+
+
+def test_a_runs_config_json_reproduces_it_bit_for_bit(tmp_path):
+    first = tmp_path / "first"
+    run("simulate", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "2", "--fraction", "0.7",
+        "--local-epochs", "1", "--seed", "3", "-o", str(first))
+    again = tmp_path / "again"
+    run("simulate", "--config", str(first / "config.json"), "-o", str(again))
+    assert (again / "config.json").read_text() == (first / "config.json").read_text()
+
+    def accuracies(out: Path) -> list[float]:
+        rounds = json.loads((out / "history.json").read_text())["rounds"]
+        return [r["centralized"]["metrics"]["accuracy"] for r in rounds]
+
+    assert len(accuracies(first)) == 2 and accuracies(again) == accuracies(first)  # floats compared exactly
+
+
+def test_every_setting_is_a_flag_and_unknown_ones_are_named(tmp_path):
+    out = tmp_path / "o"
+    proc = run("simulate", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "1", "--mode", "sync",
+               "--speed-sigma", "0.5", "--dp-accountant", "rdp", "--lr-step-every", "3", "-o", str(out))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["speed_sigma"] == 0.5 and saved["lr_step_every"] == 3 and saved["aggregator_options"] == {}
+    assert "Round 1/1" in proc.stdout
+    typo = run("simulate", "--speed-sigmaa", "0.5", ok=False)
+    assert typo.returncode == 2 and "--speed-sigma" in typo.stderr
