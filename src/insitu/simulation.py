@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from insitu.aggregation import AGGREGATOR_NAMES, aggregator_names, make_reducer
+from insitu.aggregation import aggregator_names, make_reducer
 from insitu.attacks import (
     ATTACK_NAMES,
     DATA_ATTACKS,
@@ -170,9 +170,9 @@ class SimulationConfig:
                               "step: x decay every --lr-step-every rounds.")
     lr_step_every: int = setting(10, section="training", help="Rounds between the step schedule's decays.")
     # -- aggregation --
-    aggregator: str = setting("mean", section="aggregation", choices=lambda: AGGREGATOR_NAMES,
+    aggregator: str = setting("mean", section="aggregation", choices=aggregator_names,
                               help="How client updates are combined.")
-    aggregator_options: dict[str, float | int | str | bool] = setting(  # noqa: RUF009 (a dataclass field, like field())
+    aggregator_options: dict[str, float | int | str | bool] = setting(
         section="aggregation", aliases=("--aggregator-option",), default_factory=dict,
         help="Aggregator-specific settings by name (TOML: an [aggregator_options] table).")
     byzantine_f: int = setting(0, section="aggregation", help="Attackers Krum/Multi-Krum/Bulyan must tolerate.")
