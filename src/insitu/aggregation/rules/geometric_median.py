@@ -15,7 +15,8 @@ from insitu.aggregation.robust import BufferingReducer, check_count
 
 class GeometricMedian(BufferingReducer):
     """z <- sum_k b_k u_k / sum_k b_k with b_k = a_k / max(nu, ||z - u_k||), from the weighted mean,
-    until the objective improves by less than ``tol`` (relative) or ``max_iter`` steps; reports them."""
+    until a step moves z by at most ``tol`` x the median distance to the updates, or for ``max_iter``
+    steps; reports the steps taken."""
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-6, nu: float = 1e-6) -> None:
         self.max_iter = check_count("max_iter", max_iter, minimum=1)
@@ -27,18 +28,12 @@ class GeometricMedian(BufferingReducer):
     def reduce(self, stacked: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, Report]:
         points, alphas = stacked.astype(np.float64), weights / weights.sum()
         z = alphas @ points
-
-        def distances(z: np.ndarray) -> np.ndarray:
-            return np.maximum(self.nu, np.array([np.linalg.norm(p - z) for p in points]))
-
-        gaps = distances(z)
-        objective = float(alphas @ gaps)
         for step in range(1, self.max_iter + 1):
+            gaps = np.maximum(self.nu, np.array([np.linalg.norm(p - z) for p in points]))
             betas = alphas / gaps
-            z = betas @ points / betas.sum()
-            gaps = distances(z)
-            previous, objective = objective, float(alphas @ gaps)
-            if previous - objective <= self.tol * objective:
+            z, previous = betas @ points / betas.sum(), z
+            # a step small against the median distance: scale-free, and outliers do not loosen it
+            if np.linalg.norm(z - previous) <= self.tol * float(np.median(gaps)):
                 break
         return z.astype(np.float32), {"iterations": step}
 
