@@ -34,8 +34,8 @@ from insitu.net.servicer import (
 )
 from insitu.params import Parameters, describe_mismatch
 from insitu.privacy.randomness import OSEntropy
-from insitu.run.history import History, RoundRecord
 from insitu.run.fedbuff import AsyncCoordinator, FedBuff
+from insitu.run.history import History, RoundRecord
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.run.store import RunStore
 from insitu.strategies.strategy import ServerState, Strategy
