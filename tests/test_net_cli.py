@@ -32,8 +32,9 @@ class Procs:
         self.root, self.procs = root, {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "w")
-        proc = subprocess.Popen([str(BIN / "insitu"), *args], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=self.root)
+        with open(self.root / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([str(BIN / "insitu"), *args], stdout=log, stderr=subprocess.STDOUT, env=ENV,
+                                    cwd=self.root)
         self.procs[name] = proc
         return proc
 
@@ -301,3 +302,16 @@ def test_secure_aggregation_across_real_processes_survives_a_kill_9(procs, certs
     assert rounds[-1]["centralized"]["metrics"]["accuracy"] > 0.9
     log = " ".join(procs.log("server").split())
     assert "securely aggregated 2 of 3 clients" in log and "securely aggregated 3 of 3 clients" in log
+
+
+def test_a_server_configured_from_a_settings_file_with_a_server_table(procs, certs, tmp_path):
+    port = free_port()
+    (tmp_path / "fed.toml").write_text(
+        'rounds = 2\nclients = 1\nlocal_epochs = 1\ntest_limit = 100\n\n'
+        f'[server]\naddress = "127.0.0.1:{port}"\nstore = "state/fed.db"\nround_timeout = 120\n')
+    procs.start("server", "server", "--config", "fed.toml", "--certs", str(certs), "-o", "out", "--rounds", "1")
+    procs.start("client0", *client_args(port, certs, 0))
+    assert procs.wait("server") == 0, procs.log("server")  # the flag's --rounds 1 overrides the file's 2
+    assert "Round 1/1" in procs.log("server") and (tmp_path / "state" / "fed.db").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["test_limit"] == 100
+    assert procs.wait("client0") == 0, procs.log("client0")
