@@ -31,7 +31,7 @@ import numpy as np
 from insitu.aggregation.clip import clip_in_place
 from insitu.privacy import skellam
 from insitu.privacy.central import check_dp_settings
-from insitu.privacy.randomness import OSEntropy, RandomnessSource
+from insitu.privacy.randomness import OSEntropy, RandomnessSource, SimulationSeed
 
 PrivacyState = dict[str, np.ndarray]
 
@@ -184,7 +184,7 @@ class DistributedDP:
         gamma = gamma_for(self.clip_norm, num_clients, self.noise_multiplier, m)
         l1, l2 = skellam.sensitivities(gamma * self.clip_norm, dim)
         mu = (self.noise_multiplier * l2) ** 2
-        seed = getattr(self.randomness, "seed", None) if self.randomness.reproducible else None
+        seed = self.randomness.seed if isinstance(self.randomness, SimulationSeed) else None
         return RoundPlan(self.clip_norm, gamma, mu / m, mu, l1, l2, m, self.sample_rate * num_clients,
                          self._release_index(state), seed)
 
