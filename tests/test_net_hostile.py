@@ -483,6 +483,35 @@ def test_extras_beyond_what_the_algorithm_returns_are_refused(caplog, peak_memor
     assert peak_memory() < MEMORY_BOUND
 
 
+def smuggle_protocol_bytes(stub, token, task):
+    """A valid update plus 256 MiB of opaque protocol bytes that a fit task never asks for."""
+    data = serde.dumps(Parameters.from_arrays({"w": np.full(VALUES, 5.0, np.float32)}))
+
+    def messages():
+        yield pb.ResultMessage(header=pb.Envelope(session_token=token, task_id=task.task_id, num_examples=10,
+                                                  payload_bytes=len(data), message_bytes=JUNK_BYTES))
+        yield from chunks_of(data)
+        zeros = bytes(CHUNK_SIZE)
+        for _ in range(JUNK_BYTES // CHUNK_SIZE):
+            yield pb.ResultMessage(chunk=zeros)
+
+    return stub.PushResult(messages(), metadata=auth(token))
+
+
+def test_protocol_bytes_a_task_did_not_ask_for_are_refused_from_the_header(caplog, peak_memory):
+    fed = federation(num_rounds=1, available=3)
+    smuggler = RawInsider(fed.address, "smuggler", smuggle_protocol_bytes)
+    fed.add(honest(1.0), "0")
+    fed.add(honest(3.0), "1")
+    [record] = fed.finish().history.rounds
+    assert record.status == "ok" and record.num_results == 2
+    reasons = {f["client"]: f["reason"] for f in record.failures}
+    assert f"a protocol message of {JUNK_BYTES} bytes exceeds the 0 bytes" in reasons["smuggler"]
+    assert not smuggler.replies[0].accepted
+    assert_named(caplog, "smuggler", "protocol message")
+    assert peak_memory() < MEMORY_BOUND
+
+
 def test_streams_with_a_stolen_tls_certificate_but_no_key_hold_no_threads(tmp_path, caplog, peak_memory):
     # mTLS lets the thief's connection in; without the signing key it has no session, so its 450
     # idle upload streams are refused at once and the allow-listed clients (TLS + keys) finish.
