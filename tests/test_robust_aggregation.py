@@ -382,3 +382,26 @@ def test_fedavg_with_clipped_screened_krum_end_to_end():
     new = agg.parameters.flat()
     assert np.linalg.norm(new - global_params.flat()) <= 1.0 + 1e-6
     assert agg.report["selected"][0] != 2 and agg.report["within_clip"] == 4
+
+
+def test_a_file_in_the_rules_folder_registers_its_aggregator(tmp_path, monkeypatch):
+    from insitu.aggregation import registry, rules
+
+    (tmp_path / "first_update.py").write_text(
+        "import numpy as np\n"
+        "from insitu.aggregation.base import Properties\n"
+        "from insitu.aggregation.registry import register\n"
+        "from insitu.aggregation.robust import BufferingReducer\n\n"
+        "class First(BufferingReducer):\n"
+        "    properties = Properties(needs_individual=True)\n\n"
+        "    def reduce(self, stacked, weights):\n"
+        "        return stacked[0].copy(), {}\n\n"
+        "@register('first_update')\n"
+        "def first_update():\n"
+        "    return First()\n"
+    )
+    monkeypatch.setattr(rules, "__path__", [*rules.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
+    monkeypatch.setattr(registry, "_discovered", False)
+    assert registry.aggregator_names()[-1] == "first_update"  # found by its file, no edit elsewhere
+    assert run(make_reducer("first_update"), [[1.0], [2.0]])[0] == 1.0

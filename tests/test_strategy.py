@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from insitu.params import Parameters
 from insitu.strategies import Strategy, fedavg, fedsgd
 
 
@@ -46,3 +47,32 @@ def test_fedsgd_forces_one_full_batch_step_and_keeps_other_keys():
 def test_fit_config_schedule_is_called_per_round():
     s = fedavg(fit_config=lambda r: {"lr": 1.0 / r})
     assert s.fit_config_for(4) == {"lr": 0.25}
+
+
+def test_each_round_composes_one_pipeline_from_the_settings():
+    from insitu.privacy.central import CentralDP
+    from insitu.privacy.distributed import DistributedDP
+    from insitu.privacy.secure import SecureAggregation
+
+    dp = CentralDP(noise_multiplier=1.0, clip_norm=2.0, sample_rate=0.5)
+    central = fedavg(privacy=dp)
+    state = central.init_state(Parameters.from_arrays({"w": np.zeros(3, np.float32)}))
+    reducer, plan = central.round_reducer(state, 10, 3)
+    assert repr(reducer) == "pipeline(pre=[clip(2.0)], reduce=total(), post=[gaussian_noise(std=2, sensitivity=2), scale(0.2)])"
+    assert plan is None and reducer.properties.sensitivity == pytest.approx(0.4)  # C / (q N)
+    secure = fedavg(privacy=dp, secure_aggregation=SecureAggregation())
+    reducer, _ = secure.round_reducer(state, 10, 3)
+    assert repr(reducer).startswith("pipeline(reduce=secure_sum(ClippedInputs), post=[gaussian_noise(std=2")
+    distributed = fedavg(privacy=DistributedDP(1.0, 1.0, 0.5), secure_aggregation=SecureAggregation())
+    reducer, plan = distributed.round_reducer(distributed.init_state(Parameters.from_arrays({"w": np.zeros(3)})), 10, 3)
+    assert plan is not None and repr(reducer) == "pipeline(reduce=secure_sum(DistributedInputs), post=[scale(0.2)])"
+    plain = fedavg()
+    assert plain.round_reducer(plain.init_state(Parameters.from_arrays({"w": np.zeros(3)})), 10, 3)[0] is plain.reducer
+
+
+def test_a_reducer_without_declared_properties_is_refused_with_the_fix():
+    class Legacy:
+        streaming = True
+
+    with pytest.raises(TypeError, match=r"declares no properties: give it `properties = Properties\(...\)`"):
+        Strategy(reducer=Legacy())

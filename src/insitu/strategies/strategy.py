@@ -17,6 +17,7 @@ import numpy as np
 
 from insitu.aggregation import (
     Pipeline,
+    Properties,
     Reducer,
     Report,
     clip,
@@ -132,7 +133,11 @@ class Strategy:
 
     def _check_reducer(self) -> None:
         """Refuse a reducer that DP or secure aggregation cannot stand in for, from its declared properties."""
-        props, reducer = self.reducer.properties, self.reducer
+        reducer = self.reducer
+        props = getattr(reducer, "properties", None)  # a clear error for a reducer written before properties
+        if not isinstance(props, Properties):
+            raise TypeError(f"reducer {reducer!r} declares no properties: give it `properties = Properties(...)` "
+                            "(insitu.aggregation.Properties) and return (vector, report) from finish")
         if self.secure_aggregation is not None and props.needs_individual:
             raise ValueError(f"secure aggregation reveals only the sum: {reducer!r} needs individual updates (robust "
                              "rules and screening do); use aggregator 'mean' (for bounded updates, use dp_clip)")
