@@ -88,19 +88,17 @@ class Pipeline:
     def _compose(self) -> Properties:
         """The pipeline's properties from its stages'; ValueError naming an impossible combination."""
         r = self.reduce.properties
-        sensitivity = None
         for stage in self.pre:
             if r.hides_inputs and stage.properties.needs_individual:
                 raise ValueError(f"secure aggregation reveals only the sum: {stage!r} needs individual updates, "
                                  f"which {self.reduce!r} never shows the server; drop it")
-            sensitivity = stage.properties.sensitivity  # a filter keeps none: who is dropped depends on the others
-        if any(s.properties.needs_individual for s in self.pre):
-            sensitivity = None
+        # the last per-update map's bound holds, unless a filter ran (who it drops depends on the others)
+        sensitivity = self.pre[-1].properties.sensitivity if self.pre and not self._deferred else None
         if r.sensitivity is not None:
             sensitivity = r.sensitivity
         elif not (r.linear and not r.uses_weights):  # only a plain sum passes one client's bound through
             sensitivity = None
-        source = repr(self.reduce) if not self.pre else f"{self.pre!r} -> {self.reduce!r}"
+        source = " -> ".join(map(repr, [*self.pre, self.reduce]))
         for post in self.post:
             sensitivity = post.output_sensitivity(sensitivity, source)
             source = f"{source} -> {post!r}"
