@@ -10,7 +10,6 @@ fit with a :class:`FitContext` and returns a :class:`LocalRound`, the hooks the 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
@@ -55,8 +54,7 @@ class ClientAlgorithm(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class FitContext:
+class FitContext(NamedTuple):
     """What a client half sees at the start of one fit: the model already holding ``sent`` (the global
     parameters of this task), the task's config, the (fresh) optimizer and the client's state store."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -104,11 +104,11 @@ class ShuffledSGD:
     """The plain loop: each epoch reshuffles the rows (by the task's seed) and cuts them into batches;
     each step is one optimizer step."""
 
-    @contextmanager
     def open(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-             index: torch.Tensor | None, num_examples: int, settings: TrainSettings, seed: int) -> Iterator[Steps]:
-        yield Steps(model, optimizer, _shuffled_batches(index, num_examples, settings, seed),
-                    partial(_optimizer_step, optimizer))
+             index: torch.Tensor | None, num_examples: int, settings: TrainSettings,
+             seed: int) -> AbstractContextManager[Steps]:
+        return nullcontext(Steps(model, optimizer, _shuffled_batches(index, num_examples, settings, seed),
+                                 partial(_optimizer_step, optimizer)))
 
 
 def _shuffled_batches(index: torch.Tensor | None, n: int, settings: TrainSettings, seed: int) -> Iterator[torch.Tensor]:
@@ -219,16 +219,16 @@ class TorchClient:
             forward, zero_grad, step = loop.forward, loop.optimizer.zero_grad, loop.step
             for rows in loop.batches:
                 zero_grad(set_to_none=True)
-                empty = len(rows) == 0
-                if not empty:
+                count = rows.shape[0]  # not len(rows): Tensor.__len__ is a slow Python method
+                if count:
                     xb, yb = x.index_select(0, rows), y.index_select(0, rows)
                     if xb.device != device:
                         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                     loss = loss_fn(forward(xb), yb)
                     loss.backward()
-                    loss_sum += loss.detach() / len(rows) if summed else loss.detach()
+                    loss_sum += loss.detach() / count if summed else loss.detach()
                     steps += 1
-                step(after_backward, empty)
+                step(after_backward, not count)
             zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
         return n, float(loss_sum) / max(steps, 1)
 
