@@ -119,3 +119,24 @@ def test_a_task_asking_for_one_epoch_gets_exactly_one_epoch_of_steps():
     assert result.parameters == start  # zero epochs: the model it was sent, untouched
     with pytest.raises(ValueError, match="whole number"):
         client.fit(start, {"local_epochs": 1.5})
+
+
+def test_stragglers_take_the_steps_the_systems_model_planned_for_them():
+    """The systems model gives a straggler fewer local epochs in its task config and times it by
+    epochs x ceil(examples / batch); the client's loop must take exactly those steps, FedProx included."""
+    from insitu.algorithms import FedProx
+    from insitu.engines.systems import SystemsModel, epochs_times_batches
+
+    model, data = _model(), _data(40)
+    loss = CountingLoss()
+    client = TorchClient(model, data, settings=TrainSettings(local_epochs=4, batch_size=16, lr=0.1), loss_fn=loss)
+    start = Parameters.from_module(model)
+    steps = epochs_times_batches({"0": 40}, 16, 4)
+    systems = SystemsModel(straggler_fraction=0.5, local_epochs=4, steps=steps)
+    config = FedProx(mu=0.1).fit_config({}, start.specs)
+    planned = [systems.plan("0", config, task).config for task in range(8)]
+    assert {c.get("local_epochs", 4) for c in planned} - {4}  # some tasks were cut short
+    for task_config in planned:
+        loss.calls = 0
+        client.fit(start, task_config)
+        assert loss.calls == steps("0", task_config)
