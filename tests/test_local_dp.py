@@ -186,6 +186,18 @@ def test_budget_refusal_names_spent_epsilon_and_budget(digits) -> None:
     assert Parameters.from_module(model) == trained  # refused before touching the model
 
 
+def test_a_task_naming_an_unknown_algorithm_is_refused_before_it_spends_budget(digits) -> None:
+    from insitu.algorithms import UnknownAlgorithmError
+
+    train, _ = digits
+    model = mlp(train)
+    client = DPTorchClient(model, train, dp=LocalDPSettings(1.0, 1.0), settings=TrainSettings(batch_size=10),
+                           train_indices=np.arange(50), state=MemoryStates().for_client("0"))
+    with pytest.raises(UnknownAlgorithmError, match="upgrade insitu"):
+        client.fit(Parameters.from_module(model), {"algorithm": "fedfuture"})
+    assert client.ledger() == [] and client.epsilon() == 0.0
+
+
 def test_refused_round_is_a_rejected_result_in_process(digits) -> None:
     train, _ = digits
     model = mlp(train)

@@ -37,7 +37,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from insitu.algorithms import GradHook
+from insitu.algorithms import GradHook, algorithm_for
 from insitu.client.api import Config, FitResult
 from insitu.client.state import ClientState
 from insitu.client.torch_client import Steps, TorchClient, TrainSettings
@@ -316,6 +316,7 @@ class DPTorchClient(TorchClient):
 
     # -- Client protocol ---------------------------------------------------------------------
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
+        algorithm_for(config)  # a task this client must refuse spends none of its budget
         settings = self.settings.updated(config)
         q, per_epoch = sampling_plan(self.num_train_examples(), settings)
         ledger = self.ledger()
