@@ -257,3 +257,18 @@ def test_simulate_refuses_an_unknown_flag_or_key_naming_the_valid_ones(tmp_path)
 def test_the_flag_tables_in_docs_cli_md_are_current():
     text = DOCS.read_text()
     assert render(text) == text, "docs/cli.md is stale: run python -m insitu.config.doc docs/cli.md"
+
+
+def test_a_server_refuses_simulation_settings_it_cannot_honour_unless_they_are_at_their_value(tmp_path):
+    runner = CliRunner()
+    args = ["server", "--insecure", "--address", "127.0.0.1:0", "--min-clients", "2", "--wait-timeout", "0.3",
+            "--test-limit", "50"]
+    saved = tmp_path / "config.json"  # a simulation's config.json: its client-side settings at the preset's values
+    saved.write_text(json.dumps(asdict(resolve_config(None, {"rounds": 2, "lr": 0.3}))))
+    waited = runner.invoke(app, [*args, "--config", str(saved), "-o", str(tmp_path / "a")], env={"COLUMNS": "200"})
+    assert waited.exit_code == 2 and "required clients connected" in " ".join(waited.output.split())
+    toml = tmp_path / "fed.toml"
+    toml.write_text('rounds = 2\npartition = "shards"\nattack = "sign_flip"\n')
+    refused = runner.invoke(app, [*args, "--config", str(toml), "-o", str(tmp_path / "b")], env={"COLUMNS": "200"})
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "attack, partition describe simulated clients" in text

@@ -124,6 +124,7 @@ def server(
     try:
         file_values, file_server = _read_server_file(config_file) if config_file else ({}, {})
         config = resolve_config(config_file, settings, file_values)
+        _refuse_simulation_only(config_file, file_values, config.dataset)
         if "min_fit_clients" not in {**file_values, **settings}:  # every client; under central DP 1 (every
             config.min_fit_clients = 1 if config.dp_clip > 0 else config.num_clients  # sampled round is released)
         config.validate()
@@ -287,6 +288,17 @@ def _read_server_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{path}: [simulate] must be a table of settings")  # noqa: TRY004 (a user's bad file)
     return (canonical_keys(SimulationConfig, simulation, source=str(path)),
             canonical_keys(ServerSettings, server_table, source=f"{path} [server]"))
+
+
+def _refuse_simulation_only(path: Path | None, file_values: dict[str, Any], dataset: str) -> None:
+    """A settings file may hold simulation settings a server cannot honour (partitions, attacks, the systems
+    model) only at the value they would have anyway, as in a run's config.json; any other value is refused."""
+    baseline = resolve_config(None, {"dataset": dataset})
+    changed = sorted(k for k, v in file_values.items() if k not in DEPLOYED_SETTINGS and v != getattr(baseline, k))
+    if changed:
+        raise ValueError(f"{path}: {', '.join(changed)} describe simulated clients, which a server does not have, "
+                         "so it cannot honour them: remove them from the file (insitu server --help lists the "
+                         "settings a server takes)")
 
 
 def _partition_id(given: int | None, client_id: str, num_partitions: int) -> int:
