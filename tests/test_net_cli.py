@@ -29,7 +29,8 @@ class Procs:
     """Started processes, their logs, and a cleanup that kills whatever is left."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.procs = root, {}
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
