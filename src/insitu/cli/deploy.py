@@ -76,6 +76,7 @@ DEPLOYED_SETTINGS = (
     "byzantine_f", "trim_fraction", "clip_norm", "screen", "dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon",
     "dp_adaptive_clip", "dp_accountant", "dp_record_client_metrics", "dp_mode", "dp_min_contributors",
     "secure_aggregation", "secagg_bound", "test_limit",
+    "mode", "concurrency", "buffer_size", "staleness_exponent", "max_staleness",
 )
 SERVER_ALIASES = {"num_clients": ("--min-clients",)}
 SERVER_HELP = {
@@ -118,7 +119,8 @@ def server(
     from insitu.net import security
     from insitu.net.server import ResumeError, ServerTLS, serve
     from insitu.params import Parameters
-    from insitu.simulation import central_evaluator, make_strategy
+    from insitu.run.fedbuff import check_async_strategy
+    from insitu.simulation import central_evaluator, make_fedbuff, make_strategy
 
     setup_logging(verbose)
     try:
@@ -134,6 +136,9 @@ def server(
         torch.manual_seed(config.seed)
         net = build_model(config.model, test.input_shape, test.num_classes)
         strategy = make_strategy(config, central_evaluator(net, test), remote=True)
+        fedbuff = make_fedbuff(config)  # None: synchronous rounds
+        if fedbuff is not None:
+            check_async_strategy(strategy, Parameters.from_module(net))
         tls, allow_list = None, None
         if certs is not None:
             tls = ServerTLS(certs / "server.pem", certs / "server.key", certs / "ca.pem" if mtls else None)
@@ -159,9 +164,9 @@ def server(
             heartbeat_interval_s=given.get("heartbeat_interval_s", min(3.0, server_config.heartbeat_timeout_s / 4)))
         console.print(f"[bold]insitu server[/] on {server_config.address}: {config.model}, {config.rounds} rounds, "
                       f"waiting for {config.num_clients} clients; state in {server_config.store_path}")
-        printer = RoundPrinter(console, config.rounds)
+        printer = RoundPrinter(console, config.rounds, show_clock=fedbuff is not None)
         result = serve(strategy, Parameters.from_module(net), num_rounds=config.rounds, settings=server_config,
-                       seed=config.seed, on_round=lambda record, _p, _s: printer(record))
+                       seed=config.seed, on_round=lambda record, _p, _s: printer(record), fedbuff=fedbuff)
     except KeyboardInterrupt:
         err_console.print("[bold]interrupted[/]: completed rounds are saved; continue with --resume")
         raise typer.Exit(code=130) from None

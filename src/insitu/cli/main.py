@@ -48,13 +48,14 @@ def simulate(
     console.print(
         f"[bold]insitu simulate[/]  {config.dataset} ({len(experiment.train)} train / {len(experiment.test)} test), "
         f"{config.model}, {config.num_clients} clients ({config.partition}), {config.strategy}, "
-        f"{config.rounds} rounds x {config.local_epochs} epoch(s), batch {config.batch_size}, lr {config.lr}, seed {config.seed}"
+        f"{config.rounds} {'FedBuff steps' if experiment.fedbuff else 'rounds'} x {config.local_epochs} epoch(s), "
+        f"batch {config.batch_size}, lr {config.lr}, seed {config.seed}"
     )
     if show_partition:
         console.print(format_histogram(experiment.train_parts, experiment.train.labels_numpy(), experiment.train.num_classes))
 
-    printer = RoundPrinter(console, config.rounds)
-    per_round = experiment.strategy.num_fit_clients(config.num_clients)
+    printer = RoundPrinter(console, config.rounds, show_clock=experiment.systems is not None)
+    per_round = experiment.fedbuff.buffer_size if experiment.fedbuff else experiment.strategy.num_fit_clients(config.num_clients)
     with progress_bar(console, total=config.rounds * per_round) as bar:
         result = experiment.run(on_round=lambda record, _p, _s: printer(record), engine=bar.wrap(experiment.engine()))
     paths = write_outputs(out, config, experiment.model, result.history)

@@ -21,8 +21,11 @@ from insitu.params import Parameters
 from insitu.run.history import RoundRecord
 
 
-def format_round(record: RoundRecord, num_rounds: int) -> str:
-    """``Round 3/5  loss 0.081  accuracy 97.4%  (10 clients, 1.2 s)``, or why the round failed."""
+def format_round(record: RoundRecord, num_rounds: int, show_clock: bool = False) -> str:
+    """``Round 3/5  loss 0.081  accuracy 97.4%  (10 clients, 1.2 s)``, or why the round failed.
+
+    ``show_clock`` adds the engine's clock (simulated seconds under a systems model) and, for FedBuff's
+    server steps, the buffer's mean staleness."""
     head = f"Round {record.round}/{num_rounds}"
     seconds = record.timings.get("total_s", 0.0)
     if record.status != "ok":
@@ -34,6 +37,10 @@ def format_round(record: RoundRecord, num_rounds: int) -> str:
         parts.append(f"accuracy {100 * record.accuracy:.1f}%")
     if "epsilon" in record.fit_metrics:
         parts.append(f"epsilon {record.fit_metrics['epsilon']:.2f}")
+    if show_clock and "clock_s" in record.timings:
+        parts.append(f"clock {record.timings['clock_s']:.1f} s")
+    if "staleness_mean" in record.fit_metrics:
+        parts.append(f"staleness {record.fit_metrics['staleness_mean']:.1f}")
     asr = record.centralized.metrics.get("attack_success_rate") if record.centralized else None
     if asr is not None:
         parts.append(f"backdoor success {100 * asr:.1f}%")
@@ -48,13 +55,14 @@ def format_round(record: RoundRecord, num_rounds: int) -> str:
 class RoundPrinter:
     """Prints each finished round above the progress bar."""
 
-    def __init__(self, console: Console, num_rounds: int) -> None:
+    def __init__(self, console: Console, num_rounds: int, show_clock: bool = False) -> None:
         self.console = console
         self.num_rounds = num_rounds
+        self.show_clock = show_clock
 
     def __call__(self, record: RoundRecord) -> None:
         style = "" if record.status == "ok" else "bold red"
-        self.console.print(format_round(record, self.num_rounds), style=style, highlight=False)
+        self.console.print(format_round(record, self.num_rounds, self.show_clock), style=style, highlight=False)
 
 
 class _CountingEngine:
