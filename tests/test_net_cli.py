@@ -292,13 +292,13 @@ def test_secure_aggregation_across_real_processes_survives_a_kill_9(procs, certs
                                        "--heartbeat-timeout", "2"))
     for cid in range(3):
         procs.start(f"client{cid}", *client_args(port, certs, cid))
-    procs.wait_for_text("client2", "round 1: secagg task received")  # training, before its keys went out
+    procs.wait_for_text("client2", "round 1: secagg train task received")  # training, before its keys went out
     procs.procs["client2"].send_signal(signal.SIGKILL)
     procs.wait_for_text("server", "Round 1/2")
     procs.start("client2b", *client_args(port, certs, 2))
     assert procs.wait("server") == 0, procs.log("server")
     rounds = final_history(tmp_path, "out")["rounds"]
-    assert [(r["status"], r["num_results"]) for r in rounds] == [("ok", 2), ("ok", 3)]
+    assert [(r["status"], r["num_results"]) for r in rounds] == [("ok", 2), ("ok", 3)], [r["failures"] for r in rounds]
     assert rounds[0]["failures"][0]["client"] == "2" and "secagg train" in rounds[0]["failures"][0]["stage"]
     assert rounds[-1]["centralized"]["metrics"]["accuracy"] > 0.9
     log = " ".join(procs.log("server").split())

@@ -16,6 +16,7 @@ reveals leave the client; the update itself never does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -111,8 +112,9 @@ class SecureAggregationProtocol:
         control = Expect(message_bytes=control_bytes(n))
 
         def step(name: str, expected: type[Message], envelopes: dict[str, Envelope],
-                 expect: Expect) -> Iterator[tuple[str, Envelope, Message]]:
-            """Send one step's envelopes; yield (client, reply, decoded message) for each usable answer.
+                 expect: Expect) -> Iterator[tuple[str, _Contributor, Message]]:
+            """Send one step's envelopes; yield (client, its count and metrics, decoded message) for each
+            usable answer.
 
             Nothing keeps a message once the consumer asks for the next: the masked vectors are model-sized."""
             for cid, outcome in engine.exchange(list(envelopes.items()), expect):
@@ -128,12 +130,12 @@ class SecureAggregationProtocol:
                     reject(cid, f"secagg {name}", f"message claims protocol id {message.client_id}, but this client "
                                                   f"was assigned {protocol_id.get(cid)}", None)
                     continue
-                reply = Envelope(outcome.protocol, num_examples=outcome.num_examples, metrics=outcome.metrics)
+                reply = _Contributor(outcome.num_examples, dict(outcome.metrics))
                 del outcome
                 yield cid, reply, message
                 del message
 
-        def only_messages(replies: Iterator[tuple[str, Envelope, Message]]) -> Iterator[Message]:
+        def only_messages(replies: Iterator[tuple[str, _Contributor, Message]]) -> Iterator[Message]:
             for _, _, message in replies:
                 yield message
                 del message
@@ -144,15 +146,14 @@ class SecureAggregationProtocol:
         contributors: dict[str, _Contributor] = {}
         adverts = []
         train = {}
-        for task in tasks:
+        for task in tasks:  # a fit task (the global model, the round's config) plus the round's public setup
             setup = RoundSetup(config.session, protocol_id[task.client_id], n, config.t, config.dim, config.bound,
                                config.degree or 0, int(config.integer))
-            plain_task = task_envelope("fit", parameters, round_.server_round - 1, task.config)
-            train[task.client_id] = Envelope(PROTOCOL, "train", plain_task.round, plain_task.model_version,
-                                             plain_task.config, parameters, plain_task.arrays, codec.encode(setup))
+            fit = task_envelope("fit", parameters, round_.server_round - 1, task.config)
+            train[task.client_id] = dataclasses.replace(fit, protocol=PROTOCOL, step="train", message=codec.encode(setup))
         for cid, reply, advert in step("train", AdvertiseKeys, train, Expect(message_bytes=control_bytes(n),
                                                                                training=True)):
-            contributors[cid] = _Contributor(reply.num_examples, dict(reply.metrics))
+            contributors[cid] = reply
             round_.record.clients[cid] = {"num_examples": reply.num_examples, **reply.metrics}
             adverts.append(advert)
         del train
