@@ -240,7 +240,7 @@ def main() -> None:
     identical = None
     for n in [int(c) for c in args.clients.split(",")]:
         config = make_config(n, args.data_dir, args.rounds, args.seed)
-        ip_train, ip_params = run_inprocess(config, echo=False)
+        ip_train, _ = run_inprocess(config, echo=False)
         ip_echo, _ = run_inprocess(config, echo=True)
         variants = ("train", "echo", "secure-train", "secure-echo") if args.secure else ("train", "echo")
         grpc_out = run_grpc(config, args.client_threads, args.connect_timeout, variants)

@@ -85,10 +85,10 @@ def test_a_600_mb_update_passes_with_bounded_memory_on_both_ends():
 @pytest.mark.slow
 def test_seeds_scenario_deployed_with_tls_and_authentication(tmp_path, mnist_dir):
     port = _free_port()
-    run = lambda *a, **k: subprocess.Popen([str(BIN / "insitu"), *a], cwd=tmp_path, **k)  # noqa: E731
+    run = lambda *a, **k: subprocess.Popen([str(BIN / "insitu"), *a], cwd=tmp_path, **k)
     subprocess.run([str(BIN / "insitu"), "keygen", "--out", "fed", "--clients", "3"], cwd=tmp_path, check=True,
                    capture_output=True)
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "c0", "c1", "c2")}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "c0", "c1", "c2")}  # noqa: SIM115 - closed after the processes
     server = run("server", "--certs", "fed", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--rounds", "5",
                  "--min-clients", "3", "--address", f"127.0.0.1:{port}", "-o", "out",
                  stdout=logs["server"], stderr=subprocess.STDOUT)
@@ -103,6 +103,8 @@ def test_seeds_scenario_deployed_with_tls_and_authentication(tmp_path, mnist_dir
         for proc in (server, *clients):
             if proc.poll() is None:
                 proc.kill()
+        for log in logs.values():
+            log.close()
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     accuracies = [r["centralized"]["metrics"]["accuracy"] for r in history["rounds"]]
     print("deployed seeds scenario, accuracy per round:", accuracies)

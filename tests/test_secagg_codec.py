@@ -14,7 +14,7 @@ def test_every_message_of_a_real_round_survives_encoding_and_the_round_still_dec
     cfg = SecAggConfig(n=4, t=3, dim=50, bound=1.0)
     rng = np.random.default_rng(0)
     inputs = {cid: rng.uniform(-1, 1, 50) for cid in cfg.client_ids}
-    wire = lambda message: codec.decode(codec.encode(message), type(message))  # noqa: E731
+    wire = lambda message: codec.decode(codec.encode(message), type(message))
     clients = {cid: SecAggClient(cid, cfg) for cid in cfg.client_ids}
     server = SecAggServer(cfg)
     keys = [wire(c.advertise_keys()) for c in clients.values()]
