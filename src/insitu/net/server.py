@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -39,6 +40,9 @@ from insitu.run.history import History, RoundRecord
 from insitu.run.loop import Coordinator, RoundCallback, RunResult
 from insitu.run.store import RunStore
 from insitu.strategies.strategy import ServerState, Strategy
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 
 log = logging.getLogger("insitu.server")
 
@@ -257,7 +261,7 @@ class FederationServer:
             time.sleep(0.1)
         self._server.stop(grace=1.0).wait(5.0)
 
-    def __enter__(self) -> FederationServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:

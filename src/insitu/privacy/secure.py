@@ -5,8 +5,8 @@ with a public scale s), under central DP clipped to L2 norm C with a final coord
 whether clipping left it unchanged (adaptive clipping's count, learned only as a sum), or under
 distributed DP clipped, scaled, rounded and noised by the client itself. :class:`SecureSum` is the
 pipeline's reduction: in simulation it runs the whole protocol in-process (with optional dropouts);
-over gRPC the round loop runs it message by message (:mod:`insitu.run.secure_round`, client side
-:mod:`insitu.privacy.secagg.participant`) and finishes the round from the decoded sum with the same
+over gRPC the secure-aggregation round protocol runs it message by message (:mod:`insitu.protocols.secagg`,
+server and client halves) and finishes the round from the decoded sum with the same
 ``decode`` (:meth:`insitu.strategies.Strategy.aggregate_secure_sum`).
 """
 

@@ -11,7 +11,7 @@ and the extras a client algorithm returns (SCAFFOLD's ``scaffold_delta_c``), not
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable
 from typing import Literal
 
 from insitu.algorithms import RESULT_EXTRAS
@@ -20,7 +20,7 @@ from insitu.engines.base import Engine, Outcome, TaskKind, run_tasks
 from insitu.params import Parameters
 from insitu.protocols.base import ClientPolicy, FitRound
 from insitu.protocols.envelope import Envelope, Expect
-from insitu.run.validation import check_fit_result, magnitude_bound
+from insitu.run.validation import magnitude_bound, numeric_metrics, usable_fit_result
 from insitu.strategies.strategy import Aggregate
 
 FIT: Literal["fit"] = "fit"
@@ -105,22 +105,13 @@ def accepted_fits(results: Iterable[tuple[str, Outcome]],
     (:func:`~insitu.run.validation.check_fit_result`), or lacks what the client algorithm needs."""
     expected, bound = round_.parameters.specs, magnitude_bound(round_.parameters)
     for client_id, result in results:
-        if isinstance(result, BaseException):
-            reason: str | None = f"fit failed: {type(result).__name__}: {result}"
-        else:
-            reason = check_fit_result(result, expected, bound)
-        if reason is None and isinstance(result, FitResult):
-            reason = round_.strategy.check_fit_result(result, expected)
+        reason = usable_fit_result(round_.strategy, result, expected, bound)
         if reason is not None or not isinstance(result, FitResult):
             round_.reject(client_id, "fit", reason or "not a fit result", result)
             continue
-        round_.record.clients[client_id] = {"num_examples": result.num_examples, **_numeric(result.metrics)}
+        round_.record.clients[client_id] = {"num_examples": result.num_examples, **numeric_metrics(result.metrics)}
         yield client_id, result
         del result  # let the update go before the next one is fetched (server memory O(model))
-
-
-def _numeric(metrics: Mapping[str, object]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class PlainExchange:

@@ -28,8 +28,8 @@ from insitu.engines.base import Engine, Task
 from insitu.params import Parameters
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.run.history import History, RoundRecord
-from insitu.run.loop import RoundCallback, RunResult, client_seed, evaluate_central, reject, usable_fit_result
-from insitu.run.validation import check_aggregate, magnitude_bound
+from insitu.run.loop import RoundCallback, RunResult, client_seed, evaluate_central, reject
+from insitu.run.validation import check_aggregate, magnitude_bound, numeric_metrics, usable_fit_result
 from insitu.strategies.strategy import ServerState, Strategy
 
 log = logging.getLogger("insitu")
@@ -159,7 +159,8 @@ class AsyncCoordinator:
                                                            outcome.num_examples, dict(outcome.metrics))))
                 staleness.append(stale)
                 record.selected.append(result.client_id)
-                record.clients[result.client_id] = {"num_examples": outcome.num_examples, "staleness": stale}
+                record.clients[result.client_id] = {"num_examples": outcome.num_examples, "staleness": stale,
+                                                    **numeric_metrics(outcome.metrics)}
             del result, outcome
             if len(buffer) >= fedbuff.buffer_size:
                 parameters, state = self._step(version + 1, parameters, state, buffer, staleness, record,

@@ -11,24 +11,24 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregationError
-from insitu.client.api import EvalResult, FitResult
+from insitu.client.api import EvalResult
 from insitu.engines.base import Engine, Task, run_tasks
 from insitu.engines.systems import ClientDroppedOut, StragglerDropped
-from insitu.params import Parameters, ParamSpec
+from insitu.params import Parameters
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
 from insitu.protocols.base import FitRound
 from insitu.protocols.registry import fit_protocol
 from insitu.run.history import Evaluation, History, RoundRecord
-from insitu.run.validation import check_aggregate, check_eval_result, check_fit_result, magnitude_bound
+from insitu.run.validation import check_aggregate, check_eval_result, magnitude_bound, numeric_metrics
 from insitu.strategies.strategy import ServerState, Strategy
 
 log = logging.getLogger("insitu")
@@ -197,21 +197,6 @@ class Coordinator:
         config.setdefault("seed", client_seed(self.seed, server_round, client_id))
         return Task(client_id, config)
 
-    def _accepted_fit(
-        self, server_round: int, parameters: Parameters, tasks: list[Task], record: RoundRecord
-    ) -> Generator[tuple[str, FitResult], None, None]:
-        """Validated results, streamed to the aggregator as they arrive; rejections are recorded."""
-        expected, bound = parameters.specs, magnitude_bound(parameters)
-        for client_id, result in run_tasks(self.pool, "fit", parameters, server_round - 1, tasks):
-            reason = usable_fit_result(self.strategy, result, expected, bound)
-            if reason is not None:
-                reject(server_round, client_id, "fit", reason, record, result)
-                continue
-            assert isinstance(result, FitResult)
-            record.clients[client_id] = {"num_examples": result.num_examples, **_numeric(result.metrics)}
-            yield client_id, result
-            del result  # let the update go before the next one is fetched (server memory O(model))
-
     def _evaluate(self, server_round: int, parameters: Parameters, available: list[str], record: RoundRecord) -> None:
         strategy = self.strategy
         rng = np.random.default_rng([self.seed, server_round, 1])
@@ -238,7 +223,7 @@ class Coordinator:
                     entry = record.clients.setdefault(client_id, {})
                     entry["eval_loss"] = float(result.loss)
                     entry["eval_examples"] = result.num_examples
-                    entry.update({f"eval_{k}": v for k, v in _numeric(result.metrics).items()})
+                    entry.update({f"eval_{k}": v for k, v in numeric_metrics(result.metrics).items()})
             loss, metrics = strategy.aggregate_evaluate(results)
             if loss is not None:
                 examples = sum(r.num_examples for _, r in results)
@@ -246,15 +231,6 @@ class Coordinator:
         central = evaluate_central(strategy, server_round, parameters)
         if central is not None:
             record.centralized = central
-
-
-def usable_fit_result(strategy: Strategy, outcome: object, expected: tuple[ParamSpec, ...], bound: float) -> str | None:
-    """Why a fit outcome cannot be folded (a failure, a malformed or absurd update), or None."""
-    if isinstance(outcome, BaseException):
-        return f"fit failed: {type(outcome).__name__}: {outcome}"
-    if not isinstance(outcome, FitResult):
-        return f"fit returned a {type(outcome).__name__}, expected a FitResult"
-    return check_fit_result(outcome, expected, bound) or strategy.check_fit_result(outcome, expected)
 
 
 def reject(server_round: int, client_id: str, stage: str, reason: str, record: RoundRecord,
@@ -270,10 +246,6 @@ def evaluate_central(strategy: Strategy, server_round: int, parameters: Paramete
     """The strategy's centralized evaluation of ``parameters`` (None when it has none, or skips this round)."""
     central = strategy.evaluate(server_round, parameters)
     return None if central is None else Evaluation(float(central[0]), dict(central[1]))
-
-
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
 
 
 def _withhold_client_facts(record: RoundRecord) -> None:

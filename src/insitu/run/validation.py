@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from insitu.client.api import EvalResult, FitResult
 from insitu.params import Parameters, ParamSpec, describe_mismatch
+
+if TYPE_CHECKING:
+    from insitu.strategies.strategy import Strategy
 
 MAGNITUDE_LIMIT = 1e6
 
@@ -41,6 +45,26 @@ def check_fit_result(result: object, expected: Sequence[ParamSpec], max_abs: flo
     if problem:
         return f"parameters do not match the global model: {problem}"
     return _check_values(result.parameters, max_abs, "")
+
+
+def usable_fit_result(strategy: Strategy, outcome: object, expected: Sequence[ParamSpec],
+                      max_abs: float = math.inf) -> str | None:
+    """Why a fit outcome cannot be folded, or None: a failure, a malformed or absurd update
+    (:func:`check_fit_result`), or one that lacks what the strategy's client algorithm needs."""
+    if isinstance(outcome, BaseException):
+        return f"fit failed: {type(outcome).__name__}: {outcome}"
+    reason = check_fit_result(outcome, expected, max_abs)
+    if reason is None and isinstance(outcome, FitResult):
+        reason = strategy.check_fit_result(outcome, tuple(expected))
+    return reason
+
+
+def numeric_metrics(metrics: object) -> dict[str, float]:
+    """The numeric (non-bool) entries of a client's metrics, as floats: what the history records."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
 
 
 def check_aggregate(parameters: Parameters, max_abs: float = math.inf) -> str | None:
