@@ -118,6 +118,17 @@ def test_failing_clients_are_rejected_and_replaced(caplog):
     assert any("disk on fire" in f["reason"] for r in result.history.rounds for f in r.failures)
 
 
+def test_a_step_the_reducer_refuses_fails_and_leaves_the_model_unchanged(caplog):
+    """Krum with f = 1 needs 5 updates; a buffer of 2 is refused, the step recorded as failed, the run goes on."""
+    from insitu.aggregation import krum
+
+    clients = [StepClient([1.0, 0.0]), StepClient([0.0, 1.0])]
+    result = run_fedbuff(clients, FedBuff(buffer_size=2, concurrency=2), steps=2, reducer=krum(1))
+    assert [r.status for r in result.history.rounds] == ["failed", "failed"]
+    assert "needs n > 2f + 2" in result.history.rounds[0].error
+    np.testing.assert_array_equal(dict(result.parameters)["w"], [0.0, 0.0])
+
+
 def test_when_every_client_fails_the_run_stops_instead_of_retrying_forever():
     clients = [FailingClient([0, 0]), FailingClient([0, 0])]
     with pytest.raises(RuntimeError, match="all unusable"):

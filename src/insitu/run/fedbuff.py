@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from insitu.aggregation.base import AggregationAssumptionError
 from insitu.client.api import FitResult
 from insitu.engines.base import Engine, Task
 from insitu.params import Parameters
@@ -30,7 +31,7 @@ from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.run.history import History, RoundRecord
 from insitu.run.loop import RoundCallback, RunResult, client_seed, evaluate_central, reject
 from insitu.run.validation import check_aggregate, magnitude_bound, numeric_metrics, usable_fit_result
-from insitu.strategies.strategy import ServerState, Strategy
+from insitu.strategies.strategy import Aggregate, ServerState, Strategy
 
 log = logging.getLogger("insitu")
 
@@ -174,8 +175,9 @@ class AsyncCoordinator:
                     break
                 buffer, staleness, record = [], [], RoundRecord(round=version + 1)
                 step_started = time.perf_counter()
-                # clients may have left or joined; the next update is bounded by the new model
-                available = engine.wait_for(strategy.min_available_clients, self.wait_timeout)
+                # clients may have left or joined (the run goes on with whoever is there: a step never waits
+                # for a particular client); the next update is bounded by the new model
+                available = engine.wait_for(1, self.wait_timeout)
                 bound = magnitude_bound(parameters)
             for old in [v for v in models if v != version and v not in training.values()]:
                 del models[old]  # no client trains from it any more
@@ -192,11 +194,17 @@ class AsyncCoordinator:
               buffer: list[tuple[str, FitResult]], staleness: list[int], record: RoundRecord, num_clients: int,
               started: float) -> tuple[Parameters, ServerState]:
         """Fold the buffer into a server step; a refused aggregate leaves the model unchanged."""
-        outcome = self.strategy.aggregate_fit(parameters, state, buffer, num_clients=num_clients)
-        record.num_results = outcome.num_results
-        problem = None if outcome.parameters is None else check_aggregate(outcome.parameters,
-                                                                          magnitude_bound(parameters))
-        if outcome.parameters is None or problem is not None:
+        problem: str | None = None
+        try:
+            outcome: Aggregate | None = self.strategy.aggregate_fit(parameters, state, buffer,
+                                                                    num_clients=num_clients)
+        except AggregationAssumptionError as error:  # e.g. Krum with too few updates for its f
+            outcome, problem = None, str(error)
+        if outcome is not None:
+            record.num_results = outcome.num_results
+            problem = None if outcome.parameters is None else check_aggregate(outcome.parameters,
+                                                                              magnitude_bound(parameters))
+        if outcome is None or outcome.parameters is None or problem is not None:
             record.status = "failed"
             record.error = f"server step {server_round}: aggregation refused: {problem}; global model left unchanged"
             log.error(record.error)
