@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from insitu.algorithms.base import ALGORITHM, AlgorithmState, FitContext, LocalRound, check_extras
-from insitu.params import Parameters, ParamSpec
+from insitu.algorithms.base import ALGORITHM, AlgorithmState, FitContext, LocalRound
+from insitu.algorithms.local_sgd import StatelessServerHalf
+from insitu.params import ParamSpec
 
 if TYPE_CHECKING:
-    from insitu.client.api import Config, FitResult
+    from insitu.client.api import Config
 
 PROXIMAL_MU = "proximal_mu"  # config: the proximal weight mu (a float)
 
@@ -29,34 +30,17 @@ def proximal_weight(value: object) -> float:
 
 
 @dataclass(frozen=True)
-class FedProx:
+class FedProx(StatelessServerHalf):
     """FedProx with proximal weight ``mu`` (0 is FedAvg)."""
 
     mu: float = 0.01
     name: ClassVar[str] = "fedprox"
-    secure_compatible: ClassVar[bool] = True
-    result_extras: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         proximal_weight(self.mu)
 
-    def init_state(self, parameters: Parameters) -> AlgorithmState:
-        return {}
-
     def fit_config(self, state: AlgorithmState, specs: tuple[ParamSpec, ...]) -> Config:
         return {ALGORITHM: self.name, PROXIMAL_MU: float(self.mu)}
-
-    def check_result(self, result: FitResult, specs: tuple[ParamSpec, ...]) -> str | None:
-        return check_extras(result, specs, self.result_extras, self.name)
-
-    def start(self, dim: int) -> None:
-        return None
-
-    def add(self, acc: None, result: FitResult) -> None:
-        return None
-
-    def finish(self, acc: None, state: AlgorithmState, num_clients: int) -> AlgorithmState:
-        return state
 
     @staticmethod
     def client_half(fit: FitContext) -> LocalRound:

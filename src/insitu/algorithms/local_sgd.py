@@ -12,11 +12,11 @@ if TYPE_CHECKING:
     from insitu.client.api import Config, FitResult
 
 
-@dataclass(frozen=True)
-class LocalSGD:
-    """FedAvg's client algorithm: local SGD epochs, nothing extra either way, no server state."""
+class StatelessServerHalf:
+    """The server half of an algorithm that keeps no server state and expects no extras back: it only
+    names itself in the task config (subclasses add what they send)."""
 
-    name: ClassVar[str] = "local_sgd"
+    name: ClassVar[str]
     secure_compatible: ClassVar[bool] = True
     result_extras: ClassVar[tuple[str, ...]] = ()
 
@@ -37,6 +37,13 @@ class LocalSGD:
 
     def finish(self, acc: None, state: AlgorithmState, num_clients: int) -> AlgorithmState:
         return state
+
+
+@dataclass(frozen=True)
+class LocalSGD(StatelessServerHalf):
+    """FedAvg's client algorithm: local SGD epochs, nothing extra either way, no server state."""
+
+    name: ClassVar[str] = "local_sgd"
 
     @staticmethod
     def client_half(fit: FitContext) -> LocalRound:
