@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from insitu.params import Parameters
+from insitu.aggregation import weighted_mean
 from insitu.strategies import Strategy, fedavg, fedsgd
 
 
@@ -76,3 +77,22 @@ def test_a_reducer_without_declared_properties_is_refused_with_the_fix():
 
     with pytest.raises(TypeError, match=r"declares no properties: give it `properties = Properties\(...\)`"):
         Strategy(reducer=Legacy())
+
+
+@pytest.mark.parametrize("extra", [
+    {"privacy": "central"}, {"secure_aggregation": True},
+], ids=["central-dp", "secure-aggregation"])
+def test_a_linear_reducer_other_than_the_mean_is_refused_where_dp_or_secagg_would_replace_it(extra):
+    """DP and secure aggregation build the round's mean from their own stages: a total() or a scaled mean
+    would silently not run, so it is refused when the strategy is built."""
+    from insitu.aggregation import pipeline, total
+    from insitu.aggregation.noise import scale
+    from insitu.privacy.central import CentralDP
+    from insitu.privacy.secure import SecureAggregation
+
+    kwargs = {"privacy": CentralDP(1.0, 1.0, 0.5)} if "privacy" in extra else {
+        "secure_aggregation": SecureAggregation(10.0), "min_fit_clients": 1, "min_available_clients": 1}
+    for reducer in (total(), pipeline(reduce=weighted_mean(), post=[scale(0.5)])):
+        with pytest.raises(ValueError, match="would not run"):
+            fedavg(reducer=reducer, **kwargs)
+    fedavg(reducer=weighted_mean(), **kwargs)  # the mean itself is what they stand in for

@@ -20,6 +20,7 @@ from insitu.aggregation import (
     Properties,
     Reducer,
     Report,
+    WeightedMean,
     clip,
     pipeline,
     total,
@@ -149,6 +150,10 @@ class Strategy:
         if self.secure_aggregation is not None and not props.linear:
             raise ValueError(f"secure aggregation reveals only the sum: {reducer!r} is not a weighted sum of the "
                              "updates; use aggregator 'mean' without clip_norm (for bounded updates, use dp_clip)")
+        if (self.privacy is not None or self.secure_aggregation is not None) and not isinstance(reducer, WeightedMean):
+            what = "DP" if self.privacy is not None else "secure aggregation"
+            raise ValueError(f"{what} computes the round's (clipped, noised) mean with its own stages and would not "
+                             f"run {reducer!r}: leave the reducer at the default weighted mean (aggregator 'mean')")
 
     def _check_privacy(self) -> None:
         """Refuse settings under which whether (or what) a round releases depends on who was sampled,
