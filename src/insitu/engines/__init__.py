@@ -1,7 +1,6 @@
 """Engines: interchangeable task streams (in-process and gRPC now; more plug in behind ``Engine``)."""
 
 from insitu.engines.base import (
-    ClientPool,
     Engine,
     EvalOutcome,
     FitOutcome,
@@ -16,7 +15,6 @@ from insitu.engines.systems import ClientDroppedOut, StragglerDropped, SystemsMo
 __all__ = [
     "ClientDroppedOut",
     "ClientFn",
-    "ClientPool",
     "Engine",
     "EvalOutcome",
     "FitOutcome",

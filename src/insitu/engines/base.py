@@ -95,7 +95,3 @@ def run_tasks(engine: Engine, kind: TaskKind, parameters: Parameters, model_vers
         del result
         yield client_id, outcome
         del outcome  # hold no update while the next one is fetched
-
-
-# Kept for the name users may have imported: every engine is a ClientPool.
-ClientPool = Engine

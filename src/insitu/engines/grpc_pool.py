@@ -1,4 +1,4 @@
-"""The network engine's ClientPool: remote clients that pull tasks and push results over gRPC.
+"""The network engine: remote clients that pull tasks and push results over gRPC.
 
 The round loop sees the same ``wait_for``/``submit``/``results`` stream as in simulation. Behind them,
 every task is an :class:`~insitu.protocols.envelope.Envelope` waiting in its client's mailbox until
@@ -108,7 +108,7 @@ def natural_order(client_ids: Iterable[str]) -> list[str]:
 
 
 class GrpcClientPool:
-    """Registry of connected clients plus the ClientPool calls the round loop makes."""
+    """Registry of connected clients plus the Engine calls (a task stream) the round policies make."""
 
     def __init__(self, *, round_timeout: float | None = None, heartbeat_timeout: float = 15.0,
                  max_clients: int = 1000) -> None:
