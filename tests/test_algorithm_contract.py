@@ -17,11 +17,12 @@ from insitu import serde
 from insitu.algorithms import (
     ALGORITHM,
     ALGORITHMS,
-    RESULT_EXTRAS,
     ClientAlgorithm,
     LocalSGD,
     UnknownAlgorithmError,
     algorithm_for,
+    register_algorithm,
+    result_extras,
 )
 from insitu.client.api import Config, FitResult
 from insitu.client.state import MemoryStates
@@ -64,7 +65,7 @@ def fitted(algorithm: type[ClientAlgorithm]) -> tuple[ClientAlgorithm, Parameter
 def test_the_registry_is_keyed_by_each_algorithms_own_name() -> None:
     assert set(ALGORITHMS) == {"local_sgd", "fedprox", "scaffold"}
     assert all(algorithm.name == name for name, algorithm in ALGORITHMS.items())
-    assert RESULT_EXTRAS == {extra for algorithm in ALGORITHMS.values() for extra in algorithm.result_extras}
+    assert result_extras() == {extra for algorithm in ALGORITHMS.values() for extra in algorithm.result_extras}
     assert algorithm_for({}) is LocalSGD  # a task that names none is plain local training
 
 
@@ -124,3 +125,27 @@ def test_an_unknown_algorithm_fails_that_task_and_the_server_records_why() -> No
     record, parameters, _ = Coordinator(strategy, pool, num_rounds=1).run_round(1, start, strategy.init_state(start))
     assert record.num_results == 0 and parameters == start
     assert "does not know algorithm 'fedfuture'" in record.failures[0]["reason"]
+
+
+def test_a_registered_algorithm_is_known_by_name_and_its_extras_are_accepted(monkeypatch):
+    """register_algorithm adds an algorithm at run time: clients look it up by name, servers accept its
+    extras from the network; a second algorithm under a taken name is refused."""
+    import insitu.algorithms
+    from insitu.protocols.plain import FIT, expect
+
+    monkeypatch.setattr(insitu.algorithms, "ALGORITHMS", dict(ALGORITHMS))
+
+    class Echo(LocalSGD):
+        name = "echo_test"
+        result_extras = ("echo_test_extra",)
+
+    assert "echo_test_extra" not in expect(FIT).arrays
+    register_algorithm(Echo)
+    assert algorithm_for({ALGORITHM: "echo_test"}) is Echo
+    assert "echo_test_extra" in expect(FIT).arrays and "echo_test_extra" in result_extras()
+
+    class Impostor(LocalSGD):
+        name = "echo_test"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_algorithm(Impostor)

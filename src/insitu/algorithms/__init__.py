@@ -23,11 +23,28 @@ from insitu.algorithms.scaffold import SCAFFOLD_C, SCAFFOLD_DELTA_C, SCAFFOLD_ST
 if TYPE_CHECKING:
     from insitu.client.api import Config
 
-_ALL: tuple[type[ClientAlgorithm], ...] = (LocalSGD, FedProx, Scaffold)
-ALGORITHMS: dict[str, type[ClientAlgorithm]] = {algorithm.name: algorithm for algorithm in _ALL}
-"""Every client algorithm this insitu knows, by the name its tasks carry."""
-RESULT_EXTRAS = frozenset(extra for algorithm in _ALL for extra in algorithm.result_extras)
-"""The names of every extra array some algorithm's results carry (a server refuses others)."""
+ALGORITHMS: dict[str, type[ClientAlgorithm]] = {}
+"""Every client algorithm this process knows, by the name its tasks carry (see :func:`register_algorithm`)."""
+
+
+def register_algorithm(algorithm: type[ClientAlgorithm]) -> type[ClientAlgorithm]:
+    """Make ``algorithm`` known by its ``name``, to clients (which run its client half when a task names it)
+    and to servers (which accept the extras it declares); usable as a class decorator. Both ends of a
+    deployment must register it."""
+    known = ALGORITHMS.get(algorithm.name)
+    if known is not None and known is not algorithm:
+        raise ValueError(f"a client algorithm named {algorithm.name!r} is already registered ({known.__name__})")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+for _builtin in (LocalSGD, FedProx, Scaffold):
+    register_algorithm(_builtin)
+
+
+def result_extras() -> frozenset[str]:
+    """The names of every extra array some registered algorithm's results carry (a server refuses others)."""
+    return frozenset(extra for algorithm in ALGORITHMS.values() for extra in algorithm.result_extras)
 
 
 class UnknownAlgorithmError(ValueError):
@@ -48,7 +65,6 @@ __all__ = [
     "ALGORITHM",
     "ALGORITHMS",
     "PROXIMAL_MU",
-    "RESULT_EXTRAS",
     "SCAFFOLD_C",
     "SCAFFOLD_DELTA_C",
     "SCAFFOLD_STATE",
@@ -64,4 +80,6 @@ __all__ = [
     "UnknownAlgorithmError",
     "algorithm_for",
     "check_extras",
+    "register_algorithm",
+    "result_extras",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable
 from typing import Literal
 
-from insitu.algorithms import RESULT_EXTRAS
+from insitu.algorithms import result_extras
 from insitu.client.api import Client, Config, EvalResult, FitResult
 from insitu.engines.base import Engine, Outcome, TaskKind, run_tasks
 from insitu.params import Parameters
@@ -25,11 +25,6 @@ from insitu.strategies.strategy import Aggregate
 
 FIT: Literal["fit"] = "fit"
 EVALUATE: Literal["evaluate"] = "evaluate"
-# A fit result may carry the extras any client algorithm returns (each at most the model's size); others
-# are refused from the header. The strategy's algorithm then refuses extras that are not its own.
-_EXPECT = {FIT: Expect(parameters=True, arrays=RESULT_EXTRAS, training=True), EVALUATE: Expect()}
-
-
 def task_envelope(kind: TaskKind, parameters: Parameters, model_version: int, config: Config) -> Envelope:
     """A fit or evaluate task: the global parameters, scalar config, and array-valued config by name."""
     scalars = {k: v for k, v in config.items() if not isinstance(v, Parameters)}
@@ -40,10 +35,16 @@ def task_envelope(kind: TaskKind, parameters: Parameters, model_version: int, co
 
 def expect(kind: TaskKind) -> Expect:
     """What a reply to a fit or evaluate task may carry: a fit result's parameters and its algorithm's
-    extras (its example count a training count); an evaluation's counts and metrics only."""
-    if kind not in _EXPECT:
-        raise ValueError(f"the plain exchange sends fit and evaluate tasks, not {kind!r}")
-    return _EXPECT[kind]
+    extras (its example count a training count); an evaluation's counts and metrics only.
+
+    A fit reply may carry the extras any registered client algorithm returns (each at most the model's
+    size); others are refused from the header. The strategy's algorithm then refuses extras that are
+    not its own."""
+    if kind == FIT:
+        return Expect(parameters=True, arrays=result_extras(), training=True)
+    if kind == EVALUATE:
+        return Expect()
+    raise ValueError(f"the plain exchange sends fit and evaluate tasks, not {kind!r}")
 
 
 def read_reply(kind: TaskKind, reply: Envelope) -> FitResult | EvalResult:
