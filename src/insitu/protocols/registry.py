@@ -16,6 +16,16 @@ HANDLERS: dict[str, HandlerFactory] = {
 """Client halves by protocol name: the transport hands a task to the handler its envelope names."""
 
 
+def register_handler(protocol: str, factory: HandlerFactory) -> HandlerFactory:
+    """Route task envelopes naming ``protocol`` to the handlers ``factory(client, policy)`` builds (the
+    client half of a round protocol; its server half is passed to ``Coordinator(protocol=...)``)."""
+    known = HANDLERS.get(protocol)
+    if known is not None and known is not factory:
+        raise ValueError(f"a client handler for protocol {protocol!r} is already registered ({known!r})")
+    HANDLERS[protocol] = factory
+    return factory
+
+
 def client_handlers(client: Client, policy: ClientPolicy | None = None) -> dict[str, ClientHandler]:
     """One handler per registered protocol, serving ``client`` under ``policy``."""
     policy = policy or ClientPolicy()

@@ -25,7 +25,7 @@ from insitu.params import Parameters
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
 from insitu.privacy.secagg.protocol import SecAggAbort
-from insitu.protocols.base import FitRound
+from insitu.protocols.base import FitRound, RoundProtocol
 from insitu.protocols.registry import fit_protocol
 from insitu.run.history import Evaluation, History, RoundRecord
 from insitu.run.validation import check_aggregate, check_eval_result, magnitude_bound, numeric_metrics
@@ -62,6 +62,9 @@ class Coordinator:
     own randomness (OS entropy unless a simulation seeded it), otherwise ``SimulationSeed(seed)``
     so runs without DP are reproducible. A DP deployment passes ``OSEntropy()``: anyone who can
     recompute the sample learns who took part, which epsilon does not cover.
+
+    ``protocol`` is the round protocol's server half; by default ``fit_protocol`` picks the plain
+    exchange, or secure aggregation message by message on an engine that carries envelopes.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Coordinator:
         evaluate_initial: bool = True,
         stop_when: Callable[[RoundRecord], bool] | None = None,
         sampling: RandomnessSource | None = None,
+        protocol: RoundProtocol | None = None,
     ) -> None:
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -90,6 +94,7 @@ class Coordinator:
         if sampling is None:
             sampling = strategy.privacy.randomness if strategy.privacy is not None else SimulationSeed(seed)
         self.sampling = sampling
+        self.protocol = protocol  # None: fit_protocol chooses (plain exchange, or secure aggregation over gRPC)
 
     def run(
         self,
@@ -145,7 +150,7 @@ class Coordinator:
         tasks = [self._task(cid, server_round, base_config) for cid in record.selected]
 
         try:
-            protocol = fit_protocol(strategy, self.pool)  # the plain exchange, or secure aggregation over the network
+            protocol = self.protocol or fit_protocol(strategy, self.pool)
             outcome = protocol.fit(self.pool, FitRound(
                 strategy, server_round, parameters, server_state, tasks, record, num_clients=len(available),
                 reject=lambda cid, stage, reason, result: reject(server_round, cid, stage, reason, record, result)))
