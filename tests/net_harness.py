@@ -42,13 +42,14 @@ class ValueClient:
 class Federation:
     """A server running ``num_rounds`` in a background thread; clients join with ``add``."""
 
-    def __init__(self, num_rounds=1, strategy=None, initial=None, **settings):
+    def __init__(self, num_rounds=1, strategy=None, initial=None, fedbuff=None, **settings):
         settings.setdefault("insecure", True)
         settings.setdefault("heartbeat_interval_s", 0.5)
         self.server = FederationServer(ServerSettings(address="127.0.0.1:0", **settings))
         self.address = f"127.0.0.1:{self.server.port}"
         self.strategy = strategy or fedavg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0)
         self.initial = GLOBAL if initial is None else initial
+        self.fedbuff = fedbuff  # FedBuff's server steps instead of rounds
         self.result = None
         self.error = None
         self.rounds = []
@@ -58,7 +59,7 @@ class Federation:
 
     def _run(self, num_rounds):
         try:
-            self.result = self.server.run(self.strategy, self.initial, num_rounds=num_rounds,
+            self.result = self.server.run(self.strategy, self.initial, num_rounds=num_rounds, fedbuff=self.fedbuff,
                                           on_round=lambda r, p, s: self.rounds.append(r))
         except BaseException as error:  # surfaced by finish()
             self.error = error
