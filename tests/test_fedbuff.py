@@ -229,3 +229,6 @@ def test_bad_mode_and_impossible_concurrency_are_refused_before_training():
         build_experiment(config(mode="fedbuff", concurrency=50))
     with pytest.raises(ValueError, match="could never fill its buffer"):
         build_experiment(config(mode="fedbuff", buffer_size=8, concurrency=4))
+    for bad in (dict(speed_sigma=-1.0), dict(dropout=1.5), dict(latency=-2.0), dict(straggler_fraction=-0.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # a negative setting is refused, not ignored
+            build_experiment(config(mode="sync", **bad))

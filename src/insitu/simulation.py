@@ -348,6 +348,7 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     """Load data, partition it, build one shared model and the strategy; nothing trains yet."""
     config.validate()
     fedbuff = make_fedbuff(config)
+    make_systems_model(config, {})  # refuse bad systems settings before any data is loaded
     train = _limit(load_dataset(config.dataset, "train", config.data_dir), config.train_limit)
     test = _limit(load_dataset(config.dataset, "test", config.data_dir), config.test_limit)
     labels = train.labels_numpy()
@@ -429,8 +430,8 @@ def make_fedbuff(config: SimulationConfig) -> FedBuff | None:
 def make_systems_model(config: SimulationConfig, sizes: dict[str, int]) -> SystemsModel | None:
     """The simulated speeds, latency, dropouts and stragglers, or None when every setting is off (and
     the mode is synchronous): then the engine's clock is wall time."""
-    heterogeneous = (config.speed_sigma > 0 or config.latency > 0 or config.dropout > 0
-                     or config.straggler_fraction > 0)
+    heterogeneous = (config.speed_sigma != 0 or config.latency != 0 or config.dropout != 0
+                     or config.straggler_fraction != 0)  # a negative value is then refused by SystemsModel
     if not heterogeneous and config.mode == "sync":
         return None
     return SystemsModel(config.speed_sigma, config.step_seconds, config.latency, config.dropout,
