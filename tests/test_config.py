@@ -1,6 +1,6 @@
 """The settings schema: one declaration per field gives its flag, its settings-file keys, its checks and
-its saved JSON. First a toy schema by hand, then a walk over every field of SimulationConfig and
-ServerSettings, then the commands as users call them."""
+its saved JSON. First a toy schema by hand, then a walk over every field of SimulationConfig,
+ServerSettings and ClientSettings, then the commands as users call them."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from insitu.cli.deploy import DEPLOYED_SETTINGS, SERVER_ALIASES
+from insitu.cli.deploy import DEPLOYED_SETTINGS, SERVER_ALIASES, _read_client_file, _read_server_file
 from insitu.cli.main import app
 from insitu.cli.presets import read_settings, resolve_config
 from insitu.config import canonical_keys, from_mapping, key_map, schema, settable, setting, to_dict
 from insitu.config.cli import with_settings
 from insitu.config.doc import render
 from insitu.config.schema import Field, parse_scalar
+from insitu.net.client import ClientSettings
 from insitu.net.server import ServerSettings
 from insitu.simulation import SimulationConfig
 
@@ -141,7 +142,7 @@ def test_help_groups_the_flags_by_section_and_shows_choices_and_defaults():
     assert "One of: a, b." in text and "(default: 5)" in text and "--fast" in text and "--no-fast" in text
 
 
-# -- every SimulationConfig / ServerSettings field -----------------------------------------------------
+# -- every SimulationConfig / ServerSettings / ClientSettings field --------------------------------------------------------------------------------------
 def other_value(field: Field) -> Any:
     """A valid value of the field that differs from its default."""
     names = field.setting.names()
@@ -150,7 +151,7 @@ def other_value(field: Field) -> Any:
     if field.kind is bool:
         return not field.default
     if field.kind is int:
-        return field.default + 3
+        return (field.default or 0) + 3
     if field.kind is float:
         return (field.default or 1.0) * 2.5 + 0.125
     if field.kind is dict:
@@ -178,7 +179,7 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-@pytest.mark.parametrize("cls", [SimulationConfig, ServerSettings])
+@pytest.mark.parametrize("cls", [SimulationConfig, ServerSettings, ClientSettings])
 def test_every_setting_has_a_flag_and_round_trips_through_flags_toml_and_json(cls, tmp_path):
     fields = settable(cls)
     changed = {f.name: other_value(f) for f in fields}
@@ -216,6 +217,65 @@ def test_simulate_and_server_have_a_flag_for_every_setting_they_take():
     assert {"--min-clients", *SERVER_ALIASES["num_clients"], "--store", "--round-timeout", "--wait-timeout",
             "--heartbeat-timeout", "--upload-stall", "--upload-timeout", "--max-update-mb",
             "--dangerously-allow-insecure-network", "--certs", "--allow", "--mtls", "--address"} <= server_flags
+
+
+def test_client_has_a_flag_for_every_setting_and_keeps_every_flag_it_had():
+    params = get_command(app).commands["client"].params  # type: ignore[attr-defined]
+    client_flags = {o for p in params for o in [*p.opts, *p.secondary_opts]}  # --quiet, --no-insecure
+    for f in settable(ClientSettings):
+        assert set(f.flags) <= client_flags, f.name
+    before = {"--address", "--client-id", "--certs", "--key", "--insecure", "--dataset", "--data-dir", "--partition-id",
+              "--num-partitions", "--partition", "--alpha", "--partition-seed", "--csv", "--label-column",
+              "--num-classes", "--model", "--train-limit", "--give-up-after", "--dp-min-noise", "--state-dir",
+              "--verbose", "--quiet"}  # the hand-written typer options the command had
+    assert before <= client_flags
+    assert {"--config", "-c", "--poll-wait", "--give-up-after-s", "--poll-wait-s"} <= client_flags
+
+
+def test_a_client_file_is_its_client_table_or_its_top_level_and_may_be_shared_with_the_server(tmp_path):
+    shared = tmp_path / "fed.toml"
+    shared.write_text('[simulate]\nrounds = 2\nclients = 3\n\n[server]\nround_timeout = 60\n\n'
+                      '[client]\nclient-id = "h7"\ngive_up_after = 30\npoll_wait = 2\npartition_id = 1\n'
+                      'certs = "fed/clients/h7"\n')
+    values, source = _read_client_file(shared)
+    assert values == {"client_id": "h7", "give_up_after_s": 30, "poll_wait_s": 2, "partition_id": 1,
+                      "certs": "fed/clients/h7"}
+    assert source == f"{shared} [client]"
+    assert from_mapping(ClientSettings, values) == ClientSettings(client_id="h7", give_up_after_s=30.0,
+                                                                  poll_wait_s=2.0, partition_id=1,
+                                                                  certs=Path("fed/clients/h7"))
+    assert _read_server_file(shared) == ({"rounds": 2, "num_clients": 3}, {"round_timeout_s": 60})  # ignores [client]
+    top = tmp_path / "client.toml"
+    top.write_text('client_id = "3"\ndataset = "breast-cancer"\n')
+    assert _read_client_file(top) == ({"client_id": "3", "dataset": "breast-cancer"}, str(top))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[client]\nclient_id = 1\n")
+    with pytest.raises(ValueError, match=r"bad.toml \[client\]: client_id must be str or nothing, got 1"):
+        from_mapping(ClientSettings, *_read_client_file(bad))
+    bad.write_text("client = 3\n")
+    with pytest.raises(ValueError, match=r"\[client\] must be a table"):
+        _read_client_file(bad)
+
+
+def test_client_refuses_an_unknown_key_a_bad_value_or_no_client_id_naming_the_valid_ones(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "client.toml"
+    bad.write_text('[client]\nclient_id = "0"\nadress = "x:1"\n')
+    unknown = runner.invoke(app, ["client", "--config", str(bad), "--insecure"], env={"COLUMNS": "200"})
+    text = " ".join(unknown.output.split())
+    assert unknown.exit_code == 2 and "[client]: unknown setting(s) adress (did you mean address?)" in text
+    assert "valid keys: address, client_id, certs, key, insecure, dataset" in text
+    bad.write_text('[client]\nclient_id = "0"\npartition = "stripes"\n')
+    choice = runner.invoke(app, ["client", "--config", str(bad), "--insecure"], env={"COLUMNS": "200"})
+    text = " ".join(choice.output.split())
+    assert choice.exit_code == 2 and "unknown partition 'stripes'; choose one of iid, dirichlet" in text
+    missing = runner.invoke(app, ["client", "--insecure"], env={"COLUMNS": "200"})
+    text = " ".join(missing.output.split())
+    assert missing.exit_code == 2 and "give this client's id: --client-id ID, or client_id" in text
+    poll = runner.invoke(app, ["client", "--insecure", "--client-id", "0", "--poll-wait", "0"], env={"COLUMNS": "200"})
+    assert poll.exit_code == 2 and "--poll-wait must be in (0, 30]" in " ".join(poll.output.split())
+    flag = runner.invoke(app, ["client", "--client-id", "0", "--adress", "x"], env={"COLUMNS": "200"})
+    assert flag.exit_code == 2 and "No such option: --adress" in flag.output
 
 
 def test_a_runs_config_json_is_read_back_unchanged(tmp_path):

@@ -316,3 +316,22 @@ def test_a_server_configured_from_a_settings_file_with_a_server_table(procs, cer
     assert "Round 1/1" in procs.log("server") and (tmp_path / "state" / "fed.db").is_file()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["test_limit"] == 100
     assert procs.wait("client0") == 0, procs.log("client0")
+
+
+def test_a_client_configured_from_a_settings_file_with_a_client_table(procs, certs, tmp_path):
+    """One file for both sides: the server reads [simulate] and [server], the client [client]; flags still win."""
+    port = free_port()
+    (tmp_path / "fed.toml").write_text(
+        '[simulate]\nrounds = 2\nclients = 1\nlocal_epochs = 1\ntest_limit = 100\n\n'
+        f'[server]\naddress = "127.0.0.1:{port}"\n\n'
+        f'[client]\naddress = "127.0.0.1:{port}"\nclient-id = "0"\ncerts = "{certs / "clients" / "0"}"\n'
+        'num_partitions = 3\npartition_id = 2\npartition = "dirichlet"\nalpha = 1.0\ngive_up_after = 60\n'
+        'poll_wait = 2\nstate_dir = "state0"\n')
+    procs.start("server", "server", "--config", "fed.toml", "--certs", str(certs), "-o", "out")
+    procs.start("client0", "client", "--config", "fed.toml", "--partition-id", "1")
+    assert procs.wait("server") == 0, procs.log("server")
+    assert "Round 2/2" in procs.log("server")
+    assert procs.wait("client0") == 0, procs.log("client0")
+    log = " ".join(procs.log("client0").split())
+    assert "partition 1 of 3" in log and f"connecting to 127.0.0.1:{port}" in log  # the flag beat the file's 2
+    assert "Done: 2 tasks completed" in log

@@ -16,6 +16,7 @@ from insitu.cli.presets import load_settings_file, resolve_config
 from insitu.cli.progress import RoundPrinter
 from insitu.config import canonical_keys, from_mapping
 from insitu.config.cli import with_settings
+from insitu.net.client import ClientSettings
 from insitu.net.server import ServerSettings
 from insitu.simulation import SimulationConfig
 
@@ -186,27 +187,12 @@ def server(
         raise typer.Exit(code=1)
 
 
+@with_settings(ClientSettings, param="client_settings")
 def client(
-    address: str = typer.Option("127.0.0.1:8080", help="Server host:port."),
-    client_id: str = typer.Option(..., "--client-id", help="This client's id (as in the server's allow-list)."),
-    certs: Path | None = typer.Option(None, help="This client's folder from `insitu keygen` (client.key, ca.pem, tls.pem, tls.key)."),
-    key: Path | None = typer.Option(None, help="Ed25519 signing key (default CERTS/client.key)."),
-    insecure: bool = typer.Option(False, help="Plaintext connection (the server must run with --insecure)."),
-    dataset: str = typer.Option("digits", help="Named dataset to take a partition of."),
-    data_dir: str | None = typer.Option(None, help="Folder with the IDX files."),
-    partition_id: int | None = typer.Option(None, help="Which partition of the dataset this client holds (default: the client id, when it is a number below --num-partitions)."),
-    num_partitions: int = typer.Option(3, help="Into how many partitions the dataset is split."),
-    partition: str = typer.Option("iid", help="iid | dirichlet | shards | quantity (same on every client)."),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
-    partition_seed: int = typer.Option(0, help="Seed of the partition (same on every client)."),
-    csv: Path | None = typer.Option(None, help="Train on this CSV file instead of a named dataset."),
-    label_column: str = typer.Option("label", help="CSV column holding the class label."),
-    num_classes: int | None = typer.Option(None, help="Classes in the CSV labels (default: largest label + 1; set it on every party)."),
-    model: str | None = typer.Option(None, help="Architecture; default: the one the server trains (it tells the client). A different one is refused."),
-    train_limit: int = typer.Option(0, help="Use only the first N examples of the dataset before partitioning."),
-    give_up_after: float = typer.Option(600.0, help="Stop if the server is unreachable this long (seconds)."),
-    dp_min_noise: float = typer.Option(0.0, help="Take part only in distributed-DP secure rounds whose noise is at least this multiple of the clip norm (0 = off); plain tasks are refused."),
-    state_dir: Path | None = typer.Option(None, help="Where this client keeps state between rounds (SCAFFOLD's control variate); default .insitu-client/CLIENT_ID."),
+    client_settings: dict[str, Any],
+    config_file: Path | None = typer.Option(None, "--config", "-c", help="Settings file (flags override it): "
+                                            "client keys under \\[client] (else at the top level; a file "
+                                            "shared with the server keeps its simulation keys under \\[simulate])."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log progress."),
 ) -> None:
     """Join a federation with this machine's own data and train when the server asks."""
@@ -222,21 +208,27 @@ def client(
 
     setup_logging(verbose)
     try:
+        file_values, source = _read_client_file(config_file) if config_file else ({}, "client settings")
+        settings = from_mapping(ClientSettings, {**file_values, **client_settings}, source)
+        settings.validate()
+        client_id, csv, model, key = str(settings.client_id), settings.csv, settings.model, settings.key
+        num_partitions, partition_id = settings.num_partitions, settings.partition_id
         test: TensorDataset | None
         if csv is not None:
-            train, test, indices, test_indices = load_csv(csv, label_column, num_classes), None, None, None
+            train, test, indices, test_indices = load_csv(csv, settings.label_column, settings.num_classes), None, None, None
             fallback = "mlp"
         else:
             partition_id = _partition_id(partition_id, client_id, num_partitions)
-            train = load_dataset(dataset, "train", data_dir)
-            if train_limit:
-                train = train.subset(np.arange(min(train_limit, len(train))))
-            test = load_dataset(dataset, "test", data_dir)
-            parts = split(train.labels_numpy(), num_partitions, partition, seed=partition_seed, alpha=alpha)
-            test_parts = split(test.labels_numpy(), num_partitions, partition, seed=partition_seed + 1, alpha=alpha)
+            train = load_dataset(settings.dataset, "train", settings.data_dir)
+            if settings.train_limit:
+                train = train.subset(np.arange(min(settings.train_limit, len(train))))
+            test = load_dataset(settings.dataset, "test", settings.data_dir)
+            scheme, seed, alpha = settings.partition, settings.partition_seed, settings.alpha
+            parts = split(train.labels_numpy(), num_partitions, scheme, seed=seed, alpha=alpha)
+            test_parts = split(test.labels_numpy(), num_partitions, scheme, seed=seed + 1, alpha=alpha)
             indices, test_indices = parts[partition_id], test_parts[partition_id]
-            fallback = resolve_config(None, {"dataset": dataset}).model
-        state = DiskState(state_dir or Path(".insitu-client") / client_id)
+            fallback = resolve_config(None, {"dataset": settings.dataset}).model
+        state = DiskState(settings.state_dir or Path(".insitu-client") / client_id)
 
         def build(server_model: str) -> TorchClient:
             """The local client, built once the server has said which architecture it trains."""
@@ -254,19 +246,21 @@ def client(
             return TorchClient(net, train, test, train_indices=indices, test_indices=test_indices, state=state)
 
         tls = None
-        if certs is not None and not insecure:
-            files = security.ClientFiles.in_dir(certs)
+        if settings.certs is not None and not settings.insecure:
+            files = security.ClientFiles.in_dir(settings.certs)
             tls = ClientTLS(files.ca_cert, files.tls_cert, files.tls_key)
             key = key or files.signing_key
-        elif not insecure:
+        elif not settings.insecure:
             raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
         size = len(indices) if indices is not None else len(train)
         where = f"partition {partition_id} of {num_partitions}" if csv is None else str(csv)
-        console.print(f"[bold]insitu client[/] {client_id}: {size} training examples ({where}), connecting to {address}")
+        console.print(f"[bold]insitu client[/] {client_id}: {size} training examples ({where}), connecting to "
+                      f"{settings.address}")
         failed: list[bool] = []
-        tasks = connect(build, address, client_id=client_id, signing_key=key, tls=tls, give_up_after_s=give_up_after,
+        tasks = connect(build, settings.address, client_id=client_id, signing_key=key, tls=tls,
+                        give_up_after_s=settings.give_up_after_s, poll_wait_s=settings.poll_wait_s,
                         on_task=lambda ok: None if ok else failed.append(True),
-                        min_noise_multiplier=dp_min_noise if dp_min_noise > 0 else None)
+                        min_noise_multiplier=settings.dp_min_noise if settings.dp_min_noise > 0 else None)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(code=130) from None
@@ -293,6 +287,19 @@ def _read_server_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{path}: [simulate] must be a table of settings")  # noqa: TRY004 (a user's bad file)
     return (canonical_keys(SimulationConfig, simulation, source=str(path)),
             canonical_keys(ServerSettings, server_table, source=f"{path} [server]"))
+
+
+def _read_client_file(path: Path) -> tuple[dict[str, Any], str]:
+    """A client's settings file: its ``[client]`` table (the file may also hold a server's ``[simulate]`` and
+    ``[server]`` tables, which a client ignores), or, without one, the top level; keys checked and made
+    canonical. Also returns the name errors give the file (``FILE [client]``)."""
+    data = load_settings_file(path)
+    if "client" not in data:
+        return canonical_keys(ClientSettings, data, source=str(path)), str(path)
+    table, source = data["client"], f"{path} [client]"
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [client] must be a table of client settings")  # noqa: TRY004 (a user's bad file)
+    return canonical_keys(ClientSettings, table, source=source), source
 
 
 def _refuse_simulation_only(path: Path | None, file_values: dict[str, Any], dataset: str) -> None:

@@ -31,7 +31,13 @@ def tables() -> dict[str, Callable[[], str]]:
         return (markdown_table(ServerSettings) + "\n\nand these simulation settings (same keys, at the top level or "
                 "under `[simulate]`):\n\n" + markdown_table(SimulationConfig, DEPLOYED_SETTINGS, SERVER_ALIASES, SERVER_HELP))
 
-    return {"simulate": simulate, "server": server}
+    def client() -> str:
+        from insitu.config.cli import markdown_table
+        from insitu.net.client import ClientSettings
+
+        return markdown_table(ClientSettings)
+
+    return {"simulate": simulate, "server": server, "client": client}
 
 
 def render(text: str) -> str:

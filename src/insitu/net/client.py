@@ -24,10 +24,13 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from insitu.client.api import Client
+from insitu.config import setting
+from insitu.data import PARTITION_NAMES
+from insitu.models import MODEL_NAMES
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
 from insitu.net.proto import federation_pb2_grpc as pb_grpc
-from insitu.net.servicer import CHUNK_SIZE, MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, SESSION_METADATA
+from insitu.net.servicer import CHUNK_SIZE, MAX_MESSAGE_BYTES, MAX_WAIT_S, PROTOCOL_VERSIONS, SESSION_METADATA
 from insitu.protocols.base import ClientHandler, ClientPolicy
 from insitu.protocols.envelope import Envelope
 from insitu.protocols.registry import client_handlers
@@ -71,6 +74,67 @@ class Backoff:
         while True:
             yield delay * random.uniform(0.5, 1.0)
             delay = min(self.max_s, delay * self.factor)
+
+
+@dataclass
+class ClientSettings:
+    """Everything ``insitu client`` takes, declared once: its flags and its settings file's ``[client]`` keys
+    are generated from these fields (``insitu.config``), as the server's are from ``ServerSettings``.
+
+    The command turns them into a local ``TorchClient`` over this machine's data and the arguments of
+    :func:`connect` (``address``, ``client_id``, the TLS files and signing key, ``give_up_after_s``,
+    ``poll_wait_s``, ``dp_min_noise`` as ``min_noise_multiplier``).
+    """
+
+    address: str = setting("127.0.0.1:8080", section="network", help="Server host:port.")
+    client_id: str | None = setting(None, section="network", help="This client's id (as in the server's allow-list); "
+                             "required, as a flag or in the settings file.")
+    certs: Path | None = setting(None, section="security", help="This client's folder from `insitu keygen` "
+                                 "(client.key, ca.pem, tls.pem, tls.key).")
+    key: Path | None = setting(None, section="security", help="Ed25519 signing key (default CERTS/client.key).")
+    insecure: bool = setting(False, section="security", help="Plaintext connection (the server must run with "
+                             "--insecure).")
+    dataset: str = setting("digits", section="data", help="Named dataset to take a partition of.")
+    data_dir: str | None = setting(None, section="data", help="Folder with the IDX files.")
+    partition_id: int | None = setting(None, section="data", help="Which partition of the dataset this client "
+                                       "holds (default: the client id, when it is a number below "
+                                       "--num-partitions).")
+    num_partitions: int = setting(3, section="data", help="Into how many partitions the dataset is split.")
+    partition: str = setting("iid", section="data", choices=PARTITION_NAMES, help="How the dataset is split "
+                             "(same on every client).")
+    alpha: float = setting(0.5, section="data", help="Dirichlet concentration (dirichlet, quantity).")
+    partition_seed: int = setting(0, section="data", help="Seed of the partition (same on every client).")
+    train_limit: int = setting(0, section="data", help="Use only the first N examples of the dataset before "
+                               "partitioning (0 = all).")
+    csv: Path | None = setting(None, section="data", help="Train on this CSV file instead of a named dataset.")
+    label_column: str = setting("label", section="data", help="CSV column holding the class label.")
+    num_classes: int | None = setting(None, section="data", help="Classes in the CSV labels (default: largest "
+                                      "label + 1; set it on every party).")
+    model: str | None = setting(None, section="training", choices=MODEL_NAMES, help="Architecture; default: the "
+                                "one the server trains (it tells the client). A different one is refused.")
+    dp_min_noise: float = setting(0.0, section="privacy", help="Take part only in distributed-DP secure rounds "
+                                  "whose noise is at least this multiple of the clip norm (0 = off); plain tasks "
+                                  "are refused.")
+    state_dir: Path | None = setting(None, section="run", help="Where this client keeps state between rounds "
+                                     "(SCAFFOLD's control variate); default .insitu-client/CLIENT_ID.")
+    give_up_after_s: float = setting(600.0, section="limits", aliases=("--give-up-after",), help="Stop if the "
+                                     "server is unreachable this long (seconds).")
+    poll_wait_s: float = setting(10.0, section="limits", aliases=("--poll-wait",), help="Seconds one task "
+                                 f"request waits at the server for a task before asking again (0 < s <= "
+                                 f"{MAX_WAIT_S:g}).")
+
+    def validate(self) -> None:
+        """Refuse settings no client can run with (the partition id is checked against the client id later)."""
+        if not self.client_id:
+            raise ValueError("give this client's id: --client-id ID, or client_id in the settings file's [client] "
+                             "table (as in the server's allow-list)")
+        if self.num_partitions < 1:
+            raise ValueError(f"--num-partitions must be >= 1, got {self.num_partitions}")
+        if not 0 < self.poll_wait_s <= MAX_WAIT_S:
+            raise ValueError(f"--poll-wait must be in (0, {MAX_WAIT_S:g}] seconds (the server waits at most "
+                             f"{MAX_WAIT_S:g}), got {self.poll_wait_s}")
+        if self.give_up_after_s < 0:
+            raise ValueError(f"--give-up-after must be >= 0 seconds, got {self.give_up_after_s}")
 
 
 ClientFactory = Callable[[str], Client]
