@@ -60,7 +60,8 @@ def test_staleness_weight_is_one_over_sqrt_one_plus_s_by_default():
     fb = FedBuff()
     assert [fb.staleness_weight(s) for s in (0, 1, 3)] == pytest.approx([1.0, 1 / math.sqrt(2), 0.5])
     assert FedBuff(staleness_exponent=0).staleness_weight(7) == 1.0
-    assert FedBuff(buffer_size=4).clients_at_once == 8 and FedBuff(buffer_size=4, concurrency=5).clients_at_once == 5
+    assert FedBuff(buffer_size=4).clients_at_once(100) == 8 and FedBuff(buffer_size=4).clients_at_once(6) == 6
+    assert FedBuff(buffer_size=4, concurrency=5).clients_at_once(100) == 5
 
 
 @pytest.mark.parametrize("bad", [dict(buffer_size=0), dict(concurrency=-1), dict(staleness_exponent=-0.5),
@@ -131,7 +132,7 @@ def test_a_step_the_reducer_refuses_fails_and_leaves_the_model_unchanged(caplog)
 
 def test_when_every_client_fails_the_run_stops_instead_of_retrying_forever():
     clients = [FailingClient([0, 0]), FailingClient([0, 0])]
-    with pytest.raises(RuntimeError, match="all unusable"):
+    with pytest.raises(RuntimeError, match="cannot fill its buffer"):
         run_fedbuff(clients, FedBuff(buffer_size=1, concurrency=1), steps=2)
 
 
@@ -144,6 +145,46 @@ def test_strategies_that_assume_synchronous_rounds_are_refused(strategy):
     engine = InProcessPool(lambda cid: StepClient([1.0, 0.0]), 2)
     with pytest.raises(ValueError, match="FedBuff with .* is not supported"):
         AsyncCoordinator(strategy(), engine, FedBuff(buffer_size=1), num_rounds=1).run(vec([0.0, 0.0]))
+
+
+def fast(client_id: str):
+    """Client "0" is 100 times faster than the others (a systems model: 1 local step against 100)."""
+    return SystemsModel(steps=lambda cid, config: 1 if cid == client_id else 100)
+
+
+def test_one_fast_client_cannot_fill_the_buffer():
+    """A buffer holds one update per client: a client answering at once (an attacker pushing its update
+    through every robust rule's f) gets no new task until the step, so every step has K distinct clients."""
+    clients = [StepClient([100.0, 100.0])] + [StepClient([0.01, 0.01]) for _ in range(3)]
+    from insitu.aggregation import coordinate_median
+
+    result = run_fedbuff(clients, FedBuff(buffer_size=3, concurrency=4), steps=3, systems=fast("0"),
+                         reducer=coordinate_median())
+    for step in result.history.rounds:
+        assert len(step.selected) == 3 and len(set(step.selected)) == 3
+    assert np.all(dict(result.parameters)["w"] < 1.0)  # the median of 3 distinct clients: the attacker is outvoted
+
+
+def test_a_fast_failing_client_does_not_end_the_run():
+    """A client that fails at once waits for the next step instead of being handed task after task."""
+    clients = [FailingClient([0, 0])] + [StepClient([1.0, 0.0]) for _ in range(3)]
+    result = run_fedbuff(clients, FedBuff(buffer_size=2, concurrency=4), steps=4, systems=fast("0"))
+    assert [r.status for r in result.history.rounds] == ["ok"] * 4
+    failures = [f for r in result.history.rounds for f in r.failures]
+    assert 1 <= len(failures) <= 4 and all(f["client"] == "0" for f in failures)  # at most once per step
+
+
+def test_client_metrics_cannot_overwrite_what_the_server_measured():
+    class Liar(StepClient):
+        def fit(self, parameters, config):
+            result = super().fit(parameters, config)
+            result.metrics.update(staleness=0.0, num_examples=1e9)
+            return result
+
+    result = run_fedbuff([Liar([1.0, 0.0]), Liar([0.0, 1.0])], FedBuff(buffer_size=1, concurrency=2), steps=2,
+                         systems=SystemsModel())
+    recorded = result.history.rounds[1].clients["1"]
+    assert recorded["staleness"] == 1 and recorded["num_examples"] == 1
 
 
 # -- the systems model --------------------------------------------------------------------------
@@ -227,6 +268,8 @@ def test_bad_mode_and_impossible_concurrency_are_refused_before_training():
         build_experiment(config(mode="async"))
     with pytest.raises(ValueError, match="lower concurrency"):
         build_experiment(config(mode="fedbuff", concurrency=50))
+    with pytest.raises(ValueError, match="lower buffer_size"):
+        build_experiment(config(mode="fedbuff", buffer_size=20, concurrency=0))
     with pytest.raises(ValueError, match="could never fill its buffer"):
         build_experiment(config(mode="fedbuff", buffer_size=8, concurrency=4))
     for bad in (dict(speed_sigma=-1.0), dict(dropout=1.5), dict(latency=-2.0), dict(straggler_fraction=-0.5)):

@@ -418,12 +418,14 @@ def make_fedbuff(config: SimulationConfig) -> FedBuff | None:
     if config.mode == "sync":
         return None
     fedbuff = FedBuff(config.buffer_size, config.concurrency, config.staleness_exponent, config.max_staleness)
-    if fedbuff.clients_at_once > config.num_clients:
-        raise ValueError(f"fedbuff trains {fedbuff.clients_at_once} clients at once but the federation has "
-                         f"{config.num_clients}: lower concurrency (or buffer_size) or raise num_clients")
-    if fedbuff.buffer_size > fedbuff.clients_at_once:
-        raise ValueError(f"buffer_size ({fedbuff.buffer_size}) exceeds concurrency ({fedbuff.clients_at_once}): "
-                         "a server step could never fill its buffer")
+    at_once = fedbuff.clients_at_once(config.num_clients)
+    if at_once > config.num_clients:
+        raise ValueError(f"fedbuff trains {at_once} clients at once (concurrency) but the federation has "
+                         f"{config.num_clients}: lower concurrency or raise num_clients")
+    if fedbuff.buffer_size > at_once:
+        raise ValueError(f"buffer_size ({fedbuff.buffer_size}) exceeds the {at_once} clients training at once (a "
+                         "buffer holds one update per client): a server step could never fill its buffer; lower "
+                         "buffer_size")
     return fedbuff
 
 

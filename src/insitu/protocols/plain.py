@@ -110,7 +110,8 @@ def accepted_fits(results: Iterable[tuple[str, Outcome]],
         if reason is not None or not isinstance(result, FitResult):
             round_.reject(client_id, "fit", reason or "not a fit result", result)
             continue
-        round_.record.clients[client_id] = {"num_examples": result.num_examples, **numeric_metrics(result.metrics)}
+        # the client's own metrics first: what the server counted is recorded as counted
+        round_.record.clients[client_id] = {**numeric_metrics(result.metrics), "num_examples": result.num_examples}
         yield client_id, result
         del result  # let the update go before the next one is fetched (server memory O(model))
 

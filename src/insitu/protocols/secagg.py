@@ -56,6 +56,7 @@ from insitu.privacy.secure import secure_input, weight_scale
 from insitu.protocols.base import ClientPolicy, EnvelopeEngine, FitRound
 from insitu.protocols.envelope import Envelope, Expect
 from insitu.protocols.plain import task_config, task_envelope
+from insitu.run.validation import numeric_metrics
 from insitu.strategies.strategy import Aggregate
 
 log = logging.getLogger("insitu")
@@ -154,7 +155,7 @@ class SecureAggregationProtocol:
         for cid, reply, advert in step("train", AdvertiseKeys, train, Expect(message_bytes=control_bytes(n),
                                                                                training=True)):
             contributors[cid] = reply
-            round_.record.clients[cid] = {"num_examples": reply.num_examples, **reply.metrics}
+            round_.record.clients[cid] = {**numeric_metrics(reply.metrics), "num_examples": reply.num_examples}
             adverts.append(advert)
         del train
         try:

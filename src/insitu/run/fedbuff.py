@@ -41,7 +41,7 @@ class FedBuff:
     """FedBuff's settings: K updates per server step, how many clients train at once, staleness weighting."""
 
     buffer_size: int = 10
-    concurrency: int = 0  # 0: twice the buffer
+    concurrency: int = 0  # 0: twice the buffer (at most the clients there are)
     staleness_exponent: float = 0.5
     max_staleness: int = 0  # 0: keep every update however stale
 
@@ -55,9 +55,10 @@ class FedBuff:
         if self.max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 (0 = no limit), got {self.max_staleness}")
 
-    @property
-    def clients_at_once(self) -> int:
-        return self.concurrency or 2 * self.buffer_size
+    def clients_at_once(self, num_clients: int) -> int:
+        """How many clients train at once: ``concurrency``, or by default twice the buffer, at most the
+        ``num_clients`` there are."""
+        return self.concurrency or min(2 * self.buffer_size, num_clients)
 
     def staleness_weight(self, staleness: int) -> float:
         """(1 + s)^-a: 1 for a fresh update, 1/sqrt(2) one version late with the default a = 1/2."""
@@ -108,13 +109,19 @@ class AsyncCoordinator:
         version = start_round - 1
         models: dict[int, Parameters] = {version: parameters}  # the models clients are training from
         training: dict[str, int] = {}  # client id -> the version it trains from
+        # Who may not get a task until the next server step: a client whose update is in the buffer (a
+        # buffer holds one update per client, so one fast client cannot fill it), and one whose last task
+        # failed (so a failing or vanished client is not handed task after task).
+        in_buffer: set[str] = set()
+        benched: set[str] = set()
         dispatched = 0
         expected, bound = parameters.specs, magnitude_bound(parameters)
 
-        def start(count: int) -> None:
+        def start() -> None:
             nonlocal dispatched
-            idle = [cid for cid in available if cid not in training]
-            if count <= 0 or not idle:
+            idle = [cid for cid in available if cid not in training and cid not in in_buffer and cid not in benched]
+            count = min(fedbuff.clients_at_once(len(available)) - len(training), len(idle))
+            if count <= 0:
                 return
             picks = rng.permutation(len(idle))[:count] if isinstance(rng, np.random.Generator) \
                 else np.argsort(rng.random(len(idle)))[:count]
@@ -135,8 +142,7 @@ class AsyncCoordinator:
         buffer: list[tuple[str, FitResult]] = []
         staleness: list[int] = []
         step_started = time.perf_counter()
-        failed_in_a_row = 0  # every client failing would otherwise go on forever
-        start(fedbuff.clients_at_once)
+        start()
         for result in engine.results():
             training.pop(result.client_id, None)
             stale = version - result.model_version
@@ -146,12 +152,8 @@ class AsyncCoordinator:
                 reason = f"update is {stale} versions stale (max_staleness={fedbuff.max_staleness})"
             if reason is not None or not isinstance(outcome, FitResult):
                 reject(version + 1, result.client_id, "fit", reason or "no result", record, outcome)
-                failed_in_a_row += 1
-                if failed_in_a_row > 10 * max(len(available), 1):
-                    raise RuntimeError(f"the last {failed_in_a_row} client results were all unusable (the latest: "
-                                       f"{reason}): stopping instead of retrying forever")
+                benched.add(result.client_id)
             else:
-                failed_in_a_row = 0
                 base = models[result.model_version].flat()
                 scaled = outcome.parameters.flat() - base  # a new array: the result may view shared memory
                 scaled *= np.float32(fedbuff.staleness_weight(stale))
@@ -159,9 +161,11 @@ class AsyncCoordinator:
                 buffer.append((result.client_id, FitResult(Parameters.from_flat(scaled, expected, copy=False),
                                                            outcome.num_examples, dict(outcome.metrics))))
                 staleness.append(stale)
+                in_buffer.add(result.client_id)
                 record.selected.append(result.client_id)
-                record.clients[result.client_id] = {"num_examples": outcome.num_examples, "staleness": stale,
-                                                    **numeric_metrics(outcome.metrics)}
+                # the client's own metrics first: what the server measured is recorded as measured
+                record.clients[result.client_id] = {**numeric_metrics(outcome.metrics),
+                                                    "num_examples": outcome.num_examples, "staleness": stale}
             del result, outcome
             if len(buffer) >= fedbuff.buffer_size:
                 parameters, state = self._step(version + 1, parameters, state, buffer, staleness, record,
@@ -174,6 +178,8 @@ class AsyncCoordinator:
                 if version >= self.num_rounds or (self.stop_when is not None and self.stop_when(record)):
                     break
                 buffer, staleness, record = [], [], RoundRecord(round=version + 1)
+                in_buffer.clear()
+                benched.clear()
                 step_started = time.perf_counter()
                 # clients may have left or joined (the run goes on with whoever is there: a step never waits
                 # for a particular client); the next update is bounded by the new model
@@ -181,7 +187,12 @@ class AsyncCoordinator:
                 bound = magnitude_bound(parameters)
             for old in [v for v in models if v != version and v not in training.values()]:
                 del models[old]  # no client trains from it any more
-            start(fedbuff.clients_at_once - len(training))
+            start()
+            if not training:  # nobody left to dispatch: every available client failed or is in the buffer
+                raise RuntimeError(
+                    f"server step {version + 1} cannot fill its buffer ({len(buffer)} of {fedbuff.buffer_size} "
+                    f"updates): the other available clients' last tasks all failed ({len(benched)} benched, see "
+                    "the rejections logged above); fix those clients or lower buffer_size")
         else:
             if version < self.num_rounds:
                 raise RuntimeError(f"the engine ran out of tasks after {version} of {self.num_rounds} server steps: "
