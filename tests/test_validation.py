@@ -53,3 +53,21 @@ def test_the_aggregate_must_be_finite_even_without_a_bound():
     assert check_aggregate(params(w=np.ones(3, np.float32))) is None
     assert "the aggregate's array 'w' contains NaN or Inf" in check_aggregate(params(w=np.full(3, np.inf, np.float32)))
     assert "above the bound of 10" in check_aggregate(params(w=np.array([0, 11], np.float32)), 10.0)
+
+
+@pytest.mark.parametrize("value", [3e38, np.inf])
+def test_an_absurd_extra_is_rejected_before_it_reaches_the_algorithm_state(value):
+    """A finite 3e38 in SCAFFOLD's control-variate delta would overflow the server's c to inf for good."""
+    from insitu.algorithms import SCAFFOLD_DELTA_C
+    from insitu.run.validation import magnitude_bound, usable_fit_result
+    from insitu.strategies import scaffold
+
+    model = Parameters.from_arrays({"w": np.ones(4, np.float32)})
+    strategy = scaffold(min_fit_clients=1, min_available_clients=1)
+    delta_c = Parameters.from_arrays({"w": np.full(4, value, np.float32)})
+    honest = FitResult(model, 3, extras={SCAFFOLD_DELTA_C: Parameters.from_arrays({"w": np.full(4, 0.5, np.float32)})})
+    hostile = FitResult(model, 3, extras={SCAFFOLD_DELTA_C: delta_c})
+    bound = magnitude_bound(model)
+    assert usable_fit_result(strategy, honest, model.specs, bound) is None
+    reason = usable_fit_result(strategy, hostile, model.specs, bound)
+    assert reason is not None and SCAFFOLD_DELTA_C in reason

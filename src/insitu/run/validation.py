@@ -50,12 +50,17 @@ def check_fit_result(result: object, expected: Sequence[ParamSpec], max_abs: flo
 def usable_fit_result(strategy: Strategy, outcome: object, expected: Sequence[ParamSpec],
                       max_abs: float = math.inf) -> str | None:
     """Why a fit outcome cannot be folded, or None: a failure, a malformed or absurd update
-    (:func:`check_fit_result`), or one that lacks what the strategy's client algorithm needs."""
+    (:func:`check_fit_result`), one that lacks what the strategy's client algorithm needs, or extras
+    (e.g. SCAFFOLD's control-variate delta) holding values above ``max_abs`` (which would poison the
+    server's algorithm state for every later round)."""
     if isinstance(outcome, BaseException):
         return f"fit failed: {type(outcome).__name__}: {outcome}"
     reason = check_fit_result(outcome, expected, max_abs)
-    if reason is None and isinstance(outcome, FitResult):
-        reason = strategy.check_fit_result(outcome, tuple(expected))
+    if reason is not None or not isinstance(outcome, FitResult):
+        return reason
+    reason = strategy.check_fit_result(outcome, tuple(expected))  # the extras' names and shapes
+    for name, extra in outcome.extras.items():
+        reason = reason or _check_values(extra, max_abs, f"extra {name!r}: ")
     return reason
 
 
