@@ -272,3 +272,29 @@ def test_the_client_command_refuses_a_model_the_server_does_not_train():
         server.stop(grace_s=0)
     assert result.exit_code == 2, result.output
     assert "--model mlp does not match the server, which trains logreg" in " ".join(result.output.split())
+
+
+# -- careless settings (from the adversarial review) ---------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(round_timeout_s=0.0), dict(heartbeat_timeout_s=-1.0),
+                                 dict(heartbeat_interval_s=-1.0), dict(max_clients=0), dict(max_update_bytes=0),
+                                 dict(upload_slots=0), dict(max_examples_ratio=-1.0),
+                                 dict(heartbeat_interval_s=20.0, heartbeat_timeout_s=15.0)])
+def test_server_limits_under_which_nothing_could_succeed_are_refused_by_name(bad):
+    from insitu.net.server import ServerSettings
+
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ServerSettings(**bad)
+
+
+def test_a_settings_table_beside_simulate_is_refused_not_ignored(tmp_path):
+    """`[aggregator_options]` next to `[simulate]` used to be dropped silently (krum's f fell back to 0)."""
+    from insitu.cli.presets import read_settings
+
+    path = tmp_path / "krum.toml"
+    path.write_text('[simulate]\naggregator = "krum"\n\n[aggregator_options]\nf = 2\n')
+    with pytest.raises(ValueError, match=r"aggregator_options is outside \[simulate\].*\[simulate.aggregator_options\]"):
+        read_settings(path)
+    path.write_text('[simulate]\naggregator = "krum"\n\n[simulate.aggregator_options]\nf = 2\n\n[server]\nresume = false\n')
+    assert read_settings(path)["aggregator_options"] == {"f": 2}

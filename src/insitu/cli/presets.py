@@ -32,11 +32,22 @@ def _canonical(dataset: str) -> str:
     return {"fmnist": "fashion-mnist"}.get(key, key)
 
 
+OTHER_COMMANDS_TABLES = ("server", "client")
+"""Tables a settings file may hold for other commands (``insitu server`` reads ``[server]``)."""
+
+
 def read_settings(path: Path, table: str = "simulate") -> dict[str, Any]:
     """The simulation settings in a file (its ``[table]`` if present, else the top level), keys checked
-    against ``SimulationConfig`` and made canonical."""
+    against ``SimulationConfig`` and made canonical. Beside a ``[table]``, any other top-level key or
+    table (say an ``[aggregator_options]`` meant for it) is refused: it would otherwise be ignored."""
     data = load_settings_file(path)
     values = data.get(table, data)
+    if table in data:
+        stray = sorted(set(data) - {table, *OTHER_COMMANDS_TABLES})
+        if stray:
+            raise ValueError(f"{path}: {', '.join(stray)} {'is' if len(stray) == 1 else 'are'} outside [{table}] and "
+                             f"would be ignored: move {'it' if len(stray) == 1 else 'them'} into [{table}] (a table "
+                             f"as [{table}.{stray[0]}])")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: [{table}] must be a table of settings")  # noqa: TRY004 (a user's bad file)
     return canonical_keys(SimulationConfig, values, source=str(path))

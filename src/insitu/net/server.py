@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import time
 from collections.abc import Mapping
 from concurrent import futures
@@ -131,6 +132,26 @@ class ServerSettings:
                                "authentication.")
     model: str = setting("", section="network", cli=False, help="Architecture name told to clients at "
                          "authentication (they build the same model); set from the strategy's --model.")
+
+    def __post_init__(self) -> None:
+        """Refuse limits under which no task, upload or session could ever succeed, naming the setting."""
+        positive = {"heartbeat_interval_s": self.heartbeat_interval_s, "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                    "upload_stall_s": self.upload_stall_s, "upload_timeout_s": self.upload_timeout_s,
+                    "max_update_bytes": self.max_update_bytes, "upload_slots": self.upload_slots,
+                    "max_examples_per_client": self.max_examples_per_client, "max_clients": self.max_clients,
+                    "max_handshakes_per_minute": self.max_handshakes_per_minute}
+        for name in ("round_timeout_s", "wait_timeout_s"):  # None: no limit
+            value = getattr(self, name)
+            if value is not None:
+                positive[name] = value
+        for name, value in positive.items():
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"server setting {name} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.max_examples_ratio) and self.max_examples_ratio >= 0):
+            raise ValueError(f"server setting max_examples_ratio must be >= 0 (0 = off), got {self.max_examples_ratio!r}")
+        if self.heartbeat_interval_s >= self.heartbeat_timeout_s:
+            raise ValueError(f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be below heartbeat_timeout_s "
+                             f"({self.heartbeat_timeout_s}), or every client is dropped between two heartbeats")
 
 
 class FederationServer:
