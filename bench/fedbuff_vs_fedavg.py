@@ -26,7 +26,8 @@ from insitu.simulation import SimulationConfig, run_simulation
 
 def run(mode: str, args: argparse.Namespace) -> list[dict[str, float]]:
     config = SimulationConfig(
-        dataset=args.dataset, data_dir=args.data_dir, model="2nn", num_clients=100, fraction_fit=0.1,
+        dataset=args.dataset, data_dir=args.data_dir, model="2nn", num_clients=100,
+        fraction_fit=0.1 if mode == "sync" else 1.0,  # FedBuff: concurrency says how many train at once
         local_epochs=1, batch_size=10, lr=args.lr, rounds=args.max_steps, seed=args.seed, mode=mode,
         buffer_size=10, concurrency=args.concurrency, staleness_exponent=0.5, speed_sigma=args.sigma,
         step_seconds=args.step_seconds, latency=args.latency, stop_at_accuracy=args.target,

@@ -130,6 +130,40 @@ def test_a_step_the_reducer_refuses_fails_and_leaves_the_model_unchanged(caplog)
     np.testing.assert_array_equal(dict(result.parameters)["w"], [0.0, 0.0])
 
 
+def test_passing_failures_of_every_client_do_not_end_the_run():
+    """K = N: when every client but the buffered ones has failed its last task, they get another chance
+    (a dropout is passing); only failures that repeat end the run."""
+    class Flaky(StepClient):
+        calls = 0
+
+        def fit(self, parameters, config):
+            Flaky.calls += 1
+            if Flaky.calls % 3 == 0:
+                raise RuntimeError("network blip")
+            return super().fit(parameters, config)
+
+    clients = [Flaky([1.0, 0.0]) for _ in range(3)]
+    result = run_fedbuff(clients, FedBuff(buffer_size=3, concurrency=3), steps=4)
+    assert len(result.history.rounds) == 4 and any(r.failures for r in result.history.rounds)
+
+
+def test_the_systems_model_draws_do_not_depend_on_evaluation_tasks():
+    """Federated evaluation used to shift every later straggler/dropout draw: a plan is keyed by the round."""
+    model = SystemsModel(dropout=0.3, straggler_fraction=0.5, local_epochs=4, seed=1)
+
+    def plans(evaluate: bool):
+        engine = InProcessPool(lambda cid: StepClient([1.0, 0.0]), 4, systems=model)
+        seen = []
+        for round_ in (1, 2, 3):
+            if evaluate:
+                engine.submit("evaluate", vec([0.0, 0.0]), round_, [Task(str(i), {"round": round_}) for i in range(4)])
+            engine.submit("fit", vec([0.0, 0.0]), round_, [Task(str(i), {"round": round_}) for i in range(4)])
+            seen += [(r.client_id, r.finished_at, type(r.outcome).__name__) for r in engine.results() if r.kind == "fit"]
+        return seen
+
+    assert plans(evaluate=False) == plans(evaluate=True)
+
+
 def test_when_every_client_fails_the_run_stops_instead_of_retrying_forever():
     clients = [FailingClient([0, 0]), FailingClient([0, 0])]
     with pytest.raises(RuntimeError, match="cannot fill its buffer"):
@@ -241,6 +275,8 @@ def test_the_engine_returns_results_in_simulated_finish_order():
 def config(**kwargs) -> SimulationConfig:
     base = dict(dataset="digits", model="logreg", num_clients=12, fraction_fit=0.25, rounds=6, lr=0.1, seed=2,
                 speed_sigma=1.0, buffer_size=3, concurrency=6)
+    if kwargs.get("mode") == "fedbuff":
+        base["fraction_fit"] = 1.0  # FedBuff's concurrency stands in for it
     return SimulationConfig(**{**base, **kwargs})
 
 
@@ -272,6 +308,10 @@ def test_bad_mode_and_impossible_concurrency_are_refused_before_training():
         build_experiment(config(mode="fedbuff", buffer_size=20, concurrency=0))
     with pytest.raises(ValueError, match="could never fill its buffer"):
         build_experiment(config(mode="fedbuff", buffer_size=8, concurrency=4))
+    with pytest.raises(ValueError, match="set fraction_evaluate to 0"):
+        build_experiment(config(mode="fedbuff", fraction_evaluate=0.5))
+    with pytest.raises(ValueError, match="drop fraction_fit"):
+        build_experiment(config(mode="fedbuff", fraction_fit=0.5))
     for bad in (dict(speed_sigma=-1.0), dict(dropout=1.5), dict(latency=-2.0), dict(straggler_fraction=-0.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):  # a negative setting is refused, not ignored
             build_experiment(config(mode="sync", **bad))

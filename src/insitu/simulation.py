@@ -417,6 +417,12 @@ def make_fedbuff(config: SimulationConfig) -> FedBuff | None:
         raise ValueError(f"unknown mode {config.mode!r}; choose sync (rounds) or fedbuff (buffered asynchronous)")
     if config.mode == "sync":
         return None
+    if config.fraction_evaluate > 0:
+        raise ValueError("fedbuff does not run federated evaluation (every client is busy training): set "
+                         "fraction_evaluate to 0 (centralized evaluation still runs every server step)")
+    if config.fraction_fit != 1.0:
+        raise ValueError("fedbuff does not sample a fraction of clients per round: drop fraction_fit and set how many "
+                         "clients train at once with concurrency")
     fedbuff = FedBuff(config.buffer_size, config.concurrency, config.staleness_exponent, config.max_staleness)
     at_once = fedbuff.clients_at_once(config.num_clients)
     if at_once > config.num_clients:

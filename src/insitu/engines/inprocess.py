@@ -56,7 +56,7 @@ class InProcessPool:
         self._ids = itertools.count()
         self._started = time.perf_counter()
         self._now = 0.0  # simulated seconds (systems model only)
-        self._tasks_of: dict[str, int] = {}  # per-client task counter: the systems model's draw index
+        self._unnumbered: dict[str, int] = {}  # fit tasks without a round, per client (see _draw_index)
 
     def wait_for(self, num_clients: int, timeout: float | None = None) -> list[str]:
         if num_clients > len(self.client_ids):
@@ -72,10 +72,8 @@ class InProcessPool:
             task_id = next(self._ids)
             config, finish, failure = dict(task.config), float(task_id), None
             if self.systems is not None:
-                index = self._tasks_of.get(task.client_id, 0)
-                self._tasks_of[task.client_id] = index + 1
                 if kind == "fit":
-                    plan = self.systems.plan(task.client_id, config, index)
+                    plan = self.systems.plan(task.client_id, config, self._draw_index(task))
                     config, failure = dict(plan.config), plan.failure
                     finish = self._now + plan.duration
                 else:  # evaluation is not part of the training timeline
@@ -84,6 +82,17 @@ class InProcessPool:
                                                 parameters, failure))
             ids.append(task_id)
         return ids
+
+    def _draw_index(self, task: Task) -> int:
+        """Which of the systems model's draws a fit task gets: its round (a client has at most one fit task
+        per round, or per server step under FedBuff), so a plan does not depend on other tasks, such as
+        evaluations; tasks without a round are counted per client, above any round number."""
+        round_ = task.config.get("round")
+        if isinstance(round_, int) and not isinstance(round_, bool):
+            return round_
+        index = self._unnumbered.get(task.client_id, 0)
+        self._unnumbered[task.client_id] = index + 1
+        return (1 << 32) + index  # never a round number
 
     def results(self) -> Iterator[TaskResult]:
         while self._queue:

@@ -93,8 +93,10 @@ class SystemsModel:
     def plan(self, client_id: str, config: Config, task_index: int) -> TaskPlan:
         """Decide one task: stragglers get fewer epochs, then duration and dropout are drawn.
 
-        ``task_index`` distinguishes the tasks of one client (e.g. the round): the same index gives
-        the same plan."""
+        ``task_index`` (>= 0) distinguishes the tasks of one client (e.g. the round): the same index
+        gives the same plan."""
+        if task_index < 0:
+            raise ValueError(f"task_index must be >= 0, got {task_index}")
         rng = self._rng(client_id, 1 + task_index)
         failure: BaseException | None = None
         if self.straggler_fraction > 0 and rng.random() < self.straggler_fraction:

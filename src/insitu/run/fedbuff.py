@@ -35,6 +35,10 @@ from insitu.strategies.strategy import Aggregate, ServerState, Strategy
 
 log = logging.getLogger("insitu")
 
+MAX_RETRIES = 3
+"""When every client that could fill the buffer has failed its last task, how many times they all get
+another chance (with no usable result in between) before the run stops."""
+
 
 @dataclass(frozen=True)
 class FedBuff:
@@ -114,11 +118,10 @@ class AsyncCoordinator:
         # failed (so a failing or vanished client is not handed task after task).
         in_buffer: set[str] = set()
         benched: set[str] = set()
-        dispatched = 0
+        retries = 0  # times every idle client was benched and all were given another chance, since a usable result
         expected, bound = parameters.specs, magnitude_bound(parameters)
 
         def start() -> None:
-            nonlocal dispatched
             idle = [cid for cid in available if cid not in training and cid not in in_buffer and cid not in benched]
             count = min(fedbuff.clients_at_once(len(available)) - len(training), len(idle))
             if count <= 0:
@@ -132,8 +135,8 @@ class AsyncCoordinator:
                 cid = idle[i]
                 task_config = dict(config)
                 task_config.setdefault("round", version + 1)
-                task_config.setdefault("seed", client_seed(self.seed, dispatched, cid))
-                dispatched += 1
+                # a client gets at most one task per model version, so (version, client) names it, also across a resume
+                task_config.setdefault("seed", client_seed(self.seed, version + 1, cid))
                 training[cid] = version
                 tasks.append(Task(cid, task_config))
             engine.submit("fit", parameters, version, tasks)
@@ -154,6 +157,7 @@ class AsyncCoordinator:
                 reject(version + 1, result.client_id, "fit", reason or "no result", record, outcome)
                 benched.add(result.client_id)
             else:
+                retries = 0
                 base = models[result.model_version].flat()
                 scaled = outcome.parameters.flat() - base  # a new array: the result may view shared memory
                 scaled *= np.float32(fedbuff.staleness_weight(stale))
@@ -188,11 +192,18 @@ class AsyncCoordinator:
             for old in [v for v in models if v != version and v not in training.values()]:
                 del models[old]  # no client trains from it any more
             start()
-            if not training:  # nobody left to dispatch: every available client failed or is in the buffer
+            if not training and benched and retries < MAX_RETRIES:
+                # Nobody left to dispatch: every other client failed its last task. Failures can be passing (a
+                # dropout, a network blip): give them all another chance, a bounded number of times.
+                retries += 1
+                benched.clear()
+                available = engine.wait_for(1, self.wait_timeout)
+                start()
+            if not training:
                 raise RuntimeError(
                     f"server step {version + 1} cannot fill its buffer ({len(buffer)} of {fedbuff.buffer_size} "
-                    f"updates): the other available clients' last tasks all failed ({len(benched)} benched, see "
-                    "the rejections logged above); fix those clients or lower buffer_size")
+                    f"updates): every other available client failed its task {MAX_RETRIES + 1} times in a row (see "
+                    "the rejections logged above); fix those clients, or lower buffer_size")
         else:
             if version < self.num_rounds:
                 raise RuntimeError(f"the engine ran out of tasks after {version} of {self.num_rounds} server steps: "
@@ -204,7 +215,8 @@ class AsyncCoordinator:
     def _step(self, server_round: int, parameters: Parameters, state: ServerState,
               buffer: list[tuple[str, FitResult]], staleness: list[int], record: RoundRecord, num_clients: int,
               started: float) -> tuple[Parameters, ServerState]:
-        """Fold the buffer into a server step; a refused aggregate leaves the model unchanged."""
+        """Fold the buffer into a server step; a refused aggregate leaves the model unchanged (the step still
+        counts: the version goes up, so updates in flight are one version staler, as after any step)."""
         problem: str | None = None
         try:
             outcome: Aggregate | None = self.strategy.aggregate_fit(parameters, state, buffer,
