@@ -43,8 +43,8 @@ TARGET_RATIO = 1.2
 def server_process(queue, clients: int, values: int, rounds: int, stall_s: float, slots: int) -> None:
     import logging
 
-    from insitu.client.api import FitResult
     from insitu.net.server import FederationServer, ServerSettings
+    from insitu.protocols.envelope import Envelope
     from insitu.strategies import fedavg
 
     logging.basicConfig(level=logging.ERROR)
@@ -57,19 +57,20 @@ def server_process(queue, clients: int, values: int, rounds: int, stall_s: float
     pool = server.pool
     starts: list[float] = []
     folded: list[float] = []
-    fit, deliver = pool.fit, pool.deliver
+    submit, deliver = pool.submit, pool.deliver
 
-    def timed_fit(parameters, tasks):
-        starts.append(time.perf_counter())
-        folded.append(float("nan"))
-        return fit(parameters, tasks)
+    def timed_submit(kind, parameters, model_version, tasks):
+        if kind == "fit":
+            starts.append(time.perf_counter())
+            folded.append(float("nan"))
+        return submit(kind, parameters, model_version, tasks)
 
     def timed_deliver(task, outcome, wait_consumed=None):
-        if isinstance(outcome, FitResult) and starts:
+        if isinstance(outcome, Envelope) and outcome.protocol == "fit" and starts:
             folded[-1] = time.perf_counter() - starts[-1]
         return deliver(task, outcome, wait_consumed)
 
-    pool.fit, pool.deliver = timed_fit, timed_deliver  # type: ignore[method-assign]
+    pool.submit, pool.deliver = timed_submit, timed_deliver  # type: ignore[method-assign]
     strategy = fedavg(min_fit_clients=1, min_available_clients=clients, fraction_evaluate=0.0)
     try:
         pool.wait_for(clients, timeout=150.0)
