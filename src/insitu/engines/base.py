@@ -49,7 +49,7 @@ class TaskResult:
 
     task_id: int
     client_id: str
-    kind: TaskKind
+    kind: str  # "fit" or "evaluate"; an engine carrying protocol envelopes reports the protocol's name
     model_version: int
     outcome: Outcome
     finished_at: float = 0.0

@@ -92,7 +92,8 @@ class _Waiting:
         if self.read is not None and isinstance(outcome, Envelope):
             outcome = self.read(outcome)
         envelope = self.task.envelope
-        return TaskResult(self.task_id, self.task.client_id, envelope.protocol, envelope.model_version,  # type: ignore[arg-type]
+        # an exchange task's outcome stays the reply envelope, which its protocol reads itself
+        return TaskResult(self.task_id, self.task.client_id, envelope.protocol, envelope.model_version,
                           outcome, finished_at)  # type: ignore[arg-type]
 
 
