@@ -110,9 +110,11 @@ def test_weights_scaled_together_change_nothing_and_unused_weights_are_ignored(n
     rows, weights = sample(seed, count(reducer.properties))
     base = run(reducer, rows, weights)[0]
     close(run(reducer, rows, weights * factor)[0], base)
+    other = np.random.default_rng(seed + 1).uniform(1e-3, 1e3, size=len(weights))
     if not reducer.properties.uses_weights:
-        other = np.random.default_rng(seed + 1).uniform(1e-3, 1e3, size=len(weights))
         np.testing.assert_array_equal(run(reducer, rows, other)[0], base)
+    else:  # a stage that declares it uses weights must: very different weights move its output
+        assert not np.allclose(run(reducer, rows, other)[0], base, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
