@@ -158,11 +158,12 @@ def server(
             if "max_update_bytes" in given:
                 raise ValueError("give --max-update-mb or max_update_bytes, not both")
             given["max_update_bytes"] = max_update_mb << 20
+        if "heartbeat_interval_s" not in given:  # a quarter of the timeout, at most 3 s
+            timeout = given.get("heartbeat_timeout_s", ServerSettings.__dataclass_fields__["heartbeat_timeout_s"].default)
+            given["heartbeat_interval_s"] = min(3.0, float(timeout) / 4)
         server_config = from_mapping(ServerSettings, given, settings_file)
-        server_config = replace(
-            server_config, tls=tls, allow_list=allow_list, model=config.model,
-            store_path=server_config.store_path or out / "server.db",
-            heartbeat_interval_s=given.get("heartbeat_interval_s", min(3.0, server_config.heartbeat_timeout_s / 4)))
+        server_config = replace(server_config, tls=tls, allow_list=allow_list, model=config.model,
+                                store_path=server_config.store_path or out / "server.db")
         console.print(f"[bold]insitu server[/] on {server_config.address}: {config.model}, {config.rounds} rounds, "
                       f"waiting for {config.num_clients} clients; state in {server_config.store_path}")
         printer = RoundPrinter(console, config.rounds, show_clock=fedbuff is not None)
