@@ -72,6 +72,10 @@ def test_adding_a_round_protocol():
     assert not np.array_equal(aggregate.parameters.flat(), ns["parameters"].flat())  # it trained
     # a malformed reply is one client's failure, recorded, not a crash
     assert isinstance(ns["read_fp16"](ns["Envelope"]("fp16", message=b"\0\0"), ns["parameters"]), ValueError)
+    # a client with a noise floor refuses the protocol by name: it does not declare it honours the floor
+    floored = client_handlers(ns["engine"].client_fn("0"), ns["ClientPolicy"](min_noise_multiplier=1.0))
+    with pytest.raises(ValueError, match="protocol 'fp16' does not declare it honours the floor"):
+        floored["fp16"].handle(ns["task_envelope"]("fit", ns["parameters"], 0, {}))
 
 
 def test_adding_an_engine():

@@ -475,11 +475,12 @@ def test_extras_beyond_what_the_algorithm_returns_are_refused(caplog, peak_memor
     [record] = fed.finish().history.rounds
     assert record.status == "ok" and record.num_results == 2
     reasons = {f["client"]: f["reason"] for f in record.failures}
-    assert "is not a result any client algorithm returns" in reasons["junk"]
-    assert "exceeds the model's size" in reasons["bigc"]
+    assert "is not a result this task's client algorithm returns" in reasons["junk"]
+    # a FedAvg task accepts no extras at all: SCAFFOLD's is refused by name before its size matters
+    assert "extra 'scaffold_delta_c' (268435532 bytes) is not a result this task's" in reasons["bigc"]
     assert not junk.replies[0].accepted and not big.replies[0].accepted
     assert_named(caplog, "junk", "extra 'junk'")
-    assert_named(caplog, "bigc", "exceeds the model's size")
+    assert_named(caplog, "bigc", "extra 'scaffold_delta_c'")
     assert peak_memory() < MEMORY_BOUND
 
 

@@ -332,3 +332,49 @@ def test_a_client_with_a_noise_floor_refuses_less_noise_or_no_client_noise(setti
     assert record.status == "failed" and record.num_results == 0
     assert {f["client"] for f in record.failures if reason in f["reason"]} == {"0", "1", "2"}, record.failures
     assert got.parameters == build_experiment(config).initial_parameters
+
+
+class _Fits:
+    def fit(self, parameters, config):
+        from insitu.client.api import FitResult
+        return FitResult(Parameters(["w"], [parameters.flat() + 0.5]), 7, {"acc": 0.9})
+
+
+def _masked_step_with_floor(n, t, degree, variance, floor, *, drop_peers=0, victim=1):
+    """Drive a client with a noise floor through train, share and masked in a round the server describes
+    as n clients (SecAgg+ degree ``degree``), with only the victim's real group taking part; the server
+    routes the shares of all but ``drop_peers`` of its peers and asks for noise ``variance`` per client."""
+    from insitu.privacy.secagg.messages import KeyBroadcast, RoundSetup, ShareKeys
+
+    params = Parameters(["w"], [np.zeros(8, np.float32)])
+    session = 42
+    config = SecAggConfig(n, t, params.num_values + 1, 1.0, session=session, degree=degree, integer=True)
+    peers = {v: SecAggClient(v, config) for v in sorted(config.group(victim)) if v != victim}
+    handler = SecAggHandler(_Fits(), ClientPolicy(min_noise_multiplier=floor))
+    setup = RoundSetup(session, victim, n, t, config.dim, 1.0, degree or 0, 1)
+    reply = handler.handle(Envelope("secagg", "train", 1, 0, parameters=params, message=codec.encode(setup)))
+    adverts = [codec.decode(reply.message, AdvertiseKeys)] + [c.advertise_keys() for c in peers.values()]
+    broadcast = KeyBroadcast(session, tuple(sorted(adverts, key=lambda a: a.client_id)))
+    reply = handler.handle(Envelope("secagg", "share", 1, 0, message=codec.encode(broadcast)))
+    codec.decode(reply.message, ShareKeys)
+    routed = [c.share_keys(broadcast) for c in peers.values()][drop_peers:]
+    to_victim = tuple(s for sk in routed for s in sk.shares if s.recipient == victim)
+    request = InputRequest(RoutedShares(victim, to_victim), NOISED, 0.0, 1.0, 1000.0, variance)
+    reply = handler.handle(Envelope("secagg", "masked", 1, 0, message=codec.encode(request)))
+    return codec.decode(reply.message, MaskedInput)
+
+
+def test_a_noise_floor_counts_only_the_shares_the_client_can_verify_not_the_servers_claimed_n():
+    # the review's attack: SecAgg+ degree 2, the server claims n = 100,000 and asks for a per-client variance
+    # that meets z = 1 only for 100,000 shares; the victim sees 3 (itself and its 2 neighbours): z ~ 0.0055
+    claimed = 100_000
+    with pytest.raises(ValueError, match=r"0\.00548 x the clip norm with the 3 shares .*claims 100000.* minimum 1"):
+        _masked_step_with_floor(claimed, 2, 2, (1.0 * 1000.0) ** 2 / claimed, floor=1.0)
+    # full graph: the server routes only 2 of the 3 peers' shares (t = 3 still met), noise planned for 4
+    with pytest.raises(ValueError, match="with the 3 shares"):
+        _masked_step_with_floor(4, 3, None, (1.0 * 1000.0) ** 2 / 4, floor=0.9, drop_peers=1)
+
+
+def test_a_noise_floor_passes_an_honest_full_graph_round_with_enough_noise():
+    got = _masked_step_with_floor(4, 3, None, (1.0 * 1000.0) ** 2 / 4, floor=1.0)
+    assert got.client_id == 1 and len(got.masked) == 4 * 9

@@ -459,3 +459,21 @@ def test_encoded_size_matches_dumps() -> None:
 
     params = Parameters.from_arrays({"w": np.zeros((3, 4), np.float32), "n": np.array(5, np.int64)})
     assert encoded_size(params) == len(dumps(params))
+
+
+def test_a_decoder_that_knows_its_specs_refuses_a_longer_header_from_the_length_alone():
+    expected = [ParamSpec("w", (3,), np.dtype(np.float32)), ParamSpec("b", (), np.dtype(np.int64))]
+    limit = serde.expected_header_bytes(expected)
+    assert limit < 2048
+    decoder = StreamDecoder(expected=expected)
+    with pytest.raises(SerdeError, match=rf"header too long: {limit + 1} bytes declared, .* needs at most {limit}"):
+        decoder.feed(b"INSITU\x01" + struct.pack("<I", limit + 1))
+    # an honest stream passes, also with non-ASCII names and another encoder's spacing
+    names = {"w": "wéights→", "b": "b"}
+    params = Parameters([names["w"], "b"], [np.ones(3, np.float32), np.array(7, np.int64)])
+    specs = params.specs
+    assert loads(dumps(params), expected=specs) == params
+    head = json.dumps({"entries": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in specs]},
+                      indent=1).encode()  # escaped, indented: longer than insitu's own header
+    blob = b"INSITU\x01" + struct.pack("<I", len(head)) + head + b"".join(a.tobytes() for a in params.arrays)
+    assert loads(blob, expected=specs) == params

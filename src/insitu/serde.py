@@ -131,6 +131,22 @@ def encoded_size(params: Parameters) -> int:
     return len(head) + sum(int(a.size) * dt.itemsize for a, dt in zip(params.arrays, dtypes))
 
 
+HEADER_SLACK_BYTES = 1024
+HEADER_SLACK_PER_ARRAY = 32
+
+
+def expected_header_bytes(specs: Sequence[ParamSpec]) -> int:
+    """The longest JSON header a stream of parameters with these specs may declare: this encoder's header
+    with every non-ASCII character escaped, plus a small slack for another encoder's spacing
+    (:data:`HEADER_SLACK_BYTES`, and :data:`HEADER_SLACK_PER_ARRAY` per array), never above
+    :data:`MAX_HEADER_BYTES`. A decoder that knows what to expect refuses a longer header before reading
+    it, so a stream cannot be all header (hundreds of thousands of empty arrays) within a model-sized limit."""
+    entries = [{"name": spec.name, "dtype": str(np.dtype(spec.dtype)), "shape": [int(d) for d in spec.shape]}
+               for spec in specs]
+    size = len(json.dumps({"entries": entries}, ensure_ascii=True, separators=(",", ":")))
+    return min(MAX_HEADER_BYTES, size + HEADER_SLACK_BYTES + HEADER_SLACK_PER_ARRAY * len(entries))
+
+
 def encoded_size_of(specs: Sequence[ParamSpec]) -> int:
     """Length in bytes of :func:`dumps` output for parameters with these specs (what an honest peer sends)."""
     head, dtypes = _preamble((spec.name, spec.dtype, spec.shape) for spec in specs)
@@ -262,6 +278,7 @@ class StreamDecoder:
             raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
         self._max_bytes = max_bytes
         self._expected = tuple(expected) if expected is not None else None
+        self._max_header = MAX_HEADER_BYTES if self._expected is None else expected_header_bytes(self._expected)
         self._available: int | None = None  # total stream length, when known up front (loads)
         self._state = _PREAMBLE
         self._error: SerdeError | None = None
@@ -358,8 +375,11 @@ class StreamDecoder:
         if len(head) < _PREAMBLE_LEN:
             return
         self._header_len = int.from_bytes(head[len(MAGIC) + 1 :], "little")
-        if self._header_len > MAX_HEADER_BYTES:
-            raise SerdeError(f"header too long: {self._header_len} bytes declared (limit {MAX_HEADER_BYTES})")
+        if self._header_len > self._max_header:
+            if self._expected is None:
+                raise SerdeError(f"header too long: {self._header_len} bytes declared (limit {MAX_HEADER_BYTES})")
+            raise SerdeError(f"header too long: {self._header_len} bytes declared, but the expected parameters' "
+                             f"header needs at most {self._max_header}")
         self._state = _HEADER
         if self._header_len == 0:
             self._start_payload()

@@ -244,7 +244,8 @@ class GrpcClientPool:
         RoundDeadlineError."""
         envelopes = [(task.client_id, plain.task_envelope(kind, parameters, model_version, task.config))
                      for task in tasks]
-        return self._post(envelopes, plain.expect(kind), functools.partial(plain.read_reply, kind))
+        expect = plain.expect(kind, [task.config for task in tasks])  # only the extras the tasks' algorithm returns
+        return self._post(envelopes, expect, functools.partial(plain.read_reply, kind))
 
     def exchange(self, envelopes: Sequence[tuple[str, Envelope]],
                  expect: Expect) -> Iterator[tuple[str, Envelope | BaseException]]:

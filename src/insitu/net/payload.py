@@ -50,10 +50,15 @@ def iter_body(envelope: Envelope, chunk_size: int) -> Iterator[bytes | memoryvie
 class BodyDecoder:
     """Splits the incoming chunks into the declared sections and decodes each one as it completes.
 
-    ``expected``: the names, shapes and dtypes the parameter section must have (checked from its
-    serde header, before its values are read)."""
+    ``expected``: the names, shapes and dtypes the parameter section must have; ``arrays_expected``:
+    those every named array must have (the server passes the model's specs for both: every algorithm's
+    extras are shaped like the model, see :func:`insitu.algorithms.base.check_extras`). Each is checked
+    from the section's serde header before its values are read, and a header longer than the expected
+    one's (plus a small slack) is refused before its JSON is parsed, so a model-sized section cannot be
+    all header."""
 
-    def __init__(self, head: pb.Envelope, *, max_bytes: int, expected: Sequence[ParamSpec] | None = None) -> None:
+    def __init__(self, head: pb.Envelope, *, max_bytes: int, expected: Sequence[ParamSpec] | None = None,
+                 arrays_expected: Sequence[ParamSpec] | None = None) -> None:
         if len(head.extras) > MAX_EXTRAS:
             raise serde.SerdeError(f"{len(head.extras)} extras declared; at most {MAX_EXTRAS} are accepted")
         names = [e.name for e in head.extras]
@@ -65,7 +70,7 @@ class BodyDecoder:
         self._sections: list[tuple[str | None, int, Sequence[ParamSpec] | None]] = []
         if head.payload_bytes:
             self._sections.append((None, head.payload_bytes, expected))
-        self._sections += [(e.name, e.payload_bytes, None) for e in head.extras]
+        self._sections += [(e.name, e.payload_bytes, arrays_expected) for e in head.extras]
         self._message_bytes = head.message_bytes
         self.parameters: Parameters | None = None
         self.arrays: dict[str, Parameters] = {}

@@ -11,7 +11,8 @@ PullTask or PushResult call without a live session token in its metadata is refu
 message is read; calls with one request must deliver it within the stall limit, at most 64
 waiting per peer host; an upload may declare no more than what its task's round protocol said a
 reply may carry (an :class:`~insitu.protocols.envelope.Expect`), each section at most the model's
-size; it waits for a decode slot without holding memory (one upload is
+size and shaped like the model (parameters and named arrays alike, checked from each section's serde
+header, which may be no longer than the model's plus a small slack, before that header is parsed); it waits for a decode slot without holding memory (one upload is
 received at a time, up to ``upload_slots`` while the others' peers are silent), and a watchdog cancels it when
 its peer stays silent for ``upload_stall_s`` or it exceeds ``upload_timeout_s``; a client has at
 most one upload in flight; claimed example counts are capped at ``max_examples_per_client``.
@@ -581,7 +582,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             what = "parameters" if name is None else f"extra {name!r}"
             if name is not None and name not in expect.arrays:
                 accepted = ", ".join(sorted(expect.arrays)) or "none"
-                raise serde.SerdeError(f"{what} ({size} bytes) is not a result any client algorithm returns "
+                raise serde.SerdeError(f"{what} ({size} bytes) is not a result this task's client algorithm returns "
                                        f"(accepted extras: {accepted})")
             if size > model + SECTION_SLACK_BYTES:
                 raise serde.SerdeError(f"{what} of {size} bytes exceeds the model's size ({model} bytes)")
@@ -613,7 +614,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _decode(self, upload: _Upload, task: PendingTask, header: pb.Envelope, reply: Envelope, chunk: bytes | None,
                 messages: Iterator[pb.ResultMessage]) -> None:
         """Fill ``reply``'s body (parameters, named arrays, protocol bytes) from the upload's chunks."""
-        decoder = payload.BodyDecoder(header, max_bytes=self.max_update_bytes, expected=task.model)
+        decoder = payload.BodyDecoder(header, max_bytes=self.max_update_bytes, expected=task.model,
+                                      arrays_expected=task.model)
         declared = payload.declared_bytes(header)
         while chunk is not None:
             decoder.feed(chunk)

@@ -65,9 +65,11 @@ class EnvelopeEngine(Protocol):
 class ClientPolicy:
     """What a client itself insists on, whatever the server asks.
 
-    ``min_noise_multiplier`` z: take part only in distributed-DP secure rounds whose noise, with every
-    participant's share, is at least z times the scaled clip norm; refuse every other task, which
-    would let something about this client's data leave it un-noised."""
+    ``min_noise_multiplier`` z: take part only in distributed-DP secure rounds whose noise, with the
+    shares of every participant this client can verify (itself and those whose key shares reached it),
+    is at least z times the scaled clip norm; refuse every other task, which would let something about
+    this client's data leave it un-noised. Only handlers whose factory declares
+    ``honours_noise_floor = True`` are served under a floor (:func:`insitu.protocols.registry.client_handlers`)."""
 
     min_noise_multiplier: float | None = None
 

@@ -12,9 +12,9 @@ and the extras a client algorithm returns (SCAFFOLD's ``scaffold_delta_c``), not
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
-from insitu.algorithms import result_extras
+from insitu.algorithms import ALGORITHM, ALGORITHMS, LocalSGD, result_extras
 from insitu.client.api import Client, Config, EvalResult, FitResult
 from insitu.engines.base import Engine, Outcome, TaskKind, run_tasks
 from insitu.params import Parameters
@@ -33,15 +33,24 @@ def task_envelope(kind: TaskKind, parameters: Parameters, model_version: int, co
                     config=scalars, parameters=parameters, arrays=arrays)
 
 
-def expect(kind: TaskKind) -> Expect:
+def expect(kind: TaskKind, configs: Iterable[Config] | None = None) -> Expect:
     """What a reply to a fit or evaluate task may carry: a fit result's parameters and its algorithm's
     extras (its example count a training count); an evaluation's counts and metrics only.
 
-    A fit reply may carry the extras any registered client algorithm returns (each at most the model's
-    size); others are refused from the header. The strategy's algorithm then refuses extras that are
+    Given the tasks' ``configs``, a fit reply may carry only the extras of the algorithms they name
+    (``config["algorithm"]``, as the strategy set it; plain local SGD when none); without them, the
+    extras any registered client algorithm returns. Each is at most the model's size and shaped like
+    it; others are refused from the header. The strategy's algorithm then refuses extras that are
     not its own."""
     if kind == FIT:
-        return Expect(parameters=True, arrays=result_extras(), training=True)
+        if configs is None:
+            return Expect(parameters=True, arrays=result_extras(), training=True)
+        extras: set[str] = set()
+        for config in configs:
+            name = config.get(ALGORITHM, LocalSGD.name)
+            algorithm = ALGORITHMS.get(name) if isinstance(name, str) else None
+            extras.update(result_extras() if algorithm is None else algorithm.result_extras)
+        return Expect(parameters=True, arrays=frozenset(extras), training=True)
     if kind == EVALUATE:
         return Expect()
     raise ValueError(f"the plain exchange sends fit and evaluate tasks, not {kind!r}")
@@ -70,6 +79,8 @@ def _refuse_under_noise_floor(policy: ClientPolicy, task: Envelope) -> None:
 class FitHandler:
     """Client half of a fit task: ``client.fit`` on the global parameters."""
 
+    honours_noise_floor: ClassVar[bool] = True  # it refuses every task under a noise floor
+
     def __init__(self, client: Client, policy: ClientPolicy) -> None:
         self.client, self.policy = client, policy
 
@@ -85,6 +96,8 @@ class FitHandler:
 
 class EvaluateHandler:
     """Client half of an evaluate task: ``client.evaluate`` on the global parameters."""
+
+    honours_noise_floor: ClassVar[bool] = True  # it refuses every task under a noise floor
 
     def __init__(self, client: Client, policy: ClientPolicy) -> None:
         self.client, self.policy = client, policy

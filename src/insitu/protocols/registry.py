@@ -6,6 +6,7 @@ from insitu.client.api import Client
 from insitu.engines.base import Engine
 from insitu.protocols import plain, secagg
 from insitu.protocols.base import ClientHandler, ClientPolicy, EnvelopeEngine, HandlerFactory, RoundProtocol
+from insitu.protocols.envelope import Envelope
 from insitu.strategies.strategy import Strategy
 
 HANDLERS: dict[str, HandlerFactory] = {
@@ -26,10 +27,37 @@ def register_handler(protocol: str, factory: HandlerFactory) -> HandlerFactory:
     return factory
 
 
+def honours_noise_floor(factory: HandlerFactory) -> bool:
+    """Whether ``factory``'s handlers declare they enforce ``ClientPolicy.min_noise_multiplier`` (a
+    ``honours_noise_floor = True`` attribute on the factory, e.g. a handler class)."""
+    return getattr(factory, "honours_noise_floor", False) is True
+
+
+class RefusedUnderNoiseFloor:
+    """Stands in for a protocol's handler on a client with a noise floor when the protocol does not declare
+    it honours the floor: every task of that protocol fails on the client, naming why."""
+
+    honours_noise_floor = True  # it refuses everything
+
+    def __init__(self, protocol: str, floor: float) -> None:
+        self.protocol, self.floor = protocol, floor
+
+    def handle(self, task: Envelope) -> Envelope:
+        raise ValueError(f"this client has --dp-min-noise {self.floor:g} and protocol {self.protocol!r} does not "
+                         "declare it honours the floor (honours_noise_floor): refusing its task")
+
+
 def client_handlers(client: Client, policy: ClientPolicy | None = None) -> dict[str, ClientHandler]:
-    """One handler per registered protocol, serving ``client`` under ``policy``."""
+    """One handler per registered protocol, serving ``client`` under ``policy``.
+
+    Under a noise floor (``policy.min_noise_multiplier``) only the protocols whose factory declares
+    ``honours_noise_floor = True`` are served; every other one is refused by name, so a plugin that
+    never looks at the policy cannot let this client's data leave it un-noised."""
     policy = policy or ClientPolicy()
-    return {name: factory(client, policy) for name, factory in HANDLERS.items()}
+    floor = policy.min_noise_multiplier
+    return {name: factory(client, policy) if floor is None or honours_noise_floor(factory)
+            else RefusedUnderNoiseFloor(name, floor)
+            for name, factory in HANDLERS.items()}
 
 
 def fit_protocol(strategy: Strategy, engine: Engine) -> RoundProtocol:

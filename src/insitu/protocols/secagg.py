@@ -23,7 +23,7 @@ import math
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -204,11 +204,15 @@ class SecAggHandler:
     """Client half of secure aggregation; one round at a time (a new "train" step replaces it).
 
     With ``policy.min_noise_multiplier`` z, this client takes part only under distributed DP whose
-    noise, if every client of the round adds its share, is at least z times the scaled clip norm
-    (sqrt(n v) >= z gamma C for n clients each adding variance v). It then refuses any other masked
+    noise, if every client it can verify adds its share, is at least z times the scaled clip norm
+    (sqrt(k v) >= z gamma C for each client adding variance v, where k counts this client and the
+    clients whose encrypted key shares reached it: never the server's claimed n, which under SecAgg+
+    this client cannot check). It then refuses any other masked
     input, and sends neither its example count nor its metrics in the clear: a guard against a server
     that would ask for less noise than announced. Its own share is always added, whatever the others do.
     """
+
+    honours_noise_floor: ClassVar[bool] = True  # checked in _input / _distributed_input
 
     def __init__(self, client: Client, policy: ClientPolicy) -> None:
         self.client = client
@@ -307,11 +311,16 @@ class SecAggHandler:
             raise ValueError(f"distributed DP: refusing clip {clip}, gamma {gamma}, noise variance {variance} "
                              "(each must be > 0: a client always adds its noise share)")
         if self.min_noise_multiplier is not None:
-            planned = math.sqrt(config.n * variance) / (gamma * clip)
+            # Count only the shares this client can vouch for: itself plus the group members whose encrypted
+            # shares reached it, never the n the server claims (under SecAgg+ a client sees only its group,
+            # so a server could claim n = 100,000 and scale each share down to match).
+            verified = len(current.protocol.sharers(request.shares))
+            planned = math.sqrt(verified * variance) / (gamma * clip)
             if planned < self.min_noise_multiplier:
-                raise ValueError(f"distributed DP: the server's noise, {planned:.3g} x the clip norm with all "
-                                 f"{config.n} clients' shares, is below this client's minimum "
-                                 f"{self.min_noise_multiplier:g}: refusing to take part")
+                raise ValueError(f"distributed DP: the server's noise, {planned:.3g} x the clip norm with the "
+                                 f"{verified} shares this client can verify (itself and the clients whose key "
+                                 f"shares reached it; the server claims {config.n}), is below this client's "
+                                 f"minimum {self.min_noise_multiplier:g}: refusing to take part")
         check_field(config.n, gamma, clip, variance, current.delta.size)
         return distributed_input(current.delta, clip_norm=clip, gamma=gamma, client_variance=variance,
                                  rng=os_entropy_rng())

@@ -269,24 +269,42 @@ class SecAggClient:
         self._phase = _Phase.SHARED
         return ShareKeys(self.id, tuple(out))
 
-    def _accept_routed(self, routed: RoutedShares) -> None:
-        """Keep well-formed ciphertexts addressed to us by group members; log and skip the rest."""
-        if routed.recipient != self.id:
-            raise self._refuse(f"routed shares are addressed to {routed.recipient!r}")
+    def _usable_shares(self, routed: RoutedShares, warn: bool) -> dict[int, bytes]:
+        """The well-formed ciphertexts addressed to us by group members, by sender (the rest skipped)."""
+        received: dict[int, bytes] = {}
         for item in routed.shares:
             reason = None
             if item.recipient != self.id:
                 reason = f"addressed to {item.recipient!r}"
             elif not _is_id(item.sender) or item.sender not in self._u1 or item.sender == self.id:
                 reason = f"from client {item.sender!r} outside this client's group"
-            elif item.sender in self._received:
+            elif item.sender in received:
                 reason = f"duplicate from client {item.sender}"
             elif not isinstance(item.ciphertext, bytes) or len(item.ciphertext) != CIPHERTEXT_BYTES:
                 reason = f"malformed ciphertext from client {item.sender}"
             if reason:
-                logger.warning("secagg client %d ignores an encrypted share: %s", self.id, reason)
+                if warn:
+                    logger.warning("secagg client %d ignores an encrypted share: %s", self.id, reason)
                 continue
-            self._received[item.sender] = item.ciphertext
+            received[item.sender] = item.ciphertext
+        return received
+
+    def sharers(self, routed: RoutedShares) -> frozenset[int]:
+        """The participants this client can vouch for at the masked step: itself and the members of its
+        group whose keys it holds and whose encrypted share reached it (what :meth:`masked_input` keeps).
+
+        Under SecAgg+ (``degree``) this is at most degree + 1 clients, whatever n the server claims: the
+        rest of the round is invisible to this client."""
+        self._expect(_Phase.SHARED, "sharers")
+        if routed.recipient != self.id:
+            return frozenset({self.id})
+        return frozenset(self._usable_shares(routed, warn=False)) | {self.id}
+
+    def _accept_routed(self, routed: RoutedShares) -> None:
+        """Keep well-formed ciphertexts addressed to us by group members; log and skip the rest."""
+        if routed.recipient != self.id:
+            raise self._refuse(f"routed shares are addressed to {routed.recipient!r}")
+        self._received = self._usable_shares(routed, warn=True)
         self._u2 = set(self._received) | {self.id}
 
     def masked_input(self, routed: RoutedShares, x: np.ndarray) -> MaskedInput:
