@@ -113,8 +113,8 @@ class ClientSettings:
     model: str | None = setting(None, section="training", choices=MODEL_NAMES, help="Architecture; default: the "
                                 "one the server trains (it tells the client). A different one is refused.")
     dp_min_noise: float = setting(0.0, section="privacy", help="Take part only in distributed-DP secure rounds "
-                                  "whose noise is at least this multiple of the clip norm (0 = off); plain tasks "
-                                  "are refused.")
+                                  "whose noise, from the participants this client can verify, is at least this "
+                                  "multiple of the clip norm (0 = off); plain tasks are refused.")
     state_dir: Path | None = setting(None, section="run", help="Where this client keeps state between rounds "
                                      "(SCAFFOLD's control variate); default .insitu-client/CLIENT_ID.")
     give_up_after_s: float = setting(600.0, section="limits", aliases=("--give-up-after",), help="Stop if the "
