@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from test_net_cli import certs, free_port, procs  # noqa: F401 - pytest fixtures, shared with the deployment tests
+from cli_harness import free_port
 
 
-def test_fedbuff_server_and_client_processes_run_every_step(procs, certs, tmp_path):  # noqa: F811
+def test_fedbuff_server_and_client_processes_run_every_step(procs, certs, tmp_path):
     port = free_port()
     procs.start("server", "server", "--certs", str(certs), "--address", f"127.0.0.1:{port}", "-o", "out",
                 "--rounds", "4", "--min-clients", "3", "--mode", "fedbuff", "--buffer-size", "2", "--concurrency",

@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli_harness import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -54,15 +55,9 @@ print(json.dumps({"base": base, **peak_mb()}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_600_mb_update_passes_with_bounded_memory_on_both_ends():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     model_mb = 150_000_000 * 4 / 2**20
     server = subprocess.Popen([sys.executable, "-c", SERVER, address], stdout=subprocess.PIPE, text=True)
     client = subprocess.Popen([sys.executable, "-c", CLIENT, address], stdout=subprocess.PIPE, text=True)
@@ -84,7 +79,7 @@ def test_a_600_mb_update_passes_with_bounded_memory_on_both_ends():
 
 @pytest.mark.slow
 def test_seeds_scenario_deployed_with_tls_and_authentication(tmp_path, mnist_dir):
-    port = _free_port()
+    port = free_port()
     run = lambda *a, **k: subprocess.Popen([str(BIN / "insitu"), *a], cwd=tmp_path, **k)
     subprocess.run([str(BIN / "insitu"), "keygen", "--out", "fed", "--clients", "3"], cwd=tmp_path, check=True,
                    capture_output=True)
