@@ -36,7 +36,8 @@ def run(mode: str, args: argparse.Namespace) -> list[dict[str, float]]:
     points: list[dict[str, float]] = []
 
     def on_round(record: RoundRecord, *_: object) -> None:
-        points.append({"step": record.round, "clock_s": record.timings["clock_s"], "accuracy": record.accuracy or 0.0})
+        points.append({"step": record.round, "clock_s": record.timings["clock_s"], "accuracy": record.accuracy or 0.0,
+                       "staleness_mean": record.fit_metrics.get("staleness_mean", 0.0)})
         if record.round % 10 == 0:
             print(f"  {mode} step {record.round}: t={record.timings['clock_s']:.1f}s acc={record.accuracy:.4f}",
                   flush=True)
@@ -72,10 +73,12 @@ def main() -> None:
     for mode, points in runs.items():
         hit = reached(points, args.target)
         summary[mode] = {"reached": hit is not None, "clock_s": hit["clock_s"] if hit else None,
-                         "steps": hit["step"] if hit else None, "final_accuracy": points[-1]["accuracy"]}
+                         "steps": hit["step"] if hit else None, "final_accuracy": points[-1]["accuracy"],
+                         "staleness_mean": sum(p["staleness_mean"] for p in points) / len(points)}
         label = "FedAvg (sync)" if mode == "sync" else "FedBuff"
         if hit:
-            print(f"{label}: {100 * args.target:.0f}% at simulated {hit['clock_s']:.1f} s, server step {hit['step']:.0f}")
+            print(f"{label}: {100 * args.target:.0f}% at simulated {hit['clock_s']:.1f} s, server step {hit['step']:.0f} "
+                  f"(mean staleness {summary[mode]['staleness_mean']:.2f})")
         else:
             print(f"{label}: {100 * args.target:.0f}% not reached in {len(points)} steps "
                   f"(final {100 * points[-1]['accuracy']:.2f}%)")
