@@ -118,8 +118,7 @@ def _shuffled_batches(index: torch.Tensor | None, n: int, settings: TrainSetting
         order = torch.randperm(n, generator=generator)
         if index is not None:
             order = index[order]
-        for start in range(0, n, batch):
-            yield order[start : start + batch]
+        yield from order.split(batch)  # the epoch's batches as views, cut in one call
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, after_backward: GradHook | None, empty: bool) -> None:
