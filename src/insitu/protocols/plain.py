@@ -76,37 +76,36 @@ def _refuse_under_noise_floor(policy: ClientPolicy, task: Envelope) -> None:
                          f"plain {task.protocol} task: its result would leave this client un-noised")
 
 
-class FitHandler:
-    """Client half of a fit task: ``client.fit`` on the global parameters."""
+class _PlainHandler:
+    """What both plain handlers share: the user's client, the client's policy, and the task's checks."""
 
     honours_noise_floor: ClassVar[bool] = True  # it refuses every task under a noise floor
 
     def __init__(self, client: Client, policy: ClientPolicy) -> None:
         self.client, self.policy = client, policy
 
-    def handle(self, task: Envelope) -> Envelope:
+    def _global_parameters(self, task: Envelope) -> Parameters:
         _refuse_under_noise_floor(self.policy, task)
         if task.parameters is None:
-            raise ValueError("the server sent a fit task without parameters")
-        result = self.client.fit(task.parameters, task_config(task))
+            raise ValueError(f"the server sent a {task.protocol} task without parameters")
+        return task.parameters
+
+
+class FitHandler(_PlainHandler):
+    """Client half of a fit task: ``client.fit`` on the global parameters."""
+
+    def handle(self, task: Envelope) -> Envelope:
+        result = self.client.fit(self._global_parameters(task), task_config(task))
         return Envelope(FIT, round=task.round, model_version=task.model_version, parameters=result.parameters,
                         arrays=dict(result.extras), num_examples=int(result.num_examples),
                         metrics=dict(result.metrics))
 
 
-class EvaluateHandler:
+class EvaluateHandler(_PlainHandler):
     """Client half of an evaluate task: ``client.evaluate`` on the global parameters."""
 
-    honours_noise_floor: ClassVar[bool] = True  # it refuses every task under a noise floor
-
-    def __init__(self, client: Client, policy: ClientPolicy) -> None:
-        self.client, self.policy = client, policy
-
     def handle(self, task: Envelope) -> Envelope:
-        _refuse_under_noise_floor(self.policy, task)
-        if task.parameters is None:
-            raise ValueError("the server sent an evaluate task without parameters")
-        result = self.client.evaluate(task.parameters, task_config(task))
+        result = self.client.evaluate(self._global_parameters(task), task_config(task))
         return Envelope(EVALUATE, round=task.round, model_version=task.model_version,
                         num_examples=int(result.num_examples), loss=float(result.loss), metrics=dict(result.metrics))
 
