@@ -2,9 +2,8 @@
 
 from insitu.engines.base import (
     Engine,
-    EvalOutcome,
-    FitOutcome,
     NotEnoughClientsError,
+    Outcome,
     Task,
     TaskResult,
     run_tasks,
@@ -16,10 +15,9 @@ __all__ = [
     "ClientDroppedOut",
     "ClientFn",
     "Engine",
-    "EvalOutcome",
-    "FitOutcome",
     "InProcessPool",
     "NotEnoughClientsError",
+    "Outcome",
     "StragglerDropped",
     "SystemsModel",
     "Task",

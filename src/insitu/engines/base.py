@@ -31,9 +31,8 @@ class NotEnoughClientsError(RuntimeError):
     """Fewer clients are available than the strategy requires (or connected within the wait)."""
 
 
-FitOutcome = FitResult | BaseException
-EvalOutcome = EvalResult | BaseException
 Outcome = FitResult | EvalResult | BaseException
+"""A task's result, or the exception that stands for its failure."""
 
 
 @dataclass
