@@ -382,19 +382,21 @@ def build_experiment(config: SimulationConfig) -> Experiment:
             poisoned[cid] = flip_labels(own) if trigger is None else poison_with_backdoor(
                 own, trigger, config.backdoor_target, config.poison_fraction, seed=config.seed + int(cid))
     attackers = set(malicious)
+    train_rows = [torch.from_numpy(np.asarray(part, dtype=np.int64)) for part in train_parts]  # once, not per fit
+    test_rows = [torch.from_numpy(np.asarray(part, dtype=np.int64)) for part in test_parts]
 
     def client_fn(cid: str) -> Client:
         i = int(cid)
-        data, rows = (poisoned[cid], None) if cid in poisoned else (train, train_parts[i])
+        data, rows = (poisoned[cid], None) if cid in poisoned else (train, train_rows[i])
         state = states.for_client(cid) if states is not None else None
         client: Client
         if local_dp is not None:
             client = DPTorchClient(model, data, test if test_parts else None, dp=local_dp, train_indices=rows,
-                                   test_indices=test_parts[i] if test_parts else None, settings=settings,
+                                   test_indices=test_rows[i] if test_parts else None, settings=settings,
                                    share_result=True, state=state)
         else:
             client = TorchClient(model, data, test if test_parts else None, train_indices=rows,
-                                 test_indices=test_parts[i] if test_parts else None, settings=settings,
+                                 test_indices=test_rows[i] if test_parts else None, settings=settings,
                                  share_result=True, state=state)
         if update_attack is not None and cid in attackers:
             client = MaliciousClient(client, update_attack, seed=config.seed)

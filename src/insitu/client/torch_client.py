@@ -199,7 +199,12 @@ class TorchClient:
 
     # -- internals ---------------------------------------------------------------------------
     def _loss(self, settings: TrainSettings) -> nn.Module:
-        return self.loss_fn if self.loss_fn is not None else LOSSES[settings.loss]()
+        if self.loss_fn is not None:
+            return self.loss_fn
+        loss = _DEFAULT_LOSSES.get(settings.loss)
+        if loss is None:  # built once per name: a Module costs more to build than a small client's step
+            loss = _DEFAULT_LOSSES[settings.loss] = LOSSES[settings.loss]()
+        return loss
 
     def _train(self, settings: TrainSettings, seed: int, optimizer: torch.optim.Optimizer,
                after_backward: GradHook | None) -> tuple[int, float]:
@@ -212,7 +217,11 @@ class TorchClient:
         x, y, model, device = train.x, train.y, self.model, self.device
         loss_fn = self._loss(settings)
         summed = getattr(loss_fn, "reduction", "mean") == "sum"
-        loss_sum, steps = torch.zeros((), device=device), 0  # summed in place: no per-step objects kept
+        # On CPU a Python float is the cheapest running sum (.item() does not wait on a device);
+        # elsewhere the sum stays on the device so no step waits for the accelerator.
+        on_cpu = device.type == "cpu"
+        loss_sum: float | torch.Tensor = 0.0 if on_cpu else torch.zeros((), device=device)
+        steps = 0
         model.train()
         with self.loop_plugin.open(model, optimizer, loss_fn, self.train_indices, n, settings, seed) as loop:
             forward, zero_grad, step = loop.forward, loop.optimizer.zero_grad, loop.step
@@ -225,13 +234,15 @@ class TorchClient:
                         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                     loss = loss_fn(forward(xb), yb)
                     loss.backward()
-                    loss_sum += loss.detach() / count if summed else loss.detach()
+                    step_loss = loss.item() if on_cpu else loss.detach()
+                    loss_sum += step_loss / count if summed else step_loss
                     steps += 1
                 step(after_backward, not count)
             zero_grad(set_to_none=True)  # the model may be shared: leave no gradients behind
         return n, float(loss_sum) / max(steps, 1)
 
 
+_DEFAULT_LOSSES: dict[str, nn.Module] = {}  # stateless modules, shared by every client
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()
 
 
@@ -273,6 +284,8 @@ def _as_int(value: object) -> int:
 def _as_index(indices: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
     if indices is None:
         return None
+    if isinstance(indices, torch.Tensor) and indices.dtype == torch.int64 and indices.device.type == "cpu":
+        return indices  # already an index (simulation converts each partition once, not per fit)
     return torch.as_tensor(np.asarray(indices, dtype=np.int64))
 
 
