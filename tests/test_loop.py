@@ -126,3 +126,26 @@ def test_round_callback_and_client_config_carry_round_and_seed():
     assert [s[0] for s in seen] == [1, 1, 2, 2]
     assert seen[0][2] == pytest.approx(0.1) and seen[2][2] == pytest.approx(0.2)
     assert len({s[1] for s in seen}) == 4  # a different seed per client and round
+
+
+def test_a_protocol_that_aborts_its_round_fails_that_round_only_and_the_loop_knows_it_by_base_class():
+    """The loop catches insitu.errors.RoundAborted, not a protocol's own exception by name."""
+    from insitu.errors import RoundAborted
+    from insitu.protocols.plain import PlainExchange
+
+    class LostTooMany(RoundAborted):
+        pass
+
+    class AbortsRoundOne(PlainExchange):
+        def fit(self, engine, round_):
+            if round_.server_round == 1:
+                raise LostTooMany("3 of 5 clients left, the protocol needs 4")
+            return super().fit(engine, round_)
+
+    clients = [FixedClient([2, 2, 2]), FixedClient([4, 4, 4])]
+    pool = InProcessPool(lambda cid: clients[int(cid)], 2)
+    result = Coordinator(fedavg(min_fit_clients=1, min_available_clients=1), pool, num_rounds=2, seed=0,
+                         protocol=AbortsRoundOne(), evaluate_initial=False).run(GLOBAL)
+    first, second = result.history.rounds
+    assert first.status == "failed" and "3 of 5 clients left" in first.error
+    assert second.status == "ok" and np.allclose(dict(result.parameters)["w"], [3, 3, 3])

@@ -21,10 +21,10 @@ from insitu.aggregation.base import AggregationAssumptionError, EmptyAggregation
 from insitu.client.api import EvalResult
 from insitu.engines.base import Engine, Task, run_tasks
 from insitu.engines.systems import ClientDroppedOut, StragglerDropped
+from insitu.errors import RoundAborted
 from insitu.params import Parameters
 from insitu.privacy.distributed import DistributedDP
 from insitu.privacy.randomness import RandomnessSource, SimulationSeed
-from insitu.privacy.secagg.protocol import SecAggAbort
 from insitu.protocols.base import FitRound, RoundProtocol
 from insitu.protocols.registry import fit_protocol
 from insitu.run.history import Evaluation, History, RoundRecord
@@ -154,7 +154,7 @@ class Coordinator:
             outcome = protocol.fit(self.pool, FitRound(
                 strategy, server_round, parameters, server_state, tasks, record, num_clients=len(available),
                 reject=lambda cid, stage, reason, result: reject(server_round, cid, stage, reason, record, result)))
-        except (AggregationAssumptionError, EmptyAggregationError, SecAggAbort) as error:
+        except (AggregationAssumptionError, EmptyAggregationError, RoundAborted) as error:
             outcome = None
             problem = f"aggregation refused: {error}"
         computed_privacy = None  # the privacy accounting of an aggregate computed, then refused

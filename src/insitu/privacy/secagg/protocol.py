@@ -31,6 +31,7 @@ from typing import TypeGuard
 
 import numpy as np
 
+from insitu.errors import RoundAborted
 from insitu.privacy.secagg import prg
 from insitu.privacy.secagg.encoding import FixedPoint, from_field, to_field
 from insitu.privacy.secagg.keys import (
@@ -68,7 +69,7 @@ class SecAggError(Exception):
     """Base class of secure-aggregation protocol failures."""
 
 
-class SecAggAbort(SecAggError, RuntimeError):
+class SecAggAbort(SecAggError, RoundAborted):
     """The round cannot finish (too few clients left); nothing about any individual input is revealed."""
 
 
