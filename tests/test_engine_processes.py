@@ -124,6 +124,40 @@ def test_a_killed_worker_fails_its_task_and_the_round_completes():
     assert got.parameters == expected.parameters
 
 
+class _Constant:
+    """Returns the parameters it got; client "kill" SIGKILLs its own process instead."""
+
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
+
+    def fit(self, parameters: Parameters, config: Config) -> FitResult:
+        if self.cid == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return FitResult(parameters, int(self.cid))
+
+    def evaluate(self, parameters: Parameters, config: Config) -> EvalResult:
+        raise NotImplementedError
+
+
+def test_jobs_queued_behind_a_killed_job_run_on_the_replacement_worker():
+    params = Parameters.from_arrays({"w": np.arange(4, dtype=np.float32)})
+    runner = ProcessRunner(_Constant, 1)
+    try:
+        first = runner.worker_pids()
+        for task_id, cid in enumerate(["kill", "5", "6"]):
+            runner.start(Job(task_id, cid, "fit", {}, 0, params))
+        outcomes: dict[int, Outcome] = {}
+        while len(outcomes) < 3:
+            outcomes.update(runner.finished())
+        assert type(outcomes[0]).__name__ == "WorkerLost" and "client kill's fit task" in str(outcomes[0])
+        assert [outcomes[i].num_examples for i in (1, 2)] == [5, 6]  # type: ignore[union-attr]
+        assert outcomes[1].parameters == params  # type: ignore[union-attr]
+        assert runner.slots == 1 and runner.worker_pids() != first and _gone(first[0])
+    finally:
+        runner.close()
+    assert _shm_files() == set()
+
+
 class _Raises:
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
         raise ValueError("no data today")

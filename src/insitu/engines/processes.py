@@ -53,6 +53,8 @@ ClientFn = Callable[[str], Client]
 _SHM_PREFIX = "insitu-"
 _STOP_WAIT_S = 5.0
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that the main process is still alive
+_PIPELINE = 2  # jobs sent to a worker at once: the one it runs and the next
+_PIPELINE_MAX_BYTES = 16 * 1024  # a queued job's message must fit the pipe's buffer (see _dispatch)
 _WORKER_BLOCK_CACHE = 2  # model blocks a worker keeps mapped (FedBuff hands out a few versions at once)
 
 
@@ -279,7 +281,7 @@ def _decode_result(header: dict[str, Any], payloads: list[memoryview]) -> Outcom
 class _Worker:
     process: BaseProcess
     conn: Connection
-    job: Job | None = None
+    jobs: deque[Job] = field(default_factory=deque)  # sent, not yet answered; the first is running
 
 
 @dataclass
@@ -303,7 +305,7 @@ class _Resources:
         if os.getpid() != self.owner:  # a forked worker never stops its siblings
             return
         for worker in self.workers:
-            if worker.job is not None:  # its result is no longer wanted (FedBuff leaves tasks running)
+            if worker.jobs:  # its result is no longer wanted (FedBuff leaves tasks running)
                 worker.process.terminate()
                 continue
             try:
@@ -405,54 +407,56 @@ class ProcessRunner:
 
     def finished(self) -> list[tuple[int, Outcome]]:
         while not self._done:
-            busy = [w for w in self._res.workers if w.job is not None]
+            busy = [w for w in self._res.workers if w.jobs]
             if not busy:
                 raise RuntimeError("finished() was called with no job running: start a job first")
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
             for worker in busy:
                 if worker.conn in ready or worker.process.sentinel in ready:
-                    self._collect(worker, exited=worker.process.sentinel in ready)
+                    self._collect(worker)
             self._dispatch()
         done, self._done = self._done, []
         return done
 
-    def _collect(self, worker: _Worker, exited: bool) -> None:
-        job = worker.job
-        assert job is not None
-        try:
-            if not worker.conn.poll():
-                raise EOFError  # the process ended without replying
-            header, payloads = _unframe(worker.conn.recv_bytes())
-        except (EOFError, OSError):
-            self._lost(worker)
-            return
-        worker.job = None
-        if header["task_id"] != job.task_id:
-            raise RuntimeError(f"worker {worker.process.pid} answered task {header['task_id']} while running "
-                               f"{job.task_id}: the pipe is out of step")
-        outcome: Outcome
-        try:
-            if self.states is not None and "state" in header:
-                _restore_state(self.states, job.client_id, payloads[header["state"]])
-            outcome = _decode_result(header, payloads)
-        except (ValueError, KeyError, IndexError) as error:  # serde.SerdeError is a ValueError
-            outcome = RuntimeError(f"client {job.client_id}'s result from worker {worker.process.pid} is "
-                                   f"unreadable: {error}")
-        self._release(job)
-        self._done.append((job.task_id, outcome))
-        if exited:  # it replied, then died: replace it before it is given another job
+    def _collect(self, worker: _Worker) -> None:
+        """Take every reply the worker has sent; if it has died, its running job is lost."""
+        while worker.jobs:
+            try:
+                if not worker.conn.poll():
+                    break
+                header, payloads = _unframe(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            job = worker.jobs.popleft()
+            if header["task_id"] != job.task_id:
+                raise RuntimeError(f"worker {worker.process.pid} answered task {header['task_id']} while running "
+                                   f"{job.task_id}: the pipe is out of step")
+            outcome: Outcome
+            try:
+                if self.states is not None and "state" in header:
+                    _restore_state(self.states, job.client_id, payloads[header["state"]])
+                outcome = _decode_result(header, payloads)
+            except (ValueError, KeyError, IndexError) as error:  # serde.SerdeError is a ValueError
+                outcome = RuntimeError(f"client {job.client_id}'s result from worker {worker.process.pid} is "
+                                       f"unreadable: {error}")
+            self._release(job)
+            self._done.append((job.task_id, outcome))
+        if not worker.process.is_alive():
             self._lost(worker)
 
     def _lost(self, worker: _Worker) -> None:
-        """Report the worker's job as lost, reap it and fork a replacement (or go on with fewer)."""
-        job = worker.job
+        """Report the job the worker was running as lost, hand its queued ones to the others, reap it and
+        fork a replacement (or go on with fewer)."""
         self._res.workers.remove(worker)
         _reap(worker)
-        if job is not None:
+        if worker.jobs:  # replies come in order: the first unanswered job was running, the rest never started
+            job = worker.jobs.popleft()
             self._release(job)
             self._done.append((job.task_id, WorkerLost(
                 f"the worker process running client {job.client_id}'s {job.kind} task died (exit code "
                 f"{worker.process.exitcode}) before it reported back")))
+            self._pending.extendleft(reversed(worker.jobs))
+            worker.jobs.clear()
         try:
             self._res.workers.append(self._fork())
         except OSError as error:
@@ -460,17 +464,33 @@ class ProcessRunner:
                 raise RuntimeError(f"every worker process is gone and a new one cannot be forked ({error})") from error
 
     def _dispatch(self) -> None:
-        for worker in list(self._res.workers):
-            if not self._pending:
-                return
-            if worker.job is not None:
-                continue
-            job = self._pending.popleft()
-            worker.job = job
-            try:
-                worker.conn.send_bytes(self._message(job))
-            except (BrokenPipeError, OSError):
-                self._lost(worker)
+        """Give pending jobs to idle workers, then queue one more behind a busy worker's job when the
+        message is small: the worker starts it as soon as it replies, without waiting for this process
+        to wake up and read the reply. A large message waits for an idle worker (both sides blocked
+        sending to each other would deadlock)."""
+        for depth in range(_PIPELINE):
+            for worker in list(self._res.workers):
+                if not self._pending:
+                    return
+                if len(worker.jobs) != depth:
+                    continue
+                job = self._pending[0]
+                if depth and not self._small(job):
+                    continue
+                self._pending.popleft()
+                worker.jobs.append(job)
+                try:
+                    worker.conn.send_bytes(self._message(job))
+                except (BrokenPipeError, OSError):
+                    self._lost(worker)
+
+    def _small(self, job: Job) -> bool:
+        """Whether the job's message is surely under ``_PIPELINE_MAX_BYTES``: its model in shared memory, no
+        arrays in its config, little client state."""
+        if self._key(job) not in self._res.blocks or any(isinstance(v, Parameters) for v in job.config.values()):
+            return False
+        stored = self.states._by_client.get(job.client_id) if self.states is not None else None
+        return sum(a.nbytes for a in (stored or {}).values()) < _PIPELINE_MAX_BYTES // 2
 
     def _message(self, job: Job) -> bytes:
         scalars, names, payloads = _split_config(job.config)
@@ -524,8 +544,8 @@ class ProcessRunner:
 
     def running(self) -> dict[int, str]:
         """Worker pid -> the client whose job it is running now."""
-        return {w.process.pid: w.job.client_id for w in self._res.workers
-                if w.job is not None and w.process.pid is not None}
+        return {w.process.pid: w.jobs[0].client_id for w in self._res.workers
+                if w.jobs and w.process.pid is not None}
 
     def close(self) -> None:
         self._pending.clear()
