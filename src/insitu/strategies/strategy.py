@@ -184,8 +184,10 @@ class Strategy:
         """The clients to train this round. Under central DP a Poisson sample (each client with
         probability q), which must stay secret: draw it from OS entropy in a deployment."""
         if self.privacy is not None:  # the accountant's analysis assumes Poisson sampling
-            keep = np.asarray(rng.random(len(available))) < self.privacy.sample_rate
-            return [cid for cid, chosen in zip(available, keep) if chosen]
+            # one uniform per client (the draw must not depend on who is picked), but only the picked
+            # ids are looked up: ``available`` may be a lazy sequence of a million ids
+            keep = np.flatnonzero(np.asarray(rng.random(len(available))) < self.privacy.sample_rate)
+            return [available[int(i)] for i in keep]
         return _sample(available, self.num_fit_clients(len(available)), rng)
 
     def sample_evaluate(self, available: Sequence[str], rng: Generator) -> list[str]:
@@ -345,13 +347,31 @@ class Strategy:
 
 
 def _sample(available: Sequence[str], k: int, rng: Generator) -> list[str]:
-    if k >= len(available):
+    """A uniform k-subset of ``available`` (in its order), in O(k) time and memory for k << N: only the
+    drawn positions are looked up, so ``available`` may be a lazy sequence of a million ids.
+
+    A numpy Generator draws with ``choice(N, k, replace=False)``, which is Floyd's algorithm for
+    k <= N / 50 (numpy's own switch; above that it shuffles N positions); the seeded draw sequence is
+    the one numpy has always given. A CSPRNG (OS entropy, never seeded) runs Floyd's algorithm on k
+    uniforms."""
+    n = len(available)
+    if k >= n:
         return list(available)
     if isinstance(rng, np.random.Generator):
-        chosen = rng.choice(len(available), size=k, replace=False)
-    else:  # a CSPRNG: k smallest of uniform keys is a uniform k-subset
-        chosen = np.argsort(rng.random(len(available)))[:k]
+        chosen = [int(i) for i in rng.choice(n, size=k, replace=False)]
+    else:
+        chosen = _floyd(n, k, np.asarray(rng.random(k)))
     return [available[i] for i in sorted(chosen)]
+
+
+def _floyd(n: int, k: int, uniforms: np.ndarray) -> list[int]:
+    """Floyd's algorithm: a uniform k-subset of range(n) from k uniforms in [0, 1), in O(k)
+    (for j = n-k .. n-1 take t uniform in [0, j]; if t was taken already take j instead)."""
+    chosen: set[int] = set()
+    for j, u in zip(range(n - k, n), uniforms.tolist()):
+        t = min(int(u * (j + 1)), j)
+        chosen.add(j if t in chosen else t)
+    return list(chosen)
 
 
 def _resolve(source: ConfigSource, server_round: int) -> Config:
