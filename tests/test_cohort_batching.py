@@ -245,6 +245,16 @@ def test_simulation_with_cohort_batching_matches_the_loop(extra):
             assert metrics == pytest.approx(rb.clients[cid], rel=1e-4)
 
 
+def test_simulation_falls_back_for_fedprox_and_says_why(caplog):
+    """FedProx clients cannot be batched: the run logs why and is the plain loop's run, bit for bit."""
+    config = {**SIM, "rounds": 1, "strategy": "fedprox", "mu": 0.1}
+    plain, _ = run_simulation(SimulationConfig(**config))
+    with caplog.at_level(logging.WARNING, logger="insitu"):
+        batched, _ = run_simulation(SimulationConfig(**config, cohort_batching=True))
+    assert "client algorithm 'fedprox' is not plain local SGD" in caplog.text
+    assert Parameters.from_module(batched.model) == Parameters.from_module(plain.model)
+
+
 def test_cohort_batching_refuses_other_engines():
     experiment = build_experiment(SimulationConfig(**SIM, cohort_batching=True, engine="processes"))
     with pytest.raises(ValueError, match="cohort_batching trains clients together in this process"):

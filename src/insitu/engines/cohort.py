@@ -8,7 +8,7 @@ Each batch of started fit tasks is grouped by (parameters, model, training tenso
 every group of two or more batchable clients is trained as one vectorized computation. A client that
 cannot be batched (see :func:`~insitu.client.batched.cohort_obstacle`: DP-SGD, FedProx, SCAFFOLD,
 Adam, a custom loop plug-in or client, buffers, dropout, non-float32 parameters) runs its ordinary
-``fit``; the reason is logged once per reason.
+``fit``; each reason is logged once (a warning: batching was asked for).
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class CohortRunner:
             self.on_fallback(client_id, reason)
         if reason not in self._logged:
             self._logged.add(reason)
-            log.info("cohort batching: client %s (and any other with the same reason) trains on its own: %s",
-                     client_id, reason)
+            log.warning("cohort batching: client %s (and any other with the same reason) trains on its own: %s",
+                        client_id, reason)
 
     def close(self) -> None:
         self._pending.clear()
