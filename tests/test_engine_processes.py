@@ -194,7 +194,9 @@ def test_shared_memory_is_freed_and_workers_reaped_on_close():
 
 def test_garbage_collection_stops_the_workers_and_frees_the_memory():
     experiment = build_experiment(SimulationConfig(dataset="digits", num_clients=2, rounds=1))
+    torch.set_num_threads(2)
     runner = ProcessRunner(experiment.client_fn, 1)
+    assert torch.get_num_threads() == 1  # the main process folds on one thread while workers run
     pids = runner.worker_pids()
     runner.start(Job(0, "0", "fit", {"round": 1}, 0, experiment.initial_parameters))
     assert isinstance(runner.finished()[0][1], FitResult)
@@ -203,6 +205,7 @@ def test_garbage_collection_stops_the_workers_and_frees_the_memory():
     gc.collect()
     assert _shm_files() == set()
     assert all(_gone(pid) for pid in pids)
+    assert torch.get_num_threads() == 2
 
 
 def test_non_float32_parameters_travel_as_bytes():
