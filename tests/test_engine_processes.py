@@ -285,9 +285,11 @@ def test_the_cli_runs_on_worker_processes(tmp_path: Path):
     assert json.dumps(settings).count('"processes"') == 1
 
 
-def test_unknown_engine_is_refused():
+def test_unknown_engine_and_accelerator_with_processes_are_refused():
     with pytest.raises(ValueError, match="engine"):
         build_experiment(SimulationConfig(dataset="digits", engine="threads"))
+    with pytest.raises(ValueError, match="forks CPU worker processes"):
+        SimulationConfig(dataset="digits", engine="processes", device="cuda").validate()
 
 
 def test_client_error_carries_type_and_message():

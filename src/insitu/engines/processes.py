@@ -368,6 +368,9 @@ class ProcessRunner:
                                "not support: use --engine inprocess")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+            raise RuntimeError("CUDA is initialized in this process and a CUDA context does not survive a fork: "
+                               "the processes engine trains on CPU workers; run accelerator jobs in-process")
         if threads < 1:
             raise ValueError(f"threads per worker must be >= 1, got {threads}")
         self.client_fn = client_fn
