@@ -185,7 +185,7 @@ def test_floyd_covers_every_subset_equally():
 
 def _million(**overrides: object) -> SimulationConfig:
     values: dict[str, object] = {"dataset": "synthetic", "num_clients": 1_000_000, "fraction_fit": 0.0001, "rounds": 2,
-                                     "model": "logreg", "local_epochs": 1, "batch_size": 50, "synthetic_max_examples": 200,
+                                     "model": "logreg", "local_epochs": 1, "batch_size": 0, "synthetic_max_examples": 200,
                                      "synthetic_test_clients": 20, "seed": 4}
     values.update(overrides)
     return SimulationConfig(**values)  # type: ignore[arg-type]
