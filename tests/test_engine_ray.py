@@ -7,6 +7,7 @@ starting it costs ~15 s, each engine (actors building the experiment) a few more
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -22,6 +23,13 @@ from insitu.engines.base import Task
 from insitu.engines.parallel import WorkerLost
 from insitu.simulation import SimulationConfig, build_experiment
 
+# Token authentication on, with this module's own token: hermetic whatever ~/.ray holds, and the cluster's
+# ports answer no one else. The nodes, this process and the CLI's get it through the environment, set
+# before ray is imported (its core reads it then).
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+os.environ.update(AUTH)
+RAY_ENV = {**ENV, **AUTH}
+
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need Ray: pip install 'insitu[ray]'")
 
 from insitu.engines.ray_engine import RayRunner, make_ray_engine
@@ -31,7 +39,7 @@ CONFIG: dict = {"dataset": "digits", "num_clients": 6, "rounds": 2, "model": "2n
 
 
 def _ray_cli(*args: str) -> None:
-    subprocess.run([str(BIN / "ray"), *args], check=True, env=ENV, capture_output=True, timeout=120)
+    subprocess.run([str(BIN / "ray"), *args], check=True, env=RAY_ENV, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,8 @@ def cluster() -> Iterator[str]:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=ENV, capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], check=False, env=RAY_ENV, capture_output=True,
+                       timeout=120)
 
 
 @pytest.fixture
@@ -108,12 +117,53 @@ def test_a_killed_actor_loses_its_task_and_the_round_goes_on(cluster: str) -> No
         engine.close()
 
 
+@pytest.mark.slow  # ~30 s more: a fresh process connects and builds its actors (run with -m slow)
 def test_cli_simulate_on_the_cluster(cluster: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = subprocess.run([str(BIN / "insitu"), "simulate", "--engine", "ray", "--ray-address", cluster,
                           "--dataset", "digits", "--clients", "4", "--rounds", "2", "--model", "2nn",
                           "--seed", "3", "-o", str(out)],
-                         check=False, env=ENV, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+                         check=False, env=RAY_ENV, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Done" in run.stdout
     assert (out / "history.json").exists() or any(out.iterdir())
+
+
+def test_wire_format_round_trips_without_pickle() -> None:
+    from insitu.client.api import EvalResult, FitResult
+    from insitu.engines.ray_engine import (
+        RemoteClientError,
+        decode_config,
+        decode_outcome,
+        encode_config,
+        encode_outcome,
+    )
+    from insitu.params import Parameters
+
+    model = Parameters.from_arrays({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)})
+    variate = Parameters.from_arrays({"c": np.full(4, -0.5, np.float32)})
+    header, payloads = encode_config({"round": 3, "lr": 0.1, "algorithm": "scaffold", "control": variate})
+    assert b"pickle" not in header and all(isinstance(p, bytes) for p in payloads)
+    config = decode_config(header, payloads)
+    assert config["round"] == 3 and config["lr"] == 0.1 and config["algorithm"] == "scaffold"
+    assert config["control"] == variate
+
+    fit = FitResult(model, 17, {"loss": 0.25}, {"delta": variate})
+    back = decode_outcome(*encode_outcome(fit), expected=model)
+    assert isinstance(back, FitResult) and back.parameters == model and back.extras["delta"] == variate
+    assert (back.num_examples, back.metrics) == (17, {"loss": 0.25})
+    other = Parameters.from_arrays({"w": np.zeros((3, 2), np.float32), "b": np.ones(3, np.float32)})
+    with pytest.raises(ValueError):  # a fit whose arrays do not match the global model is refused
+        decode_outcome(*encode_outcome(FitResult(other, 1)), expected=model)
+    evaluation = decode_outcome(*encode_outcome(EvalResult(0.5, 9, {"accuracy": 0.75})))
+    assert evaluation == EvalResult(0.5, 9, {"accuracy": 0.75})
+    failure = decode_outcome(*encode_outcome(ZeroDivisionError("boom")))
+    assert isinstance(failure, RemoteClientError) and str(failure) == "ZeroDivisionError: boom"
+
+
+def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from insitu.engines.ray_engine import RayRunner
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ImportError, match=r"pip install 'insitu\[ray\]'"):
+        RayRunner(SimulationConfig(**CONFIG))

@@ -48,6 +48,35 @@ def _ray() -> Any:
     return ray
 
 
+def _init_local(ray: Any, workers: int) -> None:
+    """A private Ray instance on this machine, on 127.0.0.1 only: no dashboard, no usage report.
+
+    On Linux Ray swaps a loopback node address for the machine's network address (so that other nodes
+    could join); its single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ray is
+    imported, hence also set on the imported module) keeps 127.0.0.1. The processes Ray starts
+    inherit the setting; this process gets its own back once the instance is up.
+    """
+    from ray._private import ray_constants
+
+    saved_env = {key: os.environ.get(key) for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")}
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if saved is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=False, num_cpus=workers or None, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    finally:
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class RemoteClientError(RuntimeError):
     """A client raised inside its actor; the message names the original exception."""
 
@@ -169,9 +198,8 @@ class RayRunner:
         if self._owns_ray:
             if address:
                 ray.init(address=address, log_to_driver=False)
-            else:  # a private instance on this machine: no dashboard, no usage report
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                ray.init(include_dashboard=False, num_cpus=workers or None, log_to_driver=False)
+            else:
+                _init_local(ray, workers)
         if workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = one actor per CPU of the cluster), got {workers}")
         self._workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -196,6 +224,10 @@ class RayRunner:
     def node_ids(self) -> list[str]:
         """The node each actor runs on (waits until they are built)."""
         return list(self._ray.get([actor.ready.remote() for actor in self.actors]))
+
+    def worker_pids(self) -> list[int]:
+        """The actors' process ids (on their nodes; the benchmark reads their CPU time on one machine)."""
+        return [int(pid) for pid in self._ray.get([actor.pid.remote() for actor in self.actors])]
 
     def start(self, job: Job) -> None:
         key = (job.model_version, id(job.parameters))
