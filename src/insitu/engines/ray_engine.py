@@ -39,6 +39,11 @@ ClientFactory = Callable[[], Callable[[str], Client]]
 _MISSING_RAY = "the Ray engine needs Ray: pip install 'insitu[ray]' (or pip install 'ray>=2.9')"
 
 
+_DEPTH = 2
+"""Jobs sent to an actor at once: the next one waits in the actor's queue, so it starts without a round
+trip to the driver (a lost actor loses it too)."""
+
+
 def _ray() -> Any:
     """The ``ray`` module, or an ImportError that says how to install it."""
     try:
@@ -208,9 +213,10 @@ class RayRunner:
         self._threads = threads
         self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(_Worker)
         self.actors: list[Any] = [self._new_actor() for _ in range(self._workers)]
-        self._idle: list[int] = list(range(self._workers))
+        self._load = [0] * self._workers  # jobs sent to each actor and not yet back
+        self._generation = [0] * self._workers  # bumped when a slot's actor is replaced
         self._pending: list[Job] = []
-        self._running: dict[Any, tuple[int, Job]] = {}  # result ref -> (actor slot, job)
+        self._running: dict[Any, tuple[int, int, Job]] = {}  # result ref -> (actor slot, generation, job)
         self._models: dict[tuple[int, int], tuple[Parameters, Any, int]] = {}  # -> (parameters, ref, jobs)
         self.tasks_run = [0] * self._workers  # tasks finished per actor slot (tests, logs)
 
@@ -239,13 +245,17 @@ class RayRunner:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._pending and self._idle:
-            job, slot = self._pending.pop(0), self._idle.pop(0)
+        while self._pending:
+            slot = min(range(self._workers), key=self._load.__getitem__)
+            if self._load[slot] >= _DEPTH:
+                return
+            job = self._pending.pop(0)
+            self._load[slot] += 1
             header, payloads = encode_config(job.config)
             _, model_ref, _ = self._models[(job.model_version, id(job.parameters))]
             ref = self.actors[slot].run.remote(job.client_id, job.kind, header, payloads, model_ref.hex(),
                                                model_ref)
-            self._running[ref] = (slot, job)
+            self._running[ref] = (slot, self._generation[slot], job)
 
     def _release_model(self, job: Job) -> None:
         key = (job.model_version, id(job.parameters))
@@ -264,24 +274,27 @@ class RayRunner:
         reported: list[tuple[int, Outcome]] = []
         lost: set[int] = set()
         for ref in done:
-            slot, job = self._running.pop(ref)
+            slot, generation, job = self._running.pop(ref)
+            current = generation == self._generation[slot]
+            if current:
+                self._load[slot] -= 1
             outcome: Outcome
             try:
                 header, payloads = ray.get(ref)
                 outcome = decode_outcome(header, payloads, job.parameters if job.kind == "fit" else None)
-                self._idle.append(slot)
                 self.tasks_run[slot] += 1
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
                 outcome = WorkerLost(f"the Ray actor running client {job.client_id}'s {job.kind} task died: {error}")
-                lost.add(slot)
+                if current:
+                    lost.add(slot)
             except ray.exceptions.RayError as error:  # the task itself failed in Ray (object lost, ...)
                 outcome = WorkerLost(f"Ray lost client {job.client_id}'s {job.kind} task: {error}")
-                self._idle.append(slot)
             self._release_model(job)
             reported.append((job.task_id, outcome))
         for slot in lost:  # a fresh actor for the later tasks and rounds
             self.actors[slot] = self._new_actor()
-            self._idle.append(slot)
+            self._generation[slot] += 1
+            self._load[slot] = 0  # its other jobs are lost with it, reported as their refs fail
         self._dispatch()
         return reported
 
