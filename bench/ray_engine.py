@@ -11,6 +11,7 @@ Issue 13's target for this setting: the Ray engine <= 0.75 x the single-process 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engines  # bench/engines.py: the task, the floor and the timing
 
-RAY = Path(sys.executable).parent / "ray"
+from insitu.engines.ray_loopback import DRIVER_ENV
+
+LOOPBACK_RAY = [sys.executable, "-m", "insitu.engines.ray_loopback"]  # nodes stay on 127.0.0.1
 TARGET = 0.75
 
 
@@ -39,16 +42,17 @@ def main() -> None:
     parser.add_argument("--models", default="2nn,simple-cnn")
     parser.add_argument("--engines", default="ray", help="also e.g. ray,inprocess,processes")
     args = parser.parse_args()
+    os.environ.update(DRIVER_ENV)  # this driver resolves itself to 127.0.0.1 too (before importing ray)
     import ray
 
     port = free_port()
     address = f"127.0.0.1:{port}"
     temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's unix sockets live under it
     try:
-        subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+        subprocess.run([*LOOPBACK_RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
                        check=True, capture_output=True)
-        subprocess.run([str(RAY), "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+        subprocess.run([*LOOPBACK_RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                         "--disable-usage-stats"], check=True, capture_output=True)
         ray.init(address=address, log_to_driver=False)
         print(f"Ray {ray.__version__}: {len(ray.nodes())} nodes, {ray.cluster_resources().get('CPU')} CPUs")
@@ -60,7 +64,7 @@ def main() -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([str(RAY), "stop", "--force"], check=False, capture_output=True)
+        subprocess.run([*LOOPBACK_RAY, "stop", "--force"], check=False, capture_output=True)
 
 
 if __name__ == "__main__":

@@ -324,7 +324,9 @@ def test_a_server_refuses_simulation_settings_it_cannot_honour_unless_they_are_a
     args = ["server", "--insecure", "--address", "127.0.0.1:0", "--min-clients", "2", "--wait-timeout", "0.3",
             "--test-limit", "50"]
     saved = tmp_path / "config.json"  # a simulation's config.json: its client-side settings at the preset's values
-    saved.write_text(json.dumps(asdict(resolve_config(None, {"rounds": 2, "lr": 0.3}))))
+    # ... run on worker processes: how a simulation ran its clients does not concern a server
+    saved.write_text(json.dumps(asdict(resolve_config(None, {"rounds": 2, "lr": 0.3, "engine": "processes",
+                                                            "workers": 2}))))
     waited = runner.invoke(app, [*args, "--config", str(saved), "-o", str(tmp_path / "a")], env={"COLUMNS": "200"})
     assert waited.exit_code == 2 and "required clients connected" in " ".join(waited.output.split())
     toml = tmp_path / "fed.toml"

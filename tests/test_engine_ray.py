@@ -27,6 +27,9 @@ from insitu.simulation import SimulationConfig, build_experiment
 # ports answer no one else. The nodes, this process and the CLI's get it through the environment, set
 # before ray is imported (its core reads it then).
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+# Loopback only: Ray would put its nodes (and this driver) on the machine's network address; the nodes start
+# through insitu.engines.ray_loopback and every driver resolves itself to 127.0.0.1 (DRIVER_ENV).
+AUTH.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
 os.environ.update(AUTH)
 RAY_ENV = {**ENV, **AUTH}
 
@@ -39,7 +42,9 @@ CONFIG: dict = {"dataset": "digits", "num_clients": 6, "rounds": 2, "model": "2n
 
 
 def _ray_cli(*args: str) -> None:
-    subprocess.run([str(BIN / "ray"), *args], check=True, env=RAY_ENV, capture_output=True, timeout=120)
+    """``ray <args>`` with the node address pinned to 127.0.0.1."""
+    subprocess.run([str(BIN / "python"), "-m", "insitu.engines.ray_loopback", *args], check=True, env=RAY_ENV,
+                   capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,8 @@ def cluster() -> Iterator[str]:
         _ray_cli("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                  "--disable-usage-stats")
         ray.init(address=address, log_to_driver=False)
+        nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+        assert nodes == ["127.0.0.1", "127.0.0.1"], f"the cluster left loopback: {nodes}"
         yield address
     finally:
         if ray.is_initialized():

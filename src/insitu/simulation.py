@@ -7,6 +7,7 @@ settings, which is what the CLI and the benchmarks use.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from insitu.client.state import MemoryStates
 from insitu.client.torch_client import OPTIMIZERS, TorchClient, TrainSettings, evaluate_model
 from insitu.config import from_mapping, setting
 from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
+from insitu.data.synthetic import LazyParts, SyntheticFederation
 from insitu.engines.base import Engine
 from insitu.engines.heap import frozen_heap
 from insitu.engines.inprocess import ClientFn, InProcessPool
@@ -102,7 +104,8 @@ def simulate(
 
 
 def central_evaluator(model: nn.Module, test: TensorDataset, batch_size: int = 1024, *, every: int = 1,
-                      last_round: int = 0, backdoor: tuple[Trigger, int] | None = None) -> CentralEvaluator:
+                      last_round: int = 0, backdoor: tuple[Trigger, int] | None = None,
+                      device: str | torch.device = "cpu") -> CentralEvaluator:
     """An ``evaluate_fn`` that loads the global parameters into ``model`` and scores it on ``test``.
 
     With ``every`` = k it scores rounds 0, k, 2k, ... and ``last_round`` only (long runs spend
@@ -115,10 +118,11 @@ def central_evaluator(model: nn.Module, test: TensorDataset, batch_size: int = 1
         if server_round % every and server_round != last_round:
             return None
         parameters.to_module(model)
-        loss, accuracy, _ = evaluate_model(model, test, batch_size=batch_size)
+        loss, accuracy, _ = evaluate_model(model, test, batch_size=batch_size, device=device)
         metrics = {"accuracy": accuracy}
         if backdoor is not None:
-            metrics["attack_success_rate"] = attack_success_rate(model, test, backdoor[0], backdoor[1], batch_size)
+            metrics["attack_success_rate"] = attack_success_rate(model, test, backdoor[0], backdoor[1], batch_size,
+                                                                 device)
         return loss, metrics
 
     return evaluate
@@ -131,7 +135,8 @@ class SimulationConfig:
 
     # -- data and federation --
     dataset: str = setting("digits", section="data", help="Dataset: digits, breast-cancer (bundled), mnist, "
-                           "fashion-mnist (IDX files in --data-dir).")
+                           "fashion-mnist (IDX files in --data-dir), synthetic (LEAF's synthetic(alpha, beta), "
+                           "generated per client: any number of clients; --partition does not apply).")
     data_dir: str | None = setting(None, section="data", help="Folder with the MNIST/Fashion-MNIST IDX files "
                                    "(default $INSITU_DATA_DIR, else ~/.insitu/data).")
     partition: str = setting("iid", section="data", choices=PARTITION_NAMES, help="How the training set is split "
@@ -139,6 +144,14 @@ class SimulationConfig:
     alpha: float = setting(0.5, section="data", help="Dirichlet concentration (dirichlet, quantity); smaller = more "
                            "skew.")
     shards_per_client: int = setting(2, section="data", help="Shards per client (shards partition).")
+    synthetic_alpha: float = setting(1.0, section="data", help="synthetic: how much the clients' models differ "
+                                     "(u_k ~ N(0, alpha), Li et al. 2020).")
+    synthetic_beta: float = setting(1.0, section="data", help="synthetic: how much the clients' inputs differ "
+                                    "(B_k ~ N(0, beta)).")
+    synthetic_max_examples: int = setting(1000, section="data", help="synthetic: cap on a client's examples "
+                                          "(floor(LogNormal(4, 2)) + 50; 0 = uncapped).")
+    synthetic_test_clients: int = setting(100, section="data", help="synthetic: the central test set pools the "
+                                          "held-out examples of this many (seeded) clients.")
     num_clients: int = setting(10, section="data", aliases=("--clients",), help="Number of virtual clients.")
     fraction_fit: float = setting(1.0, section="strategy", aliases=("--fraction",), help="Fraction of clients "
                                   "sampled each round.")
@@ -153,6 +166,8 @@ class SimulationConfig:
     momentum: float = setting(0.0, section="training", help="Client SGD momentum.")
     optimizer: str = setting("sgd", section="training", choices=OPTIMIZERS, help="Client optimizer.")
     model: str = setting("2nn", section="training", choices=MODEL_NAMES, help="Model architecture.")
+    device: str = setting("cpu", section="training", help="cpu, cuda, cuda:N or mps; the data is moved to the "
+                          "device once")
     # -- strategy and server optimizer --
     strategy: str = setting("fedavg", section="strategy", choices=STRATEGY_NAMES, help="Federated algorithm.")
     mu: float = setting(0.01, section="strategy", help="FedProx's proximal weight mu (>= 0).")
@@ -242,6 +257,17 @@ class SimulationConfig:
     drop_stragglers: bool = setting(False, section="systems", help="FedAvg as in Li et al. 2020: stragglers' partial "
                                     "work is dropped, not used.")
     # -- run --
+    engine: str = setting("inprocess", section="run", choices=("inprocess", "processes", "ray"), help="What runs "
+                          "the clients: inprocess (one after another, here) | processes (forked workers, see "
+                          "--workers) | ray (Ray actors). Same seed, same result on each.")
+    workers: int = setting(0, section="run", help="Worker processes (or actors) for --engine processes/ray, one "
+                           "client at a time each (0 = the cores available, os.sched_getaffinity).")
+    ray_address: str = setting("", section="run", help="--engine ray: the Ray cluster to run on (host:port of its "
+                               "head, or auto); '' = a local Ray instance on this machine (pip install "
+                               "'insitu[ray]').")
+    cohort_batching: bool = setting(False, section="run", help="In-process: train each round's plain local-SGD "
+                                    "clients together as one batched (vmap) computation; others run one by one "
+                                    "(the log says why).")
     eval_every: int = setting(1, section="run", help="Evaluate on the test set every k rounds (and the last).")
     stop_at_accuracy: float = setting(0.0, section="run", help="End the run once test accuracy reaches this "
                                       "(0 = run all rounds).")
@@ -253,6 +279,11 @@ class SimulationConfig:
     train_limit: int = setting(0, section="data", help="Use only the first N training examples (0 = all): quick "
                                "tries and tests.")
     test_limit: int = setting(0, section="data", help="Use only the first N test examples (0 = all).")
+
+    def synthetic_federation(self) -> SyntheticFederation:
+        """The lazily generated clients of dataset "synthetic" (nothing is generated here)."""
+        return SyntheticFederation(self.num_clients, self.synthetic_alpha, self.synthetic_beta, self.seed,
+                                   self.synthetic_max_examples)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "settings") -> SimulationConfig:
@@ -275,6 +306,21 @@ class SimulationConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.dataset == "synthetic":
+            self.synthetic_federation()  # checks alpha, beta and max_examples
+            if self.synthetic_test_clients < 1:
+                raise ValueError(f"synthetic_test_clients must be >= 1, got {self.synthetic_test_clients}")
+            if self.attack in DATA_ATTACKS:
+                raise ValueError(f"attack {self.attack!r} poisons stored training rows; the synthetic dataset "
+                                 "generates each client's data on demand: use an update attack (sign_flip, "
+                                 "scaling, gaussian) or another dataset")
+        if self.engine not in ("inprocess", "processes", "ray"):
+            raise ValueError(f"unknown engine {self.engine!r}; choose inprocess, processes or ray")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = the cores available), got {self.workers}")
+        if self.engine == "processes" and self.device != "cpu":
+            raise ValueError(f"engine 'processes' forks CPU worker processes, and a {self.device} context does not "
+                             "survive a fork: use device 'cpu' with it, or engine 'inprocess' on the accelerator")
         TrainSettings(self.local_epochs, self.batch_size, self.lr, self.optimizer, self.momentum)
         if self.server_optimizer and self.server_optimizer not in SERVER_OPTIMIZER_NAMES:
             raise ValueError(f"unknown server_optimizer {self.server_optimizer!r}; choose one of "
@@ -313,12 +359,15 @@ class SimulationConfig:
 
 @dataclass
 class Experiment:
-    """A built simulation: data, partitions, the shared model and everything needed to run."""
+    """A built simulation: data, partitions, the shared model and everything needed to run.
+
+    Dataset "synthetic" stores no training data: ``train`` is empty (it gives the input shape),
+    ``train_parts`` is a lazy ``LazyParts`` and ``client_fn`` generates each client's examples."""
 
     config: SimulationConfig
     train: TensorDataset
     test: TensorDataset
-    train_parts: list[np.ndarray]
+    train_parts: Sequence[np.ndarray]
     test_parts: list[np.ndarray]
     model: nn.Module
     strategy: Strategy
@@ -329,8 +378,25 @@ class Experiment:
     systems: SystemsModel | None = None  # simulated client speeds, latency, dropouts, stragglers
     fedbuff: FedBuff | None = None  # mode "fedbuff": asynchronous server steps instead of rounds
 
-    def engine(self) -> InProcessPool:
-        """A fresh in-process engine over this experiment's clients (with its systems model)."""
+    def engine(self) -> Engine:
+        """A fresh engine over this experiment's clients (with its systems model), of the configured kind:
+        in-process, forked worker processes (forked now, so they inherit the built data and model) or Ray."""
+        if self.config.cohort_batching and self.config.engine != "inprocess":
+            raise ValueError(f"cohort_batching trains clients together in this process; engine "
+                             f"{self.config.engine!r} runs them elsewhere: use engine 'inprocess' or drop cohort_batching")
+        if self.config.cohort_batching:
+            from insitu.engines.cohort import BatchedPool
+
+            return BatchedPool(self.client_fn, self.config.num_clients, systems=self.systems)
+        if self.config.engine == "processes":
+            from insitu.engines.processes import process_pool
+
+            return process_pool(self.client_fn, self.config.num_clients, self.config.workers, systems=self.systems,
+                                states=self.client_states)
+        if self.config.engine == "ray":
+            from insitu.engines.ray_engine import make_ray_engine
+
+            return make_ray_engine(self)
         return InProcessPool(self.client_fn, self.config.num_clients, systems=self.systems)
 
     def run(self, on_round: RoundCallback | None = None, engine: Engine | None = None) -> RunResult:
@@ -347,19 +413,28 @@ class Experiment:
 def build_experiment(config: SimulationConfig) -> Experiment:
     """Load data, partition it, build one shared model and the strategy; nothing trains yet."""
     config.validate()
+    device = resolve_device(config.device)
     fedbuff = make_fedbuff(config)
     make_systems_model(config, {})  # refuse bad systems settings before any data is loaded
-    train = _limit(load_dataset(config.dataset, "train", config.data_dir), config.train_limit)
-    test = _limit(load_dataset(config.dataset, "test", config.data_dir), config.test_limit)
-    labels = train.labels_numpy()
-    train_parts = partition(labels, config.num_clients, config.partition, seed=config.seed,
-                            alpha=config.alpha, shards_per_client=config.shards_per_client)
+    synthetic = config.synthetic_federation() if config.dataset == "synthetic" else None
+    train_parts: Sequence[np.ndarray]
     test_parts: list[np.ndarray] = []
-    if config.fraction_evaluate > 0:
+    if synthetic is not None:  # nothing per client is made here: client_fn generates what it needs
+        test = _limit(synthetic.test_set(config.synthetic_test_clients), config.test_limit)
+        train = TensorDataset(test.x[:0], test.y[:0], test.num_classes, "synthetic")
+        train_parts = LazyParts(synthetic)
+    else:
+        train = _limit(load_dataset(config.dataset, "train", config.data_dir), config.train_limit)
+        test = _limit(load_dataset(config.dataset, "test", config.data_dir), config.test_limit)
+        train_parts = partition(train.labels_numpy(), config.num_clients, config.partition, seed=config.seed,
+                                alpha=config.alpha, shards_per_client=config.shards_per_client)
+    if config.fraction_evaluate > 0 and synthetic is None:
         test_parts = partition(test.labels_numpy(), config.num_clients, config.partition, seed=config.seed + 1,
                                alpha=config.alpha, shards_per_client=config.shards_per_client)
+    if device.type != "cpu":  # once: every batch and evaluation then indexes the data where it lives
+        train, test = _on_device(train, device), _on_device(test, device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, train.input_shape, train.num_classes)
+    model = build_model(config.model, train.input_shape, train.num_classes).to(device)
     flatten_module_(model)  # one copy to load or snapshot the shared model, not one per tensor
     settings = TrainSettings(config.local_epochs, config.batch_size, config.lr, config.optimizer, config.momentum)
     states = MemoryStates() if config.strategy == "scaffold" or config.local_dp_noise > 0 else None
@@ -382,33 +457,44 @@ def build_experiment(config: SimulationConfig) -> Experiment:
             poisoned[cid] = flip_labels(own) if trigger is None else poison_with_backdoor(
                 own, trigger, config.backdoor_target, config.poison_fraction, seed=config.seed + int(cid))
     attackers = set(malicious)
-    train_rows = [torch.from_numpy(np.asarray(part, dtype=np.int64)) for part in train_parts]  # once, not per fit
+    train_rows = [] if synthetic is not None else [  # once, not per fit
+        torch.from_numpy(np.asarray(part, dtype=np.int64)) for part in train_parts]
     test_rows = [torch.from_numpy(np.asarray(part, dtype=np.int64)) for part in test_parts]
 
     def client_fn(cid: str) -> Client:
         i = int(cid)
-        data, rows = (poisoned[cid], None) if cid in poisoned else (train, train_rows[i])
+        rows: torch.Tensor | None
+        local_test, local_rows = (test, test_rows[i]) if test_parts else (None, None)
+        if synthetic is not None:  # generated now from (seed, client), the same every time
+            data, held_out = synthetic.client_data(i)
+            rows, local_test = None, held_out if config.fraction_evaluate > 0 else None
+        else:
+            data, rows = (poisoned[cid], None) if cid in poisoned else (train, train_rows[i])
         state = states.for_client(cid) if states is not None else None
         client: Client
         if local_dp is not None:
-            client = DPTorchClient(model, data, test if test_parts else None, dp=local_dp, train_indices=rows,
-                                   test_indices=test_rows[i] if test_parts else None, settings=settings,
-                                   share_result=True, state=state)
+            client = DPTorchClient(model, data, local_test, dp=local_dp, train_indices=rows,
+                                   test_indices=local_rows, settings=settings, share_result=True, state=state,
+                                   device=device)
         else:
-            client = TorchClient(model, data, test if test_parts else None, train_indices=rows,
-                                 test_indices=test_rows[i] if test_parts else None, settings=settings,
-                                 share_result=True, state=state)
+            client = TorchClient(model, data, local_test, train_indices=rows, test_indices=local_rows,
+                                 settings=settings, share_result=True, state=state, device=device)
         if update_attack is not None and cid in attackers:
             client = MaliciousClient(client, update_attack, seed=config.seed)
         return client
 
     evaluator = central_evaluator(model, test, every=config.eval_every, last_round=config.rounds,
-                                  backdoor=(trigger, config.backdoor_target) if trigger else None)
+                                  backdoor=(trigger, config.backdoor_target) if trigger else None, device=device)
     strategy = make_strategy(config, evaluator)
     initial = Parameters.from_module(model)
     if fedbuff is not None:
         check_async_strategy(strategy, initial)
-    systems = make_systems_model(config, {str(i): len(part) for i, part in enumerate(train_parts)})
+    sizes: dict[str, int] | Callable[[str], int]
+    if synthetic is not None:
+        sizes = lambda cid: synthetic.client_size(int(cid))  # per task, nothing stored
+    else:
+        sizes = {str(i): len(part) for i, part in enumerate(train_parts)}
+    systems = make_systems_model(config, sizes)
     return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn, initial, malicious,
                       states, systems, fedbuff)
 
@@ -437,7 +523,7 @@ def make_fedbuff(config: SimulationConfig) -> FedBuff | None:
     return fedbuff
 
 
-def make_systems_model(config: SimulationConfig, sizes: dict[str, int]) -> SystemsModel | None:
+def make_systems_model(config: SimulationConfig, sizes: dict[str, int] | Callable[[str], int]) -> SystemsModel | None:
     """The simulated speeds, latency, dropouts and stragglers, or None when every setting is off (and
     the mode is synchronous): then the engine's clock is wall time."""
     heterogeneous = (config.speed_sigma != 0 or config.latency != 0 or config.dropout != 0
@@ -512,6 +598,33 @@ def run_simulation(config: SimulationConfig, on_round: RoundCallback | None = No
     """Build and run an experiment; the final global parameters are left in ``experiment.model``."""
     experiment = build_experiment(config)
     return experiment, experiment.run(on_round)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``name`` names, or an error saying why it is unusable here and what to do."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"unknown device {name!r} ({error}); use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} needs CUDA, but torch.cuda.is_available() is False here (torch "
+                             f"{torch.__version__}): install a CUDA build of torch on a machine with an NVIDIA GPU, "
+                             "or use device 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered 0..{torch.cuda.device_count() - 1}: pick one of those")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} needs Apple's MPS backend, which is not available here: run on an "
+                             "Apple-silicon Mac with an MPS-enabled torch, or use device 'cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _on_device(data: TensorDataset, device: torch.device) -> TensorDataset:
+    return TensorDataset(data.x.to(device), data.y.to(device), data.num_classes, data.name)
 
 
 def _limit(data: TensorDataset, limit: int) -> TensorDataset:

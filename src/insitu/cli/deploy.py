@@ -79,6 +79,8 @@ DEPLOYED_SETTINGS = (
     "secure_aggregation", "secagg_bound", "test_limit",
     "mode", "concurrency", "buffer_size", "staleness_exponent", "max_staleness",
 )
+# How a simulation ran its clients (not what it computed): a run's config.json holds them, and a server ignores them.
+EXECUTION_SETTINGS = ("engine", "workers", "ray_address", "cohort_batching", "device")
 SERVER_ALIASES = {"num_clients": ("--min-clients",)}
 SERVER_HELP = {
     "dataset": "Dataset whose test split the server evaluates on (and whose shape sets the model).",
@@ -307,7 +309,8 @@ def _refuse_simulation_only(path: Path | None, file_values: dict[str, Any], data
     """A settings file may hold simulation settings a server cannot honour (partitions, attacks, the systems
     model) only at the value they would have anyway, as in a run's config.json; any other value is refused."""
     baseline = resolve_config(None, {"dataset": dataset})
-    changed = sorted(k for k, v in file_values.items() if k not in DEPLOYED_SETTINGS and v != getattr(baseline, k))
+    changed = sorted(k for k, v in file_values.items()
+                     if k not in DEPLOYED_SETTINGS and k not in EXECUTION_SETTINGS and v != getattr(baseline, k))
     if changed:
         raise ValueError(f"{path}: {', '.join(changed)} describe simulated clients, which a server does not have, "
                          "so it cannot honour them: remove them from the file (insitu server --help lists the "

@@ -45,13 +45,17 @@ def simulate(
         raise fail(str(error)) from None
 
     out = output_dir or _default_output_dir()
+    generated = config.dataset == "synthetic"  # each client's data is made when it is drawn
     console.print(
-        f"[bold]insitu simulate[/]  {config.dataset} ({len(experiment.train)} train / {len(experiment.test)} test), "
+        f"[bold]insitu simulate[/]  {config.dataset} ({'generated per client' if generated else len(experiment.train)} "
+        f"train / {len(experiment.test)} test), "
         f"{config.model}, {config.num_clients} clients ({config.partition}), {config.strategy}, "
         f"{config.rounds} {'FedBuff steps' if experiment.fedbuff else 'rounds'} x {config.local_epochs} epoch(s), "
         f"batch {config.batch_size}, lr {config.lr}, seed {config.seed}"
     )
-    if show_partition:
+    if show_partition and generated:
+        console.print("--show-partition: the synthetic dataset has no stored partition (clients are generated)")
+    elif show_partition:
         console.print(format_histogram(experiment.train_parts, experiment.train.labels_numpy(), experiment.train.num_classes))
 
     printer = RoundPrinter(console, config.rounds, show_clock=experiment.systems is not None)

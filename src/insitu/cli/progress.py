@@ -71,7 +71,7 @@ class _CountingEngine:
     def __init__(self, engine: Engine, progress: Progress, task_id: TaskID) -> None:
         self._engine, self._progress, self._task_id = engine, progress, task_id
 
-    def wait_for(self, num_clients: int, timeout: float | None) -> list[str]:
+    def wait_for(self, num_clients: int, timeout: float | None) -> Sequence[str]:
         return self._engine.wait_for(num_clients, timeout)
 
     def submit(self, kind: TaskKind, parameters: Parameters, model_version: int, tasks: Sequence[Task]) -> list[int]:

@@ -215,6 +215,8 @@ class TorchClient:
         if train is None or n == 0 or settings.local_epochs == 0:
             return n, 0.0
         x, y, model, device = train.x, train.y, self.model, self.device
+        # data moved to an accelerator is indexed there (index_select wants the rows on the data's device)
+        data_device = None if x.device.type == "cpu" else x.device
         loss_fn = self._loss(settings)
         summed = getattr(loss_fn, "reduction", "mean") == "sum"
         # On CPU a Python float is the cheapest running sum (.item() does not wait on a device);
@@ -229,6 +231,8 @@ class TorchClient:
                 zero_grad(set_to_none=True)
                 count = rows.shape[0]  # not len(rows): Tensor.__len__ is a slow Python method
                 if count:
+                    if data_device is not None:
+                        rows = rows.to(data_device, non_blocking=True)
                     xb, yb = x.index_select(0, rows), y.index_select(0, rows)
                     if xb.device != device:
                         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -302,6 +306,7 @@ def evaluate_model(
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     x, y = data.x, data.y
     if indices is not None:
+        indices = indices.to(x.device)
         x, y = x.index_select(0, indices), y.index_select(0, indices)
     n = len(y)
     if n == 0:

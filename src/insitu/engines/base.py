@@ -57,8 +57,9 @@ class TaskResult:
 class Engine(Protocol):
     """In-process, multi-process, Ray or gRPC: every policy needs only these calls."""
 
-    def wait_for(self, num_clients: int, timeout: float | None) -> list[str]:
-        """Block until at least ``num_clients`` are available (or timeout); return their ids."""
+    def wait_for(self, num_clients: int, timeout: float | None) -> Sequence[str]:
+        """Block until at least ``num_clients`` are available (or timeout); return their ids (any sequence:
+        the in-process engine's is lazy, so a million clients cost nothing per round)."""
 
     def submit(self, kind: TaskKind, parameters: Parameters, model_version: int,
                tasks: Sequence[Task]) -> list[int]:

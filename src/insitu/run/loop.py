@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,7 +202,7 @@ class Coordinator:
         config.setdefault("seed", client_seed(self.seed, server_round, client_id))
         return Task(client_id, config)
 
-    def _evaluate(self, server_round: int, parameters: Parameters, available: list[str], record: RoundRecord) -> None:
+    def _evaluate(self, server_round: int, parameters: Parameters, available: Sequence[str], record: RoundRecord) -> None:
         strategy = self.strategy
         rng = np.random.default_rng([self.seed, server_round, 1])
         # Under central DP federated evaluation stays on the clients (epsilon does not cover it).
