@@ -10,8 +10,8 @@ faster of the two floors measured in the same run, beside its CPU seconds (main 
 workers): on a machine shared with other jobs the wall times move a lot, the CPU seconds much less.
 
 Engines are a table (``ENGINES``): add one there. The Ray engine is in it but not run by default
-(``--engines inprocess,processes,ray``); its CPU column counts the main process only (its actors'
-CPU is not visible from here).
+(``--engines inprocess,processes,ray``, or bench/ray_engine.py on a two-node loopback cluster); its
+CPU column counts the actors' processes on this machine.
 
 Acceptance target (issue 13): the best engine <= 0.6 x the floor on a 2-core machine.
 """
@@ -150,8 +150,6 @@ def bench_model(model: str, data_dir: str, rounds: int, seed: int, workers: int,
           "floor, CPU (main process + workers)")
     for label, (wall_s, cpu_s) in {**floors, **rows}.items():
         print(f"  {label:<26} {wall_s:7.3f} s  {wall_s / floor:6.3f}x  cpu {cpu_s:7.3f} s")
-    if any(label.startswith("ray") for label in rows):
-        print("  (ray: CPU of the main process only)")
     best = min(wall for wall, _ in rows.values()) / floor
     print(f"  best engine {best:.3f} x the floor; target <= {TARGET}: {'met' if best <= TARGET else 'NOT met'}")
     return best
