@@ -55,6 +55,9 @@ def main() -> None:
         subprocess.run([*LOOPBACK_RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                         "--disable-usage-stats"], check=True, capture_output=True)
         ray.init(address=address, log_to_driver=False)
+        nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+        if set(nodes) != {"127.0.0.1"}:
+            raise SystemExit(f"the Ray cluster left loopback: nodes at {nodes}")
         print(f"Ray {ray.__version__}: {len(ray.nodes())} nodes, {ray.cluster_resources().get('CPU')} CPUs")
         for model in args.models.split(","):
             rounds = args.rounds_2nn if model == "2nn" else args.rounds_cnn
