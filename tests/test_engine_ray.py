@@ -166,6 +166,15 @@ def test_wire_format_round_trips_without_pickle() -> None:
     assert evaluation == EvalResult(0.5, 9, {"accuracy": 0.75})
     failure = decode_outcome(*encode_outcome(ZeroDivisionError("boom")))
     assert isinstance(failure, RemoteClientError) and str(failure) == "ZeroDivisionError: boom"
+    # numpy numbers (what a client computes with) encode as JSON numbers, as they do in-process
+    numpy_fit = decode_outcome(*encode_outcome(FitResult(model, np.int64(5), {"loss": np.float32(0.5)})),
+                               expected=model)
+    assert isinstance(numpy_fit, FitResult) and (numpy_fit.num_examples, numpy_fit.metrics) == (5, {"loss": 0.5})
+
+
+def test_ray_with_an_accelerator_is_refused_when_configured() -> None:
+    with pytest.raises(ValueError, match="engine 'ray' runs CPU actors"):
+        SimulationConfig(**CONFIG, engine="ray", device="cuda").validate()
 
 
 def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

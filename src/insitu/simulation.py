@@ -259,7 +259,8 @@ class SimulationConfig:
     # -- run --
     engine: str = setting("inprocess", section="run", choices=("inprocess", "processes", "ray"), help="What runs "
                           "the clients: inprocess (one after another, here) | processes (forked workers, see "
-                          "--workers) | ray (Ray actors). Same seed, same result on each.")
+                          "--workers) | ray (Ray actors). Same seed, same result on each (bit for bit at 1 torch thread: workers "
+                          "and actors use 1).")
     workers: int = setting(0, section="run", help="Worker processes (or actors) for --engine processes/ray, one "
                            "client at a time each (0 = the cores available, os.sched_getaffinity).")
     ray_address: str = setting("", section="run", help="--engine ray: the Ray cluster to run on (host:port of its "
@@ -318,6 +319,10 @@ class SimulationConfig:
             raise ValueError(f"unknown engine {self.engine!r}; choose inprocess, processes or ray")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = the cores available), got {self.workers}")
+        if self.engine == "ray" and self.device != "cpu":
+            raise ValueError(f"engine 'ray' runs CPU actors (one CPU each, no GPU reserved), so device {self.device!r} "
+                             "is not available in them: use device 'cpu' with it, or engine 'inprocess' on the "
+                             "accelerator")
         if self.engine == "processes" and self.device != "cpu":
             raise ValueError(f"engine 'processes' forks CPU worker processes, and a {self.device} context does not "
                              "survive a fork: use device 'cpu' with it, or engine 'inprocess' on the accelerator")

@@ -138,7 +138,7 @@ def _split_config(config: Config) -> tuple[dict[str, Any], list[str], list[bytes
     return scalars, names, payloads
 
 
-def _metrics(metrics: dict[str, Any]) -> dict[str, float | int | bool]:
+def json_metrics(metrics: dict[str, Any]) -> dict[str, float | int | bool]:
     """Metrics as JSON numbers; a value that is not a number is refused by name."""
     out: dict[str, float | int | bool] = {}
     for key, value in metrics.items():
@@ -245,14 +245,14 @@ def _serve(header: dict[str, Any], payloads: list[memoryview], client_fn: Client
         client = client_fn(client_id)
         if header["kind"] == "fit":
             fit = client.fit(parameters, config)
-            reply.update(result="fit", num_examples=int(fit.num_examples), metrics=_metrics(fit.metrics),
+            reply.update(result="fit", num_examples=int(fit.num_examples), metrics=json_metrics(fit.metrics),
                          extras=list(fit.extras))
             out = [serde.dumps(fit.parameters), *(serde.dumps(value) for value in fit.extras.values())]
             del fit
         else:
             evaluation = client.evaluate(parameters, config)
             reply.update(result="evaluate", loss=float(evaluation.loss), num_examples=int(evaluation.num_examples),
-                         metrics=_metrics(evaluation.metrics))
+                         metrics=json_metrics(evaluation.metrics))
         del client, parameters
     except Exception as error:  # noqa: BLE001 - reported to the main process as the task's failure
         reply = {"task_id": header["task_id"], "result": "error", "type": type(error).__name__, "message": str(error)}

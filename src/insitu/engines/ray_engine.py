@@ -28,6 +28,7 @@ from insitu import serde
 from insitu.client.api import Client, Config, EvalResult, FitResult
 from insitu.engines.base import Outcome
 from insitu.engines.parallel import Job, ParallelPool, WorkerLost
+from insitu.engines.processes import json_metrics
 from insitu.params import Parameters
 
 if TYPE_CHECKING:
@@ -114,12 +115,13 @@ def encode_outcome(outcome: FitResult | EvalResult | BaseException) -> tuple[byt
     """A result (or a client's failure) as a JSON header and serde payloads."""
     if isinstance(outcome, FitResult):
         names = list(outcome.extras)
-        header = {"kind": "fit", "num_examples": outcome.num_examples, "metrics": outcome.metrics, "extras": names}
+        header = {"kind": "fit", "num_examples": int(outcome.num_examples), "metrics": json_metrics(outcome.metrics),
+                  "extras": names}
         return json.dumps(header).encode(), [serde.dumps(outcome.parameters),
                                              *(serde.dumps(outcome.extras[n]) for n in names)]
     if isinstance(outcome, EvalResult):
-        header = {"kind": "evaluate", "loss": outcome.loss, "num_examples": outcome.num_examples,
-                  "metrics": outcome.metrics}
+        header = {"kind": "evaluate", "loss": float(outcome.loss), "num_examples": int(outcome.num_examples),
+                  "metrics": json_metrics(outcome.metrics)}
         return json.dumps(header).encode(), []
     return json.dumps({"kind": "error", "error": f"{type(outcome).__name__}: {outcome}"}).encode(), []
 
@@ -167,10 +169,10 @@ class _Worker:
     def run(self, client_id: str, kind: str, config_header: bytes, config_payloads: list[bytes],
             model_id: str, model: bytes) -> tuple[bytes, list[bytes]]:
         """Train or evaluate ``client_id`` on ``model`` (serde bytes, fetched from the object store)."""
-        if self._model_id != model_id or self._parameters is None:  # decode once per model version
-            self._parameters = serde.loads(model)
-            self._model_id = model_id
         try:
+            if self._model_id != model_id or self._parameters is None:  # decode once per model version
+                self._parameters = serde.loads(model)
+                self._model_id = model_id
             client = self.client_fn(client_id)
             config = decode_config(config_header, config_payloads)
             outcome: FitResult | EvalResult | BaseException
@@ -178,9 +180,9 @@ class _Worker:
                 outcome = client.fit(self._parameters, config)
             else:
                 outcome = client.evaluate(self._parameters, config)
+            return encode_outcome(outcome)  # inside the try: an unencodable result is the client's failure
         except Exception as error:  # noqa: BLE001 - a failing client is reported, never fatal
-            outcome = error
-        return encode_outcome(outcome)
+            return encode_outcome(error)
 
 
 class RayRunner:
@@ -197,6 +199,8 @@ class RayRunner:
                  address: str | None = None, workers: int = 0, threads: int = 1) -> None:
         if (config is None) == (client_factory is None):
             raise ValueError("RayRunner needs exactly one of config (a SimulationConfig) and client_factory")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = one actor per CPU of the cluster), got {workers}")
         ray = _ray()
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
@@ -205,8 +209,6 @@ class RayRunner:
                 ray.init(address=address, log_to_driver=False)
             else:
                 _init_local(ray, workers)
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0 (0 = one actor per CPU of the cluster), got {workers}")
         self._workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._config_json = json.dumps(asdict(config)) if config is not None else None
         self._factory = client_factory
@@ -289,6 +291,9 @@ class RayRunner:
                     lost.add(slot)
             except ray.exceptions.RayError as error:  # the task itself failed in Ray (object lost, ...)
                 outcome = WorkerLost(f"Ray lost client {job.client_id}'s {job.kind} task: {error}")
+            except (ValueError, KeyError, IndexError, TypeError) as error:  # a result that does not decode
+                outcome = RuntimeError(f"client {job.client_id}'s {job.kind} result is unreadable: "
+                                       f"{type(error).__name__}: {error}")
             self._release_model(job)
             reported.append((job.task_id, outcome))
         for slot in lost:  # a fresh actor for the later tasks and rounds
