@@ -485,10 +485,13 @@ class ProcessRunner:
                 job = self._pending[0]
                 if depth and not self._small(job):
                     continue
+                message = self._message(job)
+                if depth and len(message) >= _PIPELINE_MAX_BYTES:  # the whole message, header included
+                    continue
                 self._pending.popleft()
                 worker.jobs.append(job)
                 try:
-                    worker.conn.send_bytes(self._message(job))
+                    worker.conn.send_bytes(message)
                 except (BrokenPipeError, OSError):
                     self._lost(worker)
 

@@ -350,9 +350,9 @@ def _sample(available: Sequence[str], k: int, rng: Generator) -> list[str]:
     """A uniform k-subset of ``available`` (in its order), in O(k) time and memory for k << N: only the
     drawn positions are looked up, so ``available`` may be a lazy sequence of a million ids.
 
-    A numpy Generator draws with ``choice(N, k, replace=False)``, which is Floyd's algorithm for
-    k <= N / 50 (numpy's own switch; above that it shuffles N positions); the seeded draw sequence is
-    the one numpy has always given. A CSPRNG (OS entropy, never seeded) runs Floyd's algorithm on k
+    A numpy Generator draws with ``choice(N, k, replace=False)``, which is Floyd's algorithm when
+    N > 10,000 and k <= N / 50 (numpy's own switch; otherwise it shuffles N positions, O(N)); the
+    seeded draw sequence is the one numpy has always given. A CSPRNG (OS entropy, never seeded) runs Floyd's algorithm on k
     uniforms."""
     n = len(available)
     if k >= n:
