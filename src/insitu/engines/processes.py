@@ -121,7 +121,7 @@ def _specs_from_json(raw: list[list[Any]]) -> list[ParamSpec]:
     return [ParamSpec(name, tuple(int(d) for d in shape), np.dtype(dtype)) for name, shape, dtype in raw]
 
 
-def _split_config(config: Config) -> tuple[dict[str, Any], list[str], list[bytes]]:
+def split_config(config: Config) -> tuple[dict[str, Any], list[str], list[bytes]]:
     """Scalars go in the header; named arrays (SCAFFOLD's server control variate) as serde payloads."""
     scalars: dict[str, Any] = {}
     names: list[str] = []
@@ -504,7 +504,7 @@ class ProcessRunner:
         return sum(a.nbytes for a in (stored or {}).values()) < _PIPELINE_MAX_BYTES // 2
 
     def _message(self, job: Job) -> bytes:
-        scalars, names, payloads = _split_config(job.config)
+        scalars, names, payloads = split_config(job.config)
         header: dict[str, Any] = {"op": "job", "task_id": job.task_id, "client_id": job.client_id,
                                   "kind": job.kind, "config": scalars, "config_params": names,
                                   "config_payloads": list(range(len(names)))}

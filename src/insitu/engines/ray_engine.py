@@ -28,7 +28,7 @@ from insitu import serde
 from insitu.client.api import Client, Config, EvalResult, FitResult
 from insitu.engines.base import Outcome
 from insitu.engines.parallel import Job, ParallelPool, WorkerLost
-from insitu.engines.processes import json_metrics
+from insitu.engines.processes import json_metrics, split_config
 from insitu.params import Parameters
 
 if TYPE_CHECKING:
@@ -90,16 +90,9 @@ class RemoteClientError(RuntimeError):
 # -- the wire format between driver and actors: JSON headers and serde payloads, no pickle --
 
 def encode_config(config: Config) -> tuple[bytes, list[bytes]]:
-    """Scalars go into a JSON header; named arrays (e.g. SCAFFOLD's control variate) as serde payloads."""
-    scalars: dict[str, Any] = {}
-    arrays: list[str] = []
-    payloads: list[bytes] = []
-    for key, value in config.items():
-        if isinstance(value, Parameters):
-            arrays.append(key)
-            payloads.append(serde.dumps(value))
-        else:
-            scalars[key] = value
+    """Scalars go into a JSON header; named arrays (e.g. SCAFFOLD's control variate) as serde payloads
+    (the processes engine's :func:`~insitu.engines.processes.split_config`)."""
+    scalars, arrays, payloads = split_config(config)
     return json.dumps({"scalars": scalars, "arrays": arrays}).encode(), payloads
 
 
