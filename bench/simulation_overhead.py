@@ -48,6 +48,14 @@ def floor_round(experiment, optimizer, parts, server_round: int, chosen: list[st
             optimizer.step()
 
 
+def _timed_floor(experiment, floor_model, floor_optimizer, parts, global_model, server_round: int,
+                 selected: list[str], seed: int) -> float:
+    global_model.to_module(floor_model)
+    started = time.perf_counter()
+    floor_round(experiment, floor_optimizer, parts, server_round, selected, seed)
+    return time.perf_counter() - started
+
+
 def interleaved_run(experiment, rounds: int, seed: int) -> tuple[list[float], list[float], int]:
     """Alternate one insitu round and the floor's same round, so machine noise hits both alike.
 
@@ -66,19 +74,27 @@ def interleaved_run(experiment, rounds: int, seed: int) -> tuple[list[float], li
     steps = 0
     parts = [torch.as_tensor(p) for p in experiment.train_parts]
     for server_round in range(1, rounds + 1):
-        global_model = parameters
-        started = time.perf_counter()
-        record, parameters, state = coordinator.run_round(server_round, parameters, state)
-        ours.append(time.perf_counter() - started)
         # The floor starts the round from the same global model (loaded untimed), then trains the
         # round's clients one after another without reloading or averaging. Starting every round
         # from insitu's weights keeps the two on the same numbers: a floor that trained on
         # unaveraged for 20 rounds ran up to 20% slower or faster per round than insitu (denormal
-        # gradients, cache layout), which swamped the few percent being measured.
-        global_model.to_module(floor_model)
+        # gradients, cache layout), which swamped the few percent being measured. The two swap
+        # who goes first every round, so neither always inherits the other's warm (or cold) caches.
+        global_model = parameters
+        floor_first = server_round % 2 == 0
+        if floor_first:
+            available = pool.wait_for(coordinator.strategy.min_available_clients, 0)
+            selected = coordinator.strategy.sample_fit(available, coordinator.sampling.generator(server_round, "sampling"))
+            floor.append(_timed_floor(experiment, floor_model, floor_optimizer, parts, global_model,
+                                      server_round, selected, seed))
         started = time.perf_counter()
-        floor_round(experiment, floor_optimizer, parts, server_round, record.selected, seed)
-        floor.append(time.perf_counter() - started)
+        record, parameters, state = coordinator.run_round(server_round, parameters, state)
+        ours.append(time.perf_counter() - started)
+        if floor_first:
+            assert list(record.selected) == list(selected), "the floor must train the round's own clients"
+        else:
+            floor.append(_timed_floor(experiment, floor_model, floor_optimizer, parts, global_model,
+                                      server_round, record.selected, seed))
         steps += sum(-(-len(experiment.train_parts[int(c)]) // experiment.config.batch_size) for c in record.selected)
     return ours, floor, steps
 
