@@ -103,7 +103,7 @@ def test_adding_a_client_algorithm():
     assert [r.status for r in ns["history"].rounds] == ["ok"]  # the strategy ran end to end through simulate
 
 
-@pytest.mark.parametrize("page", ["robustness.md", "algorithms.md"])
+@pytest.mark.parametrize("page", ["robustness.md", "algorithms.md", "getting-started/researcher.md"])
 def test_python_blocks_of_the_pages_run(page):
     """Every Python block of these pages runs as shown (names they leave open are given here)."""
     from insitu.simulation import SimulationConfig
