@@ -1,0 +1,145 @@
+"""Image folders (ROOT/<class>/image.png, optionally ROOT/train|test/... and ROOT/<group>/<class>/...) and the
+Pillow decoding shared with Hugging Face Image columns."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from insitu.data.files.raw import Raw
+
+if TYPE_CHECKING:
+    from insitu.data.files import DataSpec
+
+log = logging.getLogger("insitu.data")
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+GRAYSCALE_MODES = frozenset({"1", "L", "I", "I;16", "F"})
+GROUP_BY_FOLDER = "folder"
+SHOWN_SKIPPED = 10
+
+
+def pillow() -> Any:
+    """The PIL.Image module, or an error saying how to install it."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow comes with matplotlib here
+        raise ImportError("reading images needs Pillow: pip install 'insitu[data]'") from None
+    return Image
+
+
+def decode_images(items: list[tuple[str, Path | bytes]], spec: DataSpec, where: str
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode ``(name, file or bytes)`` items into float32 N x C x H x W in [0, 1].
+
+    Returns the array, a boolean mask of the items that decoded and the names of those that did not (logged
+    once, not raised: one corrupt scan should not stop a hospital). Images are converted to ``spec.image_mode``
+    (default: grayscale when every image is, else RGB) and resized to ``spec.image_size``; without a size they
+    must all have the same one.
+    """
+    image_module = pillow()
+    bad = (OSError, ValueError, SyntaxError, image_module.DecompressionBombError)
+    images, ok, skipped = [], np.zeros(len(items), dtype=bool), []
+    for i, (name, source) in enumerate(items):
+        try:
+            with image_module.open(source if isinstance(source, Path) else io.BytesIO(source)) as handle:
+                handle.load()
+                images.append(handle.copy())
+            ok[i] = True
+        except bad:
+            skipped.append(name)
+    if skipped:
+        shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (", ..." if len(skipped) > SHOWN_SKIPPED else "")
+        log.warning("skipped %d unreadable image%s under %s: %s", len(skipped), "" if len(skipped) == 1 else "s",
+                    where, shown)
+    if not images:
+        raise ValueError(f"no readable images under {where} ({len(skipped)} unreadable)")
+    mode = {"grayscale": "L", "rgb": "RGB"}.get(spec.image_mode) or (
+        "L" if all(im.mode in GRAYSCALE_MODES for im in images) else "RGB")
+    names = [name for (name, _), good in zip(items, ok) if good]
+    if spec.image_size is not None:
+        height, width = spec.image_size
+        resample = image_module.Resampling.BILINEAR
+        images = [im.convert(mode).resize((width, height), resample) for im in images]
+    else:
+        sizes = {im.size: name for im, name in zip(images, names)}
+        if len(sizes) > 1:
+            (w1, h1), first = next(iter(sizes.items()))
+            (w2, h2), second = list(sizes.items())[1]
+            raise ValueError(f"images under {where} differ in size ({h1}x{w1} in {first}, {h2}x{w2} in {second}): "
+                             f"pass --image-size {h1} (or HEIGHTxWIDTH) to resize them all")
+        images = [im.convert(mode) for im in images]
+    stacked = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    if stacked.ndim == 3:
+        stacked = stacked[:, None, :, :]
+    else:
+        stacked = stacked.transpose(0, 3, 1, 2)
+    x = stacked.astype(np.float32)
+    x *= np.float32(1.0 / 255.0)
+    return x, ok, skipped
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _class_folders(folder: Path, what: str) -> list[Path]:
+    """The class subfolders of ``folder``; images lying beside them, or none at all, are errors."""
+    loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise ValueError(f"{folder} holds images directly ({', '.join(sorted(loose)[:3])}): {what} must hold one "
+                         f"subfolder per class ({folder}/<class>/image.png), the folder name being the class")
+    classes = _subdirs(folder)
+    if not classes:
+        raise ValueError(f"{folder} has no class subfolders: put the images in one subfolder per class "
+                         f"({folder}/<class>/image.png)")
+    return classes
+
+
+def read_image_folder(root: Path, spec: DataSpec) -> Raw:
+    """Read ROOT/<class>/*.png|jpg|...; ROOT/train/ and ROOT/test/ (both present) are the splits; with
+    ``partition_by = "folder"`` the first level is the group: ROOT/<group>/<class>/image."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"no image folder at {root}")
+    if spec.partition_by and spec.partition_by != GROUP_BY_FOLDER:
+        raise ValueError(f"an image folder is partitioned by its first-level folders (ROOT/<group>/<class>/image): "
+                         f"pass --partition-by {GROUP_BY_FOLDER}, not {spec.partition_by!r}")
+    splits = [(root / "train", False), (root / "test", True)]
+    if not all(folder.is_dir() for folder, _ in splits):
+        splits = [(root, False)]
+    items: list[tuple[str, Path | bytes]] = []
+    labels: list[str] = []
+    groups: list[str] = []
+    flags: list[bool] = []
+    for folder, is_test in splits:
+        group_dirs = _subdirs(folder) if spec.partition_by else [folder]
+        if not group_dirs:
+            raise ValueError(f"{folder} has no group subfolders: with --partition-by folder the layout is "
+                             f"{folder}/<group>/<class>/image.png")
+        for group_dir in group_dirs:
+            for class_dir in _class_folders(group_dir, "a group folder" if spec.partition_by else "an image folder"):
+                files = _image_files(class_dir)
+                if not files:
+                    raise ValueError(f"class folder {class_dir} has no images (looked for "
+                                     f"{', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder")
+                for file in files:
+                    items.append((str(file.relative_to(root)), file))
+                    labels.append(class_dir.name)
+                    groups.append(group_dir.name)
+                    flags.append(is_test)
+    x, ok, skipped = decode_images(items, spec, str(root))
+    keep = np.flatnonzero(ok)
+    label_array = np.asarray(labels, dtype=str)
+    return Raw(x, label_array[keep], str(root),
+               groups=np.asarray(groups, dtype=str)[keep] if spec.partition_by else None,
+               is_test=np.asarray(flags, dtype=bool)[keep] if len(splits) == 2 else None,
+               classes=tuple(sorted(set(labels))), skipped=skipped)
