@@ -19,7 +19,8 @@ def read_npz(path: Path, spec: DataSpec) -> Raw:
     test split when present; ``spec.partition_by`` names a key with each row's group.
 
     Integer (uint8) inputs of 3 or 4 dimensions are images: scaled to [0, 1], N x H x W gains a channel, and
-    N x H x W x C (C of 1, 3 or 4 last) becomes N x C x H x W. Object arrays are refused (``allow_pickle=False``).
+    N x H x W x C (a last dimension of 1, 3 or 4, smaller than the second unless that is not 1, 3 or 4)
+    becomes N x C x H x W. Object arrays are refused (``allow_pickle=False``).
     """
     try:
         archive = np.load(path, allow_pickle=False)
@@ -64,7 +65,7 @@ def _inputs(x: np.ndarray, path: Path, key: str) -> np.ndarray:
     image = np.issubdtype(x.dtype, np.integer) and x.ndim in (3, 4)
     if x.ndim == 3 and image:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and (x.shape[1] not in (1, 3, 4) or x.shape[1] > x.shape[-1]):
         x = x.transpose(0, 3, 1, 2)
     out = np.ascontiguousarray(x, dtype=np.float32)
     if image and x.dtype == np.uint8:
