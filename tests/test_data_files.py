@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 
 from insitu.data.files import DataSpec, load_data, parse_image_size, parse_normalize
-from insitu.data.files.agreement import CLASSES_KEY, ClassCheckedClient, check_classes, encode_classes
+from insitu.data.files.agreement import (
+    CLASSES_KEY,
+    SHAPE_KEY,
+    ClassCheckedClient,
+    agreement_config,
+    check_classes,
+    check_shape,
+    encode_classes,
+)
 
 NONE = DataSpec(normalize="none", test_fraction=0.0)
 
@@ -326,9 +334,14 @@ def test_a_client_refuses_tasks_of_a_server_with_other_classes():
 def test_a_remote_strategy_sends_the_class_list_with_every_task():
     from insitu.simulation import SimulationConfig, make_strategy
 
-    strategy = make_strategy(SimulationConfig(), None, remote=True, classes=("cat", "dog"))
+    strategy = make_strategy(SimulationConfig(), None, remote=True,
+                             data_config=agreement_config(("cat", "dog"), (1, 8, 8)))
     sent = strategy.fit_config if isinstance(strategy.fit_config, dict) else strategy.fit_config(1)
-    assert json.loads(sent[CLASSES_KEY]) == ["cat", "dog"]
+    assert json.loads(sent[CLASSES_KEY]) == ["cat", "dog"] and json.loads(sent[SHAPE_KEY]) == [1, 8, 8]
+    check_shape(sent, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"shape 3x8x8 but the server's have 1x8x8: pass the server's --image-size "
+                                         r"and --image-mode"):
+        ClassCheckedClient(object(), ["cat", "dog"], (3, 8, 8)).fit(None, sent)
 
 
 # --------------------------------------------------------------------------- simulation
