@@ -366,3 +366,59 @@ def test_report_of_the_live_run_renders_offline(live_run, browser):  # noqa: F81
     assert resource_urls(browser) == []
     assert browser.execute_script("return document.querySelectorAll('svg path').length") >= 4  # the charts drew
     screenshot(browser, DOCS_IMG / "report.png")
+
+
+@pytest.mark.slow
+def test_server_dashboard_shows_connected_clients_and_their_events(browser, procs, tmp_path):  # noqa: F811
+    """`insitu server --dashboard` with real clients: the page shows who is connected before the first round,
+    each client's events, and the rounds as history.json has them."""
+    from cli_harness import free_port
+
+    port = free_port()
+    procs.start("server", "server", "--insecure", "--address", f"127.0.0.1:{port}", "--rounds", "3", "--min-clients",
+                "2", "--local-epochs", "1", "-o", "out", "--dashboard", "--dashboard-port", "0")
+    procs.wait_for_text("server", "Dashboard: http")
+    address = re.search(r"Dashboard: (http://127\.0\.0\.1:\d+/)", procs.log("server")).group(1)
+    browser.get(address)
+
+    def client(cid: int) -> None:
+        procs.start(f"client{cid}", "client", "--insecure", "--address", f"127.0.0.1:{port}", "--client-id", str(cid),
+                    "--num-partitions", "2")
+
+    client(0)  # the server waits for two: nothing runs yet
+    wait_until(lambda: browser.find_element("id", "live-summary").text == "1 client(s) connected, 0 task(s) in flight",
+               120, "client 0 on the page")
+    assert browser.find_element("id", "live-connected").text == "0"
+    client(1)
+    wait_until(lambda: "finished: 3 round(s)" in browser.find_element("id", "status").text, 180, "the finished run")
+    assert procs.wait("server") == 0, procs.log("server")
+    events = {(row[1], row[2]) for row in table_rows(browser, "events")}
+    assert {("0", "joined"), ("1", "joined")} <= events
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    shown = {row[0]: [row[2], row[3], row[5], row[6]] for row in table_rows(browser, "rounds")}
+    assert shown == expected_round_cells(history)
+
+
+def test_every_static_asset_ships_in_the_wheel():
+    """pyproject's package-data must name every file the app serves, or an installed dashboard has no page."""
+    import fnmatch
+
+    from insitu.dashboard.app import ASSETS
+    from insitu.files import load_toml
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = load_toml(root / "pyproject.toml", "pyproject")["tool"]["setuptools"]["package-data"]["insitu.dashboard"]
+    static = root / "src" / "insitu" / "dashboard" / "static"
+    assert set(ASSETS) == {p.name for p in static.iterdir()}
+    for name in ASSETS:
+        assert any(fnmatch.fnmatch(f"static/{name}", pattern) for pattern in patterns), name
+
+
+def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    from insitu.dashboard.app import DashboardServer
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'insitu\[dashboard\]'"):
+        DashboardServer(DashboardFeed({}), "127.0.0.1", 0)

@@ -62,8 +62,8 @@ class DashboardFeed:
     def on_round(self, record: RoundRecord, _parameters: Parameters | None = None,
                  _state: ServerState | None = None) -> None:
         """The loop's ``on_round`` callback: add the round's row and its clients (cheap, never blocks long)."""
-        row = round_row(record)
         fair = fairness_of(record)
+        row = round_row(record, fair)
         with self._changed:
             self._rows.append(row)
             self._tally.add(record)

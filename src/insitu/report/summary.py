@@ -61,14 +61,16 @@ def _evaluation(ev: Evaluation | None) -> dict[str, Any] | None:
     return {"loss": finite(ev.loss), "accuracy": finite(ev.accuracy), "examples": ev.num_examples}
 
 
-def round_row(record: RoundRecord) -> dict[str, Any]:
-    """One round as the dashboard and report show it: headline numbers, counts, failures, timings, fairness."""
+def round_row(record: RoundRecord, fair: dict[str, Any] | None | bool = False) -> dict[str, Any]:
+    """One round as the dashboard and report show it: headline numbers, counts, failures, timings, fairness
+    (``fair``: the round's :func:`fairness_of` when the caller has it already)."""
     failures = [{"client": str(f.get("client", "")), "stage": str(f.get("stage", "")),
                  "reason": str(f.get("reason", "")), "kind": failure_kind(str(f.get("reason", "")))}
                 for f in record.failures[:MAX_FAILURES_PER_ROUND]]
-    fair = fairness_of(record)
-    if fair is not None:
-        fair.pop("accuracies")
+    if fair is False:
+        fair = fairness_of(record)
+    if isinstance(fair, dict):
+        fair = {k: v for k, v in fair.items() if k != "accuracies"}
     return {
         "round": record.round, "status": record.status, "error": record.error,
         "loss": finite(record.loss), "accuracy": finite(record.accuracy),
