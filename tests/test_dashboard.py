@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -199,19 +199,18 @@ def test_a_browser_that_disconnects_never_stalls_or_breaks_the_run(served):
     assert read_event(response)["rounds"] == []
     wait_until(lambda: feed.viewers == 1, 5, "the stream to count its viewer")
     response.close()  # the page goes away mid-run
-    started = time.perf_counter()
     for record in history.rounds:
-        feed.on_round(record)  # the run's callback: returns at once whoever listens
-    assert time.perf_counter() - started < 0.5
+        feed.on_round(record)  # the run's callback: only takes the feed's lock, whoever listens or not
     wait_until(lambda: feed.viewers == 0, 10, "the server to notice the page left")
     with urllib.request.urlopen(server.url + "events", timeout=10) as again:  # a new page gets every round so far
         assert [r["round"] for r in read_event(again)["rounds"]] == [1, 2]
         feed.finish(history)
         assert read_event(again)["done"]
         assert again.read().strip() == b""  # the stream ends (read() returns) once the run has
-    started = time.perf_counter()
-    server.stop()
-    assert time.perf_counter() - started < 3
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    stopping.join(30)  # a liveness bound, not a timing claim: a hung stop would hang the CLI at the run's end
+    assert not stopping.is_alive()
 
 
 # -- in a real browser ----------------------------------------------------------------------------------
@@ -239,6 +238,11 @@ def test_hostile_client_ids_and_reasons_render_as_text(browser):  # noqa: F811
         assert any(HOSTILE_REASON in row[4] for row in table_rows(browser, "failures"))
         assert HOSTILE in browser.find_element("id", "live-connected").text
         assert "1 task(s) in flight" in browser.find_element("id", "live-summary").text
+        # DP: the epsilon card, chart and privacy table show the last round's epsilon and the settings
+        assert browser.find_element("id", "card-epsilon").text.endswith("0.900")
+        assert browser.find_element("id", "fig-epsilon").is_displayed()
+        privacy = dict(table_rows(browser, "privacy"))
+        assert (privacy["ε spent"], privacy["δ"], privacy["noise multiplier"], privacy["clip"]) == ("0.900", "0.00001", "1.1", "1")
         assert all(url.startswith(server.url) for url in resource_urls(browser))
     finally:
         server.stop(grace_s=0)
