@@ -14,7 +14,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from insitu.params import Parameters
-from insitu.report.summary import ClientTally, config_items, default_title, fairness_of, privacy_summary, round_row
+from insitu.report.summary import (
+    ClientTally,
+    config_items,
+    default_title,
+    evaluation_dict,
+    fairness_of,
+    privacy_summary,
+    round_row,
+)
 from insitu.run.history import History, RoundRecord
 from insitu.strategies.strategy import ServerState
 
@@ -88,8 +96,7 @@ class DashboardFeed:
         """The run ended (or failed with ``error``): pages show it as finished and stop listening."""
         with self._changed:
             if history is not None:
-                if history.initial is not None:
-                    self._initial = round_row(RoundRecord(0, centralized=history.initial))["centralized"]
+                self._initial = evaluation_dict(history.initial)
                 self._stopped = history.stopped
             self._error = error
             self._done = True

@@ -55,7 +55,8 @@ def fairness_of(record: RoundRecord) -> dict[str, Any] | None:
             "accuracies": [finite(a) for a in found.accuracies]}
 
 
-def _evaluation(ev: Evaluation | None) -> dict[str, Any] | None:
+def evaluation_dict(ev: Evaluation | None) -> dict[str, Any] | None:
+    """An evaluation's loss, accuracy and example count (None when there was none)."""
     if ev is None:
         return None
     return {"loss": finite(ev.loss), "accuracy": finite(ev.accuracy), "examples": ev.num_examples}
@@ -74,7 +75,7 @@ def round_row(record: RoundRecord, fair: dict[str, Any] | None | bool = False) -
     return {
         "round": record.round, "status": record.status, "error": record.error,
         "loss": finite(record.loss), "accuracy": finite(record.accuracy),
-        "centralized": _evaluation(record.centralized), "federated": _evaluation(record.federated),
+        "centralized": evaluation_dict(record.centralized), "federated": evaluation_dict(record.federated),
         "epsilon": finite(record.fit_metrics.get("epsilon")), "clip_norm": finite(record.fit_metrics.get("clip_norm")),
         "staleness": finite(record.fit_metrics.get("staleness_mean")),
         "selected": len(record.selected), "results": record.num_results,
@@ -177,7 +178,7 @@ def privacy_summary(config: Mapping[str, Any], rounds: list[dict[str, Any]]) -> 
 
 def config_items(config: Mapping[str, Any]) -> list[list[str]]:
     """The settings as [key, value-as-text] pairs, in the file's order."""
-    return [[str(k), v if isinstance(v, str) else json.dumps(v, allow_nan=True)] for k, v in config.items()]
+    return [[str(k), v if isinstance(v, str) else json.dumps(v, allow_nan=True, default=str)] for k, v in config.items()]
 
 
 def run_view(history: History, config: Mapping[str, Any], *, title: str = "", mode: str = "finished run",
@@ -189,7 +190,7 @@ def run_view(history: History, config: Mapping[str, Any], *, title: str = "", mo
     rows = [round_row(r) for r in history.rounds]
     latest = next((f for f in (fairness_of(r) for r in reversed(history.rounds)) if f is not None), None)
     return {"title": title or default_title(config), "mode": mode, "num_rounds": config.get("rounds"),
-            "initial": _evaluation(history.initial), "rounds": rows, "clients": tally.rows(),
+            "initial": evaluation_dict(history.initial), "rounds": rows, "clients": tally.rows(),
             "num_clients_seen": len(tally.clients), "fairness": latest, "privacy": privacy_summary(config, rows),
             "config": config_items(config), "stopped": history.stopped, "done": done, "live": None}
 
