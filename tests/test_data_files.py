@@ -69,6 +69,17 @@ def test_resize_and_rgb_conversion(tmp_path):
     assert torch.allclose(data.train.x[0], torch.full((3, 8, 6), 100 / 255))
 
 
+def test_16_bit_grayscale_scans_scale_by_65535_without_clipping(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((4, 4), 13107, dtype=np.uint16)).save(tmp_path / "a" / "scan.png")  # 13107 = 65535 / 5
+    gray(tmp_path / "b" / "photo.png", 51)  # 8-bit: 51 / 255 = 0.2 as well
+    data = load_data(tmp_path, NONE, role="train")
+    assert data.train.input_shape == (1, 4, 4)
+    assert data.train.x[:, 0, 0, 0].tolist() == pytest.approx([0.2, 0.2])
+    resized = load_data(tmp_path, DataSpec(image_size=(2, 2), normalize="none", test_fraction=0), role="train")
+    assert resized.train.x[0].flatten().tolist() == pytest.approx([0.2] * 4)
+
+
 def test_images_of_different_sizes_need_an_image_size(tmp_path):
     gray(tmp_path / "a" / "0.png", 1, size=(4, 4))
     gray(tmp_path / "b" / "0.png", 1, size=(5, 4))

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("insitu.data")
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-GRAYSCALE_MODES = frozenset({"1", "L", "I", "I;16", "F"})
+GRAYSCALE_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "F"})
+WIDE_GRAYSCALE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L"})
 GROUP_BY_FOLDER = "folder"
 SHOWN_SKIPPED = 10
 
@@ -61,26 +62,31 @@ def decode_images(items: list[tuple[str, Path | bytes]], spec: DataSpec, where: 
     mode = {"grayscale": "L", "rgb": "RGB"}.get(spec.image_mode) or (
         "L" if all(im.mode in GRAYSCALE_MODES for im in images) else "RGB")
     names = [name for (name, _), good in zip(items, ok) if good]
-    if spec.image_size is not None:
-        height, width = spec.image_size
-        resample = image_module.Resampling.BILINEAR
-        images = [im.convert(mode).resize((width, height), resample) for im in images]
-    else:
+    if spec.image_size is None:
         sizes = {im.size: name for im, name in zip(images, names)}
         if len(sizes) > 1:
             (w1, h1), first = next(iter(sizes.items()))
             (w2, h2), second = list(sizes.items())[1]
             raise ValueError(f"images under {where} differ in size ({h1}x{w1} in {first}, {h2}x{w2} in {second}): "
                              f"pass --image-size {h1} (or HEIGHTxWIDTH) to resize them all")
-        images = [im.convert(mode) for im in images]
-    stacked = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    stacked = np.stack([_pixels(image_module, im, mode, spec.image_size) for im in images])
     if stacked.ndim == 3:
-        stacked = stacked[:, None, :, :]
+        return np.ascontiguousarray(stacked[:, None, :, :]), ok, skipped
+    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)), ok, skipped
+
+
+def _pixels(image_module: Any, image: Any, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as float32 H x W (x C) in [0, 1]: 8-bit images by 255; 16-bit grayscale (medical scans, "I;16"
+    or "I") by 65535 as 32-bit floats, so converting to 8 bits does not clip them."""
+    if mode == "L" and image.mode in WIDE_GRAYSCALE_MODES:
+        image = image_module.fromarray(np.asarray(image.convert("I"), dtype=np.float32) / np.float32(65535.0))
+        scale = np.float32(1.0)
     else:
-        stacked = stacked.transpose(0, 3, 1, 2)
-    x = stacked.astype(np.float32)
-    x *= np.float32(1.0 / 255.0)
-    return x, ok, skipped
+        image = image.convert(mode)
+        scale = np.float32(1.0 / 255.0)
+    if size is not None:
+        image = image.resize((size[1], size[0]), image_module.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float32) * scale
 
 
 def _subdirs(folder: Path) -> list[Path]:
