@@ -257,6 +257,8 @@ class LiveRun:
     status_at_round_3: str
     rounds: list[list[str]]
     clients: list[list[str]]
+    failures: list[list[str]]
+    clock_shown: bool
     fairness: str
     resources: list[str]
     alert: str | None
@@ -264,12 +266,13 @@ class LiveRun:
 
 @pytest.fixture(scope="module")
 def live_run(browser, tmp_path_factory) -> LiveRun:  # noqa: F811
-    """A small real run (digits, 3 clients, 4 rounds, per-client evaluation) watched from its first round."""
+    """A small real run (digits, 3 clients, 4 rounds, per-client evaluation, simulated dropouts: with seed 0
+    clients drop in rounds 2-4) watched from its first round."""
     root = tmp_path_factory.mktemp("live")
     log_path = root / "simulate.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(BIN / "insitu"), "simulate", "--rounds", "4", "--num-clients", "3",
-                                 "--local-epochs", "1", "--fraction-evaluate", "1", "--dashboard", "--dashboard-port",
+                                 "--local-epochs", "1", "--fraction-evaluate", "1", "--dropout", "0.3", "--dashboard", "--dashboard-port",
                                  "0", "--dashboard-wait", "-o", str(root / "run")],
                                 stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=root)
     try:
@@ -285,6 +288,7 @@ def live_run(browser, tmp_path_factory) -> LiveRun:  # noqa: F811
         wait_until(lambda: "finished" in browser.find_element("id", "status").text, 120, "the run to finish on the page")
         assert proc.wait(60) == 0, log_path.read_text()
         run = LiveRun(root / "run", address, status, table_rows(browser, "rounds"), table_rows(browser, "clients"),
+                      table_rows(browser, "failures"), browser.find_element("id", "fig-clock").is_displayed(),
                       browser.find_element("id", "fairness").text, resource_urls(browser), alert_text(browser))
         screenshot(browser, DOCS_IMG / "dashboard.png")
         return run
@@ -312,11 +316,22 @@ def test_live_simulation_dashboard_matches_history_json(live_run):
     assert len(history["rounds"]) == 4
     shown = {row[0]: [row[2], row[3], row[5], row[6]] for row in live_run.rounds}
     assert shown == expected_round_cells(history)
-    selected: dict[str, int] = {}
+    assert {row[0]: row[11] for row in live_run.rounds} == {str(r["round"]): f"{r['timings']['clock_s']:.1f}"
+                                                             for r in history["rounds"]}
+    assert live_run.clock_shown  # the systems model's simulated clock has its chart
+    # per client: [selected, finished, failed, dropped, rejected], counted from history.json
+    counts: dict[str, list[int]] = {}
     for r in history["rounds"]:
+        dropped = {f["client"] for f in r["failures"] if "ClientDroppedOut" in f["reason"]}
         for cid in r["selected"]:
-            selected[cid] = selected.get(cid, 0) + 1
-    assert {row[0]: int(row[1]) for row in live_run.clients} == selected
+            c = counts.setdefault(cid, [0, 0, 0, 0, 0])
+            c[0] += 1
+            c[1] += cid not in dropped
+            c[3] += cid in dropped
+    assert sum(c[3] for c in counts.values()) == 4  # seed 0: four dropouts in rounds 2-4
+    assert {row[0]: [int(v) for v in row[1:6]] for row in live_run.clients} == counts
+    assert sorted((row[0], row[1], row[2], row[3], row[4]) for row in live_run.failures) == sorted(
+        (str(r["round"]), f["client"], "fit", "dropped", f["reason"]) for r in history["rounds"] for f in r["failures"])
     fair = fairness(History.from_dict(history))
     assert fair is not None
     assert live_run.fairness == (f"Round {fair.round}, {fair.n_clients} client(s) evaluated: mean {100 * fair.mean:.2f}%, "
