@@ -441,3 +441,20 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'insitu\[dashboard\]'"):
         DashboardServer(DashboardFeed({}), "127.0.0.1", 0)
+
+
+def test_a_run_that_raises_is_shown_as_failed_and_the_server_stops(capsys):
+    from insitu.dashboard.cli import run_dashboard
+
+    with pytest.raises(RuntimeError, match="out of memory"), run_dashboard({"rounds": 3}, True, 0) as live:
+        live.also(lambda record, _p, _s: None)(hand_history().rounds[0], None, None)  # type: ignore[arg-type]
+        feed, server = live.feed, live.server
+        raise RuntimeError("out of memory")
+    snap = feed.snapshot()
+    assert snap["done"] and snap["error"] == "the run stopped: RuntimeError: out of memory"
+    assert [r["round"] for r in snap["rounds"]] == [1]
+    with pytest.raises(OSError):  # no longer serving
+        urllib.request.urlopen(server.url, timeout=5)
+    with run_dashboard({"rounds": 3}, False, 0) as off:  # off: nothing is served, callbacks pass through
+        callback = lambda record, _p, _s: None
+        assert off.also(callback) is callback and off.feed is None
