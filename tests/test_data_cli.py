@@ -99,3 +99,5 @@ def test_deployed_clients_train_on_their_own_folders_and_other_classes_are_refus
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert [r["num_results"] for r in history["rounds"]] == [2, 2]
     assert history["rounds"][-1]["centralized"]["metrics"]["accuracy"] >= 5 / 6
+    data = json.loads((tmp_path / "out" / "data.json").read_text())
+    assert data["classes"] == ["cat", "dog"] and data["input_shape"] == [1, 10, 10] and data["test_examples"] == 6

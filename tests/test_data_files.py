@@ -240,6 +240,16 @@ def test_parquet_reads_like_the_same_csv(tmp_path):
         load_data(tmp_path / "gap.parquet", NONE)
 
 
+def test_a_missing_optional_package_is_a_clear_error_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"reading Parquet needs pyarrow: pip install 'insitu\[data\]'"):
+        load_data(tmp_path / "t.parquet")
+
+
 def test_separate_test_file(tmp_path):
     train = write_csv(tmp_path / "train.csv", "x,label\n1,a\n2,b\n")
     write_csv(tmp_path / "test.csv", "x,label\n3,b\n")

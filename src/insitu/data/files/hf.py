@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.data.files.raw import Raw
+from insitu.data.files.raw import MissingDependencyError, Raw
 from insitu.data.files.tables import arrow_columns, columns_to_raw
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def _read_split(folder: Path, spec: DataSpec) -> Raw:
     try:
         import pyarrow as pa
     except ImportError:
-        raise ImportError("reading a Hugging Face dataset folder needs pyarrow: pip install 'insitu[data]'") from None
+        raise MissingDependencyError("reading a Hugging Face dataset folder needs pyarrow: pip install 'insitu[data]'") from None
     state, info = folder / "state.json", folder / "dataset_info.json"
     if not state.is_file():
         raise ValueError(f"{folder} has no state.json: it is not a folder written by Dataset.save_to_disk")

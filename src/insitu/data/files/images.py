@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.data.files.raw import Raw
+from insitu.data.files.raw import MissingDependencyError, Raw
 
 if TYPE_CHECKING:
     from insitu.data.files import DataSpec
@@ -29,7 +29,7 @@ def pillow() -> Any:
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow comes with matplotlib here
-        raise ImportError("reading images needs Pillow: pip install 'insitu[data]'") from None
+        raise MissingDependencyError("reading images needs Pillow: pip install 'insitu[data]'") from None
     return Image
 
 

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from insitu.data.files import DataSpec
 
 
+class MissingDependencyError(ImportError, ValueError):
+    """An optional package a format needs is not installed; a ValueError too, so the CLI prints the message
+    (with the pip command) instead of a traceback."""
+
+
 @dataclass
 class Raw:
     """One source as read: float32 inputs (N, ...) before normalization (images in [0, 1], N x C x H x W),

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.data.files.raw import Raw
+from insitu.data.files.raw import MissingDependencyError, Raw
 
 if TYPE_CHECKING:
     from insitu.data.files import DataSpec
@@ -67,7 +67,7 @@ def read_parquet(path: Path) -> Columns:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading Parquet needs pyarrow: pip install 'insitu[data]'") from None
+        raise MissingDependencyError("reading Parquet needs pyarrow: pip install 'insitu[data]'") from None
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as error:
