@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -26,7 +25,7 @@ class HelloReply(_message.Message):
     nonce: bytes
     server_name: str
     auth_required: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., server_versions: _Optional[_Iterable[int]] = ..., nonce: _Optional[bytes] = ..., server_name: _Optional[str] = ..., auth_required: _Optional[bool] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., server_versions: _Optional[_Iterable[int]] = ..., nonce: _Optional[bytes] = ..., server_name: _Optional[str] = ..., auth_required: bool = ...) -> None: ...
 
 class AuthRequest(_message.Message):
     __slots__ = ("client_id", "nonce", "signature")
@@ -116,7 +115,7 @@ class Shutdown(_message.Message):
     RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     reason: str
     resumable: bool
-    def __init__(self, reason: _Optional[str] = ..., resumable: _Optional[bool] = ...) -> None: ...
+    def __init__(self, reason: _Optional[str] = ..., resumable: bool = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk", "idle", "shutdown")
@@ -144,7 +143,7 @@ class PushReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., message: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("session_token",)

@@ -5,7 +5,7 @@ import warnings
 
 from insitu.net.proto import federation_pb2 as insitu_dot_net_dot_proto_dot_federation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.67.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in insitu/net/proto/federation_pb2_grpc.py depends on'
+        + f' but the generated code in insitu/net/proto/federation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class FederationStub:
+class FederationStub(object):
     """Protocol 3: tasks and results are one Envelope type (protocol, step, round, model version, body),
     so round protocols are plugins the transport does not know. Since protocol 2, PullTask and
     PushResult also carry the session token in their call metadata ("insitu-session"), so the server
@@ -70,7 +70,7 @@ class FederationStub:
                 _registered_method=True)
 
 
-class FederationServicer:
+class FederationServicer(object):
     """Protocol 3: tasks and results are one Envelope type (protocol, step, round, model version, body),
     so round protocols are plugins the transport does not know. Since protocol 2, PullTask and
     PushResult also carry the session token in their call metadata ("insitu-session"), so the server
@@ -156,7 +156,7 @@ def add_FederationServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Federation:
+class Federation(object):
     """Protocol 3: tasks and results are one Envelope type (protocol, step, round, model version, body),
     so round protocols are plugins the transport does not know. Since protocol 2, PullTask and
     PushResult also carry the session token in their call metadata ("insitu-session"), so the server
