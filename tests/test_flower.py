@@ -309,3 +309,76 @@ def test_insitu_client_flower_refuses_options_that_describe_insitus_own_client(a
     result = CliRunner().invoke(app, ["client", "--flower-client", spec, "--client-id", "0", "--insecure", *args])
     assert result.exit_code != 0
     assert message in " ".join(result.output.split()), result.output
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """start_numpy_client's call of insitu.net.client.connect, recorded instead of made (no server)."""
+    import insitu.net.client
+
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(insitu.net.client, "connect", lambda *args, **kwargs: calls.append((args, kwargs)) or 0)
+    for name in ("INSITU_CERTS", "INSITU_CLIENT_ID", "INSITU_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_start_numpy_client_takes_its_identity_and_tls_from_the_environment(captured, monkeypatch, tmp_path):
+    import insitu.flwr as fl
+
+    fl.client.start_numpy_client(server_address="localhost:8080", client=Scripted())
+    (build, address), kwargs = captured[-1]
+    assert address == "localhost:8080" and kwargs["tls"] is None and kwargs["signing_key"] is None
+    assert kwargs["client_id"].startswith("flower-")
+    adapter = build("simple-net")  # the factory connect calls with the server's model name
+    assert isinstance(adapter, NumPyClientAdapter) and adapter.precheck and adapter.server_model == "simple-net"
+
+    folder = tmp_path / "clients" / "3"
+    folder.mkdir(parents=True)
+    for name in ("client.key", "ca.pem", "tls.pem", "tls.key"):
+        (folder / name).write_text("x")
+    monkeypatch.setenv("INSITU_CERTS", str(folder))
+    monkeypatch.setenv("INSITU_CLIENT_ID", "3")
+    monkeypatch.setenv("INSITU_SERVER_ADDRESS", "fl.example.org:9092")
+    fl.client.start_client(server_address="localhost:8080", client=Scripted().to_client())
+    (_, address), kwargs = captured[-1]
+    assert address == "fl.example.org:9092" and kwargs["client_id"] == "3"
+    assert kwargs["signing_key"] == folder / "client.key"
+    assert (kwargs["tls"].ca, kwargs["tls"].cert, kwargs["tls"].key) == (folder / "ca.pem", folder / "tls.pem",
+                                                                        folder / "tls.key")
+
+
+@pytest.mark.parametrize(("kwargs", "env", "message"), [
+    ({"server_address": "10.1.2.3:8080"}, {}, "not a loopback address and no INSITU_CERTS folder is set"),
+    ({"server_address": "localhost:8080", "root_certificates": b"PEM"}, {}, "root_certificates alone cannot"),
+    ({"server_address": "localhost:8080", "insecure": False}, {}, "insecure=False asks for TLS"),
+    ({"server_address": "localhost:8080"}, {"INSITU_CERTS": "."}, "client.key not found"),
+    ({"server_address": "localhost:8080", "transport": "rest"}, {}, "transport 'rest'"),
+])
+def test_start_numpy_client_refuses_settings_that_cannot_work(captured, monkeypatch, kwargs, env, message):
+    import insitu.flwr as fl
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        fl.client.start_numpy_client(client=Scripted(), **kwargs)
+    assert not captured
+    for name in env:
+        monkeypatch.delenv(name)
+    fl.client.start_numpy_client(server_address="10.1.2.3:8080", client=Scripted(), insecure=True)  # explicit: ok
+    assert captured
+
+
+def test_flower_client_factories_get_the_id_only_when_they_need_it(tmp_path, monkeypatch):
+    from insitu.flower.start import load_factory, make_client
+
+    (tmp_path / "fac.py").write_text("def by_id(client_id):\n    return ('id', client_id)\n"
+                                     "def plain(seed=0):\n    return ('plain', seed)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert make_client(load_factory("fac:by_id"), "7") == ("id", 7)  # a number: an int, as Flower partitions use
+    assert make_client(load_factory(f"{tmp_path / 'fac.py'}:by_id"), "site-a") == ("id", "site-a")
+    assert make_client(load_factory("fac:plain"), "7") == ("plain", 0)
+    with pytest.raises(ValueError, match="give MODULE:FACTORY"):
+        load_factory("fac")
+    with pytest.raises(ValueError, match="cannot import 'missing_mod'"):
+        load_factory("missing_mod:make")

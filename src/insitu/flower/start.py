@@ -95,6 +95,9 @@ def start_numpy_client(
             raise ValueError(f"root_certificates alone cannot connect to an insitu server, which also checks each "
                              f"client's signing key: set {CERTS_ENV} to this client's folder from `insitu keygen` "
                              f"(and {CLIENT_ID_ENV} to its id); see docs/flower-migration.md")
+        if insecure is False:
+            raise ValueError(f"insecure=False asks for TLS, which needs this client's folder from `insitu keygen`: set "
+                             f"{CERTS_ENV} (and {CLIENT_ID_ENV}), or drop insecure=False on loopback")
         if not insecure and not security.is_loopback(server_address):
             raise ValueError(f"{server_address} is not a loopback address and no {CERTS_ENV} folder is set: a "
                              f"plaintext, unauthenticated connection is allowed only on loopback unless you pass "
