@@ -60,6 +60,18 @@ def test_train_and_test_subfolders_are_the_split(tmp_path):
     assert data.test.y.tolist() == [0, 1]
 
 
+def test_a_test_folder_alone_is_all_test_and_a_validation_folder_is_ignored(tmp_path, caplog):
+    gray(tmp_path / "test" / "a" / "0.png", 1)
+    gray(tmp_path / "test" / "b" / "0.png", 1)
+    server = load_data(tmp_path, NONE, role="test")
+    assert (len(server.train), len(server.test), server.classes) == (0, 2, ("a", "b"))
+    gray(tmp_path / "train" / "a" / "0.png", 1)
+    gray(tmp_path / "val" / "a" / "0.png", 1)
+    with caplog.at_level(logging.WARNING, logger="insitu.data"):
+        data = load_data(tmp_path, NONE)
+    assert (len(data.train), len(data.test)) == (1, 2) and "val ignored" in caplog.text
+
+
 def test_resize_and_rgb_conversion(tmp_path):
     gray(tmp_path / "a" / "0.png", 100, size=(5, 7))
     gray(tmp_path / "b" / "0.png", 200, size=(9, 3))

@@ -22,6 +22,9 @@ GRAYSCALE_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "F"})
 WIDE_GRAYSCALE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L"})
 GROUP_BY_FOLDER = "folder"
 SHOWN_SKIPPED = 10
+#: Subfolders that make ROOT a split layout (ROOT/train/<class>/..., ROOT/test/<class>/...): name -> is test.
+SPLIT_FOLDERS = {"train": False, "test": True}
+IGNORED_SPLITS = frozenset({"val", "valid", "validation"})
 
 
 def pillow() -> Any:
@@ -112,16 +115,20 @@ def _class_folders(folder: Path, what: str) -> list[Path]:
 
 
 def read_image_folder(root: Path, spec: DataSpec) -> Raw:
-    """Read ROOT/<class>/*.png|jpg|...; ROOT/train/ and ROOT/test/ (both present) are the splits; with
-    ``partition_by = "folder"`` the first level is the group: ROOT/<group>/<class>/image."""
+    """Read ROOT/<class>/*.png|jpg|...; when ROOT's subfolders are only train/, test/ (and val/, ignored) they are
+    the splits; with ``partition_by = "folder"`` the next level is the group: ROOT/[train/]<group>/<class>/image."""
     if not root.is_dir():
         raise FileNotFoundError(f"no image folder at {root}")
     if spec.partition_by and spec.partition_by != GROUP_BY_FOLDER:
         raise ValueError(f"an image folder is partitioned by its first-level folders (ROOT/<group>/<class>/image): "
                          f"pass --partition-by {GROUP_BY_FOLDER}, not {spec.partition_by!r}")
-    splits = [(root / "train", False), (root / "test", True)]
-    if not all(folder.is_dir() for folder, _ in splits):
-        splits = [(root, False)]
+    names = {p.name for p in _subdirs(root)}
+    split_layout = bool(names & SPLIT_FOLDERS.keys()) and names <= SPLIT_FOLDERS.keys() | IGNORED_SPLITS
+    splits = [(root / n, SPLIT_FOLDERS[n]) for n in sorted(names & SPLIT_FOLDERS.keys(), reverse=True)] \
+        if split_layout else [(root, False)]
+    if split_layout and names & IGNORED_SPLITS:
+        log.warning("%s: using train/ and test/; %s ignored (a validation split is not used)", root,
+                    ", ".join(sorted(names & IGNORED_SPLITS)))
     items: list[tuple[str, Path | bytes]] = []
     labels: list[str] = []
     groups: list[str] = []
@@ -147,5 +154,5 @@ def read_image_folder(root: Path, spec: DataSpec) -> Raw:
     label_array = np.asarray(labels, dtype=str)
     return Raw(x, label_array[keep], str(root),
                groups=np.asarray(groups, dtype=str)[keep] if spec.partition_by else None,
-               is_test=np.asarray(flags, dtype=bool)[keep] if len(splits) == 2 else None,
+               is_test=np.asarray(flags, dtype=bool)[keep] if split_layout else None,
                classes=tuple(sorted(set(labels))), skipped=skipped)
