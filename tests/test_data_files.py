@@ -220,6 +220,13 @@ def test_a_wrong_column_is_named_with_the_columns_that_exist(tmp_path):
         load_data(path, DataSpec(partition_by="site"))
 
 
+def test_numeric_groups_sort_as_numbers(tmp_path):
+    path = write_csv(tmp_path / "t.csv", "x,region,label\n1,10,0\n2,2,1\n3,1,0\n4,2,1\n")
+    data = load_data(path, DataSpec(partition_by="region", normalize="none", test_fraction=0))
+    assert data.group_names == ("1", "2", "10")
+    assert [data.train.x[p, 0].tolist() for p in data.group_parts()] == [[3], [2, 4], [1]]
+
+
 def test_a_split_column_is_the_test_split(tmp_path):
     path = write_csv(tmp_path / "t.csv", "x,split,label\n1,train,0\n2,test,1\n3,train,1\n")
     data = load_data(path, DataSpec(normalize="none"))

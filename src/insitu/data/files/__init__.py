@@ -246,10 +246,23 @@ def load_data(path: str | Path, spec: DataSpec | None = None, role: str = "split
     if spec.partition_by:
         if raw.groups is None:
             raise ValueError(f"{raw.source} has no groups for partition_by {spec.partition_by!r}")  # reader checks
-        names, codes = np.unique(raw.groups.astype(str), return_inverse=True)
-        loaded.group_names = tuple(str(n) for n in names)
+        names, codes = group_codes(raw.groups)
+        loaded.group_names = names
         loaded.train_groups, loaded.test_groups = codes[train_rows], codes[test_rows]
     return loaded
+
+
+def group_codes(groups: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+    """The sorted group values (numerically when every value is a number: 2 before 10) and each row's index
+    into them."""
+    names, codes = np.unique(groups.astype(str), return_inverse=True)
+    try:
+        order = np.argsort([float(n) for n in names], kind="stable")
+    except ValueError:
+        order = np.arange(len(names))
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = np.arange(len(names))
+    return tuple(str(names[i]) for i in order), rank[codes.reshape(-1)]
 
 
 def normalized(x: np.ndarray, rows: np.ndarray, how: str, source: str) -> np.ndarray:
