@@ -16,7 +16,7 @@ import math
 import numbers
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -201,6 +201,9 @@ class FlowerClientFn:
 
     def __call__(self, cid: str) -> Client:
         made = self.client_fn(cid)
+        if getattr(made, "get_parameters", None) is None and getattr(made, "numpy_client", None) is None \
+                and callable(getattr(made, "evaluate", None)) and callable(getattr(made, "fit", None)):
+            return cast(Client, made)  # an insitu Client: the cheap path (no Protocol isinstance per client)
         if is_flower_client(made):
             return NumPyClientAdapter(made)
         if isinstance(made, Client):
