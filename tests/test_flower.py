@@ -18,12 +18,14 @@ from insitu.flower import FlowerClientError, NumPyClientAdapter, adapt_client_fn
 from insitu.params import Parameters
 from insitu.simulation import SimulationConfig, build_experiment, simulate
 
-try:  # the real base class when flwr is installed (CI's [test] extra may include it), else the shim's
+try:  # the real base class (and Context) when flwr is installed, else the shim's
     from flwr.client import NumPyClient
+    from flwr.common import Context
 
     FLWR = True
 except ImportError:
     from insitu.flwr.client import NumPyClient
+    from insitu.flwr.common import Context
 
     FLWR = False
 
@@ -260,7 +262,7 @@ class SeedStyle(NumPyClient):
         return float(torch.nn.functional.cross_entropy(out, y)), len(y), {"accuracy": float((out.argmax(1) == y).float().mean())}
 
 
-def test_a_seed_style_client_fn_simulates_reproducibly_from_a_clients_initial_parameters():
+def test_a_seed_style_client_fn_simulates_reproducibly_from_a_clients_initial_parameters_in_either_form():
     from insitu.strategies import fedavg
 
     own = _experiment()
@@ -270,12 +272,16 @@ def test_a_seed_style_client_fn_simulates_reproducibly_from_a_clients_initial_pa
         x, y = own.train.x[index], own.train.y[index]
         return SeedStyle(x, y).to_client()
 
-    def run():
+    def run(client_fn):
         strategy = fedavg(min_fit_clients=3, min_available_clients=3, fraction_evaluate=1.0,
                           fit_config={"lr": 0.2, "local_epochs": 1})
         return simulate(client_fn, num_clients=3, strategy=strategy, num_rounds=2, seed=1)
 
-    first, second = run(), run()
+    def context_fn(context: Context):  # newer Flower's form: the partition comes from node_config
+        assert context.node_config["num-partitions"] == 3
+        return client_fn(str(context.node_config["partition-id"]))
+
+    first, second = run(client_fn), run(context_fn)
     assert first.parameters.names == ("0", "1", "2", "3")  # from client "0"'s get_parameters, as Flower does
     np.testing.assert_array_equal(first.parameters.flat(), second.parameters.flat())
     accuracy = first.history.rounds[-1].accuracy
@@ -295,6 +301,12 @@ def test_adapt_client_fn_passes_insitu_clients_through_and_refuses_others():
     assert not isinstance(adapted("0"), NumPyClientAdapter)
     with pytest.raises(TypeError, match="neither an insitu Client"):
         adapt_client_fn(lambda cid: object())("0")
+    seen = []
+    by_context = adapt_client_fn(lambda context: seen.append(context) or Scripted(), num_clients=5)
+    assert isinstance(by_context("3"), NumPyClientAdapter)
+    assert (seen[0].node_id, seen[0].node_config) == (3, {"partition-id": 3, "num-partitions": 5})
+    with pytest.raises(ValueError, match="pass num_clients"):
+        adapt_client_fn(lambda context: None)
 
 
 @pytest.mark.parametrize(("args", "message"), [

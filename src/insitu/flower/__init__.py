@@ -13,6 +13,7 @@ docs/flower-migration.md maps Flower's concepts to insitu's.
 from __future__ import annotations
 
 from insitu.flower.adapter import (
+    Context,
     FlowerClientError,
     FlowerClientFn,
     NumPyClientAdapter,
@@ -25,6 +26,7 @@ from insitu.flower.adapter import (
 from insitu.flower.start import start_client, start_numpy_client
 
 __all__ = [
+    "Context",
     "FlowerClientError",
     "FlowerClientFn",
     "NumPyClientAdapter",

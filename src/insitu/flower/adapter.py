@@ -12,10 +12,13 @@ client's result, as for any bad update). Nothing here imports flwr: any object w
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import random
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
@@ -190,17 +193,45 @@ def initial_parameters(client: object) -> Parameters:
     return to_parameters(arrays, specs, what="get_parameters")
 
 
+@dataclass
+class Context:
+    """What newer Flower passes a ``client_fn(context)``: insitu fills ``node_id`` (the client id as an int)
+    and ``node_config``'s ``partition-id`` and ``num-partitions``, as Flower's simulation does; ``run_config``
+    (``pyproject.toml``'s ``[tool.flwr.app.config]`` in Flower) is empty, ``state`` a plain dict."""
+
+    run_id: int
+    node_id: int
+    node_config: dict[str, FlowerScalar]
+    state: dict[str, Any] = field(default_factory=dict)
+    run_config: dict[str, FlowerScalar] = field(default_factory=dict)
+
+
 class FlowerClientFn:
     """A simulation ``client_fn`` that accepts Flower-style clients: ``client_fn(cid)`` may return a
     ``NumPyClient`` (or its ``to_client()``), which is wrapped in a :class:`NumPyClientAdapter`, or an
-    insitu ``Client``, which is returned as is. A class rather than a closure so process engines can
-    pickle it (with a picklable ``client_fn``)."""
+    insitu ``Client``, which is returned as is. A ``client_fn(context)`` (newer Flower: its parameter is
+    named ``context`` or annotated ``Context``) gets a :class:`Context` for client ``cid`` of
+    ``num_clients``. A class rather than a closure so process engines can pickle it (with a picklable
+    ``client_fn``)."""
 
-    def __init__(self, client_fn: Callable[[str], object]) -> None:
+    def __init__(self, client_fn: Callable[[Any], object], num_clients: int | None = None) -> None:
         self.client_fn = client_fn
+        self.num_clients = num_clients
+        self.takes_context = _takes_context(client_fn)
+        if self.takes_context and num_clients is None:
+            raise ValueError("a client_fn(context) needs the number of clients for context.node_config"
+                             "['num-partitions']: pass num_clients")
+
+    def make(self, cid: str) -> object:
+        """What the user's ``client_fn`` returns for client ``cid`` (not yet adapted)."""
+        if not self.takes_context:
+            return self.client_fn(cid)
+        number = int(cid) if cid.isdigit() else zlib.crc32(cid.encode())
+        return self.client_fn(Context(run_id=0, node_id=number,
+                                      node_config={"partition-id": number, "num-partitions": self.num_clients or 0}))
 
     def __call__(self, cid: str) -> Client:
-        made = self.client_fn(cid)
+        made = self.make(cid)
         if getattr(made, "get_parameters", None) is None and getattr(made, "numpy_client", None) is None \
                 and callable(getattr(made, "evaluate", None)) and callable(getattr(made, "fit", None)):
             return cast(Client, made)  # an insitu Client: the cheap path (no Protocol isinstance per client)
@@ -212,9 +243,22 @@ class FlowerClientFn:
                         "(fit and evaluate on Parameters) nor a Flower NumPyClient (get_parameters, fit, evaluate)")
 
 
-def adapt_client_fn(client_fn: Callable[[str], Any]) -> FlowerClientFn:
+def adapt_client_fn(client_fn: Callable[[Any], Any], num_clients: int | None = None) -> FlowerClientFn:
     """``client_fn`` made to return insitu Clients (see :class:`FlowerClientFn`); idempotent."""
-    return client_fn if isinstance(client_fn, FlowerClientFn) else FlowerClientFn(client_fn)
+    return client_fn if isinstance(client_fn, FlowerClientFn) else FlowerClientFn(client_fn, num_clients)
+
+
+def _takes_context(client_fn: Callable[[Any], Any]) -> bool:
+    """Whether ``client_fn`` is newer Flower's ``client_fn(context: Context)`` rather than ``client_fn(cid)``."""
+    try:
+        parameters = list(inspect.signature(client_fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not parameters:
+        return False
+    first = parameters[0]
+    annotation = first.annotation if isinstance(first.annotation, str) else getattr(first.annotation, "__name__", "")
+    return first.name == "context" or annotation.split(".")[-1] == "Context"
 
 
 def _to_ndarrays(parameters: Parameters) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
-"""``fl.common`` for Flower code run with insitu: the array types and the conversions of Flower's
-``Parameters`` (here insitu's :class:`~insitu.params.Parameters`, arrays named "0", "1", ...)."""
+"""``fl.common`` for Flower code run with insitu: the array types, the conversions of Flower's
+``Parameters`` (here insitu's :class:`~insitu.params.Parameters`, arrays named "0", "1", ...), and the
+``Context`` a ``client_fn(context)`` receives in ``insitu.simulate``."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from insitu.flower.adapter import Context
 from insitu.params import Parameters
 
-__all__ = ["NDArray", "NDArrays", "Parameters", "Scalar", "ndarrays_to_parameters", "parameters_to_ndarrays"]
+__all__ = ["Context", "NDArray", "NDArrays", "Parameters", "Scalar", "ndarrays_to_parameters", "parameters_to_ndarrays"]
 
 NDArray = np.ndarray
 NDArrays = list[np.ndarray]
