@@ -81,6 +81,12 @@ def test_registry_names_norms_and_auto_stem() -> None:
     batch = build_model("resnet18_bn", (3, 224, 224), 5)
     assert isinstance(batch, ResNet18) and batch.norm == "batch" and batch.stem == "standard"
     assert build_model("resnet18", (1, 64, 64), 2).stem == "standard"  # auto: small only below 64 px
+    narrow = build_model("resnet18-w16", (1, 64, 64), 2)
+    assert isinstance(narrow, ResNet18) and narrow.width == 16 and narrow.fc.in_features == 128
+    # 1 channel, 2 classes, width w: 3x3 convs 36w² + 128w² + 512w² + 2048w² per stage (1x1 projections
+    # included), stem 49w, norms 2w + 8w + 20w + 40w + 80w, fc 8w x 2 + 2
+    for w, net in ((16, narrow), (64, ResNet18(1, 2))):
+        assert _count(net) == 2724 * w * w + 215 * w + 2  # 700,786 and 11,171,266
     assert resnet18((1, 64, 64), 2, stem="small").stem == "small"
 
 

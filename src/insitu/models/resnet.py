@@ -27,14 +27,14 @@ from torch import nn
 
 NORMS = ("group", "batch")
 STEMS = ("standard", "small", "auto")
-GROUPS = 32  # GroupNorm groups (Wu & He 2018's default); divides every channel count below
+GROUPS = 32  # GroupNorm groups (Wu & He 2018's default); at least 2 channels per group in narrow networks
 
 
 def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
     if norm == "batch":
         return nn.BatchNorm2d
     if norm == "group":
-        return lambda channels: nn.GroupNorm(min(GROUPS, channels), channels)
+        return lambda channels: nn.GroupNorm(min(GROUPS, max(1, channels // 2)), channels)
     raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
 
@@ -72,32 +72,35 @@ class ResNet18(nn.Module):
 
     ``norm``: "group" (GroupNorm, no running statistics: suits FedAvg and DP-SGD) or "batch".
     ``stem``: "standard" (7x7/2 conv + 3x3/2 max-pool, for ~224 px), "small" (3x3/1 conv, no pool,
-    for 32-64 px). Layer names follow torchvision's, the GroupNorm layers keeping the ``bn`` names.
+    for 32-64 px). ``width``: channels of the first stage (64 in the paper; the stages have 1, 2, 4 and 8
+    times as many); 16 keeps the depth and the shape of the network at 1/16 of its parameters and compute, for
+    CPU-only demos. Layer names follow torchvision's, the GroupNorm layers keeping the ``bn`` names.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1000, *, norm: str = "group",
-                 stem: str = "standard") -> None:
+                 stem: str = "standard", width: int = 64) -> None:
         super().__init__()
         if stem not in ("standard", "small"):
             raise ValueError(f"unknown stem {stem!r}; choose standard or small")
-        if in_channels < 1 or num_classes < 1:
-            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
+        if in_channels < 1 or num_classes < 1 or width < 1:
+            raise ValueError(f"in_channels, num_classes and width must be >= 1, got {in_channels}, {num_classes} "
+                             f"and {width}")
         make_norm = _norm_factory(norm)
-        self.norm, self.stem = norm, stem
+        self.norm, self.stem, self.width = norm, stem, width
         if stem == "standard":
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
         else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
-        self.bn1 = make_norm(64)
+        self.bn1 = make_norm(width)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = _stage(64, 64, 1, make_norm)
-        self.layer2 = _stage(64, 128, 2, make_norm)
-        self.layer3 = _stage(128, 256, 2, make_norm)
-        self.layer4 = _stage(256, 512, 2, make_norm)
+        self.layer1 = _stage(width, width, 1, make_norm)
+        self.layer2 = _stage(width, 2 * width, 2, make_norm)
+        self.layer3 = _stage(2 * width, 4 * width, 2, make_norm)
+        self.layer4 = _stage(4 * width, 8 * width, 2, make_norm)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(8 * width, num_classes)
         for module in self.modules():  # torchvision's initialization
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -111,14 +114,15 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18(input_shape: tuple[int, ...], num_classes: int, *, norm: str = "group", stem: str = "auto") -> ResNet18:
+def resnet18(input_shape: tuple[int, ...], num_classes: int, *, norm: str = "group", stem: str = "auto",
+             width: int = 64) -> ResNet18:
     """A ResNet-18 for images of ``input_shape`` (C, H, W); ``stem="auto"``: small below 64 px, else standard."""
     if len(input_shape) != 3:
         raise ValueError(f"resnet18 expects images (channels, height, width), the dataset gives {tuple(input_shape)}; "
                          "use 'mlp' or 'logreg' for tables")
-    channels, height, width = input_shape
+    channels, height, side = input_shape
     if stem == "auto":
-        stem = "small" if min(height, width) < 64 else "standard"
+        stem = "small" if min(height, side) < 64 else "standard"
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    return ResNet18(channels, num_classes, norm=norm, stem=stem)
+    return ResNet18(channels, num_classes, norm=norm, stem=stem, width=width)
