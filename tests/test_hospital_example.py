@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
 
@@ -113,8 +114,19 @@ def test_scenario_end_to_end_small(tmp_path: Path) -> None:
     """One round on tiny folders: the plumbing (TLS, signed clients, secure aggregation + DP, per-hospital
     evaluation, the report), not the accuracy."""
     pytest.importorskip("PIL")
-    result = _run_example(tmp_path, SCALE="0.1", ROUNDS="1", LOCAL_EPOCHS="1", IMAGE_SIZE="32")
+    tensorboard = find_spec("tensorboard") is not None  # then the server also logs to TensorBoard
+    extra = {"TENSORBOARD": str(tmp_path / "tb")} if tensorboard else {}
+    result = _run_example(tmp_path, SCALE="0.1", ROUNDS="1", LOCAL_EPOCHS="1", IMAGE_SIZE="32", **extra)
     _check_run(tmp_path, result, rounds=1)
+    if tensorboard:  # insitu server --tensorboard: the reference-set accuracy per round, as in history.json
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        history = json.loads((tmp_path / "server" / "history.json").read_text())
+        logged = {e.step: e.value for e in events.Scalars("centralized/accuracy")}
+        assert logged == pytest.approx({r["round"]: r["centralized"]["metrics"]["accuracy"]
+                                        for r in history["rounds"]})
 
 
 @pytest.mark.slow
@@ -124,5 +136,5 @@ def test_scenario_full_learns_at_every_hospital(tmp_path: Path) -> None:
     summary = _check_run(tmp_path, _run_example(tmp_path), rounds=15)
     hospitals = summary["hospitals"]
     assert isinstance(hospitals, dict)
-    assert summary["mean"] >= 0.75  # type: ignore[operator]
-    assert summary["worst"]["accuracy"] >= 0.6  # type: ignore[index]
+    assert summary["mean"] >= 0.8  # type: ignore[operator]
+    assert summary["worst"]["accuracy"] >= 0.65  # type: ignore[index]

@@ -9,6 +9,7 @@
 #   WORK=DIR       where data, keys, client state and outputs go (default examples/hospitals/run)
 #   DATA=DIR       use these hospital folders instead of generating them (DATA/hospital_1 ... and DATA/reference)
 #   INSITU=CMD     the insitu command (default: insitu); PYTHON=CMD the interpreter (default: python3)
+#   TENSORBOARD=DIR  the server also logs each round's metrics there (pip install 'insitu[tensorboard]')
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -19,7 +20,8 @@ ROUNDS=${ROUNDS:-15}
 SCALE=${SCALE:-1}
 IMAGE_SIZE=${IMAGE_SIZE:-64}
 MODEL=${MODEL:-resnet18-w16}  # ResNet-18 at 16 channels wide (CPU); resnet18 is the full 64-wide one
-LR=${LR:-0.01}
+LR=${LR:-0.02}
+LR_SCHEDULE=${LR_SCHEDULE:-cosine}   # decays to 0 by the last round: the model settles
 MOMENTUM=${MOMENTUM:-0.9}
 BATCH_SIZE=${BATCH_SIZE:-32}
 LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
@@ -47,10 +49,11 @@ for h in "${HOSPITALS[@]}"; do ids+=(--client-id "$h"); done
 privacy=()
 [[ $SECAGG == 1 ]] && privacy+=(--secure-aggregation)
 [[ $DP_CLIP != 0 ]] && privacy+=(--dp-clip "$DP_CLIP" --dp-noise "$DP_NOISE" --dp-record-client-metrics)
+[[ -n ${TENSORBOARD:-} ]] && privacy+=(--tensorboard "$TENSORBOARD")
 image=(--image-size "$IMAGE_SIZE" --image-mode grayscale --normalize "$NORMALIZE")
 "$INSITU" server --certs "$WORK/fed" --address "$ADDRESS" --data "$DATA/reference" "${image[@]}" \
   --model "$MODEL" --min-clients ${#HOSPITALS[@]} --rounds "$ROUNDS" --fraction-evaluate 1 \
-  --local-epochs "$LOCAL_EPOCHS" --batch-size "$BATCH_SIZE" --lr "$LR" --momentum "$MOMENTUM" \
+  --local-epochs "$LOCAL_EPOCHS" --batch-size "$BATCH_SIZE" --lr "$LR" --lr-schedule "$LR_SCHEDULE" --momentum "$MOMENTUM" \
   "${privacy[@]}" --output-dir "$WORK/server" --quiet > "$WORK/server.log" 2>&1 &
 server=$!
 trap 'kill $server ${clients[*]:-} 2>/dev/null || true' EXIT
