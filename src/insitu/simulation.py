@@ -35,6 +35,7 @@ from insitu.client.state import MemoryStates
 from insitu.client.torch_client import OPTIMIZERS, TorchClient, TrainSettings, evaluate_model
 from insitu.config import from_mapping, setting
 from insitu.data import PARTITION_NAMES, TensorDataset, load_dataset, partition
+from insitu.data.files import DATA_FORMATS, IMAGE_MODES, DataSpec, LoadedData, load_data
 from insitu.data.synthetic import LazyParts, SyntheticFederation
 from insitu.engines.base import Engine
 from insitu.engines.heap import frozen_heap
@@ -65,12 +66,12 @@ from insitu.strategies.strategy import CentralEvaluator
 
 
 def simulate(
-    client_fn: ClientFn,
+    client_fn: ClientFn | Callable[[str], Any],
     *,
     num_clients: int,
     strategy: Strategy,
     num_rounds: int,
-    initial_parameters: Parameters,
+    initial_parameters: Parameters | None = None,
     seed: int = 0,
     on_round: RoundCallback | None = None,
     pool: Engine | None = None,
@@ -84,7 +85,23 @@ def simulate(
     ``stop_at_accuracy`` > 0 the run ends after the first round whose accuracy reaches it. With
     ``fedbuff`` the rounds are FedBuff's asynchronous server steps; give ``pool`` a systems model
     (``InProcessPool(client_fn, n, systems=SystemsModel(...))``) to simulate client speeds.
+
+    A Flower-style ``client_fn`` works too (``client_fn(cid)``, or newer Flower's ``client_fn(context)``):
+    one returning a ``NumPyClient`` (or its ``.to_client()``) has each client wrapped by
+    :class:`insitu.flower.NumPyClientAdapter` (a ``pool`` given here needs
+    ``insitu.flower.adapt_client_fn(client_fn, num_clients)``). Without ``initial_parameters`` the run starts, as
+    Flower's does, from a client's ``get_parameters({})``: client "0"'s, arrays named "0", "1", ...
     """
+    from insitu.flower.adapter import adapt_client_fn, is_flower_client
+    from insitu.flower.adapter import initial_parameters as flower_initial
+
+    client_fn = adapt_client_fn(client_fn, num_clients)
+    if initial_parameters is None:
+        first = client_fn.make("0")
+        if not is_flower_client(first):
+            raise ValueError("give initial_parameters (e.g. Parameters.from_module(model)): only a Flower-style "
+                             "client_fn's clients can supply them (get_parameters)")
+        initial_parameters = flower_initial(first)
     pool = pool if pool is not None else InProcessPool(client_fn, num_clients)
     stop_when = None
     if stop_at_accuracy > 0:
@@ -139,6 +156,36 @@ class SimulationConfig:
                            "generated per client: any number of clients; --partition does not apply).")
     data_dir: str | None = setting(None, section="data", help="Folder with the MNIST/Fashion-MNIST IDX files "
                                    "(default $INSITU_DATA_DIR, else ~/.insitu/data).")
+    data: str = setting("", section="data", help="Your own data instead of --dataset: a folder of images (one "
+                        "subfolder per class), a .csv, .parquet or .npz file, or a Hugging Face save_to_disk folder "
+                        "(docs/data.md).")
+    data_format: str = setting("", section="data", choices=("", *DATA_FORMATS), help="Format of --data (default: "
+                               "from the file's suffix or the folder's layout).")
+    test_data: str = setting("", section="data", help="--data: a separate test file or folder in the same format "
+                             "(else train/ and test/ subfolders, a 'split' column, or --test-fraction).")
+    test_fraction: float = setting(0.2, section="data", help="--data without an explicit test split: the stratified "
+                                   "share held out for testing (seeded by --split-seed).")
+    split_seed: int = setting(0, section="data", help="--data: seed of the held-out test split (independent of "
+                              "--seed, so every run tests on the same rows).")
+    label_column: str = setting("label", section="data", help="--data tables and Hugging Face folders: the column "
+                                "holding the class label.")
+    feature_columns: str = setting("", section="data", help="--data tables: the feature columns, comma-separated "
+                                   "(default: every numeric column but the label, group and split ones).")
+    exclude_columns: str = setting("", section="data", help="--data tables: columns to leave out of the features, "
+                                   "comma-separated (ids, free text, categorical columns).")
+    partition_by: str = setting("", section="data", help="--data: one client per value of this column (image "
+                                "folders: 'folder', ROOT/<group>/<class>/image), clients in sorted value order; "
+                                "--num-clients must equal the number of groups. Replaces --partition.")
+    classes: str = setting("", section="data", help="--data: the class names in label order, comma-separated "
+                           "(default: sorted names; integer labels keep their value).")
+    image_size: str = setting("", section="data", help="--data images: resize to SIZE or HEIGHTxWIDTH (default: "
+                              "keep; then every image must have the same size).")
+    image_mode: str = setting("", section="data", choices=IMAGE_MODES, help="--data images: grayscale or rgb "
+                              "(default: grayscale when every image is, else rgb).")
+    normalize: str = setting("auto", section="data", help="--data: auto (mean/std of the training rows, per channel "
+                             "or feature), none, or MEAN[,MEAN..]/STD[,STD..].")
+    x_key: str = setting("x", section="data", help="--data .npz: the inputs' array (x_test: the test split's).")
+    y_key: str = setting("y", section="data", help="--data .npz: the labels' array (y_test: the test split's).")
     partition: str = setting("iid", section="data", choices=PARTITION_NAMES, help="How the training set is split "
                              "over clients.")
     alpha: float = setting(0.5, section="data", help="Dirichlet concentration (dirichlet, quantity); smaller = more "
@@ -307,6 +354,14 @@ class SimulationConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.data:
+            DataSpec.from_settings(self)  # checks the format, image size, mode, normalization and classes
+            if self.partition_by and (self.train_limit or self.test_limit):
+                raise ValueError("train_limit and test_limit cut rows across groups; with partition_by each client "
+                                 "is one whole group: drop the limits (or make a smaller file)")
+        elif self.partition_by:
+            raise ValueError(f"partition_by {self.partition_by!r} splits your own data (--data PATH); the built-in "
+                             f"dataset {self.dataset!r} has no group column: use --partition instead")
         if self.dataset == "synthetic":
             self.synthetic_federation()  # checks alpha, beta and max_examples
             if self.synthetic_test_clients < 1:
@@ -382,6 +437,7 @@ class Experiment:
     client_states: MemoryStates | None = None
     systems: SystemsModel | None = None  # simulated client speeds, latency, dropouts, stragglers
     fedbuff: FedBuff | None = None  # mode "fedbuff": asynchronous server steps instead of rounds
+    data_info: dict[str, Any] | None = None  # --data: format, classes, client index -> group (data.json)
 
     def engine(self) -> Engine:
         """A fresh engine over this experiment's clients (with its systems model), of the configured kind:
@@ -421,19 +477,32 @@ def build_experiment(config: SimulationConfig) -> Experiment:
     device = resolve_device(config.device)
     fedbuff = make_fedbuff(config)
     make_systems_model(config, {})  # refuse bad systems settings before any data is loaded
-    synthetic = config.synthetic_federation() if config.dataset == "synthetic" else None
+    synthetic = config.synthetic_federation() if config.dataset == "synthetic" and not config.data else None
+    loaded: LoadedData | None = None
     train_parts: Sequence[np.ndarray]
     test_parts: list[np.ndarray] = []
     if synthetic is not None:  # nothing per client is made here: client_fn generates what it needs
         test = _limit(synthetic.test_set(config.synthetic_test_clients), config.test_limit)
         train = TensorDataset(test.x[:0], test.y[:0], test.num_classes, "synthetic")
         train_parts = LazyParts(synthetic)
+    elif config.data:
+        loaded = load_data(config.data, DataSpec.from_settings(config))
+        train, test = _limit(loaded.train, config.train_limit), _limit(loaded.test, config.test_limit)
+        if len(test) == 0:
+            raise ValueError(f"{config.data}: no test rows to evaluate on: give --test-data, train/ and test/ "
+                             "subfolders or a 'split' column, or set --test-fraction > 0")
+        if config.partition_by:
+            train_parts = _group_parts(loaded, config)
+            test_parts = loaded.group_parts(test=True) if config.fraction_evaluate > 0 else []
+        else:
+            train_parts = partition(train.labels_numpy(), config.num_clients, config.partition, seed=config.seed,
+                                    alpha=config.alpha, shards_per_client=config.shards_per_client)
     else:
         train = _limit(load_dataset(config.dataset, "train", config.data_dir), config.train_limit)
         test = _limit(load_dataset(config.dataset, "test", config.data_dir), config.test_limit)
         train_parts = partition(train.labels_numpy(), config.num_clients, config.partition, seed=config.seed,
                                 alpha=config.alpha, shards_per_client=config.shards_per_client)
-    if config.fraction_evaluate > 0 and synthetic is None:
+    if config.fraction_evaluate > 0 and synthetic is None and not config.partition_by:
         test_parts = partition(test.labels_numpy(), config.num_clients, config.partition, seed=config.seed + 1,
                                alpha=config.alpha, shards_per_client=config.shards_per_client)
     if device.type != "cpu":  # once: every batch and evaluation then indexes the data where it lives
@@ -501,7 +570,22 @@ def build_experiment(config: SimulationConfig) -> Experiment:
         sizes = {str(i): len(part) for i, part in enumerate(train_parts)}
     systems = make_systems_model(config, sizes)
     return Experiment(config, train, test, train_parts, test_parts, model, strategy, client_fn, initial, malicious,
-                      states, systems, fedbuff)
+                      states, systems, fedbuff, loaded.describe() if loaded is not None else None)
+
+
+def _group_parts(loaded: LoadedData, config: SimulationConfig) -> list[np.ndarray]:
+    """Client i = the i-th group in sorted order; the federation's size must be the number of groups."""
+    names = loaded.group_names
+    if len(names) != config.num_clients:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise ValueError(f"partition_by {config.partition_by!r} gives {len(names)} clients ({shown}) but num_clients "
+                         f"is {config.num_clients}: pass --num-clients {len(names)}")
+    parts = loaded.group_parts()
+    empty = [names[i] for i, part in enumerate(parts) if len(part) == 0]
+    if empty:
+        raise ValueError(f"group(s) {', '.join(empty)} of {config.partition_by!r} have no training rows (all of "
+                         "theirs went to the test split): lower --test-fraction or give an explicit test split")
+    return parts
 
 
 def make_fedbuff(config: SimulationConfig) -> FedBuff | None:
@@ -540,7 +624,8 @@ def make_systems_model(config: SimulationConfig, sizes: dict[str, int] | Callabl
                         steps=epochs_times_batches(sizes, config.batch_size, config.local_epochs))
 
 
-def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None, *, remote: bool = False) -> Strategy:
+def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None, *, remote: bool = False,
+                  data_config: dict[str, str] | None = None) -> Strategy:
     """The strategy named in ``config`` with its sampling settings.
 
     In simulation every client is always there and gets its training settings when it is built.
@@ -550,6 +635,10 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     Central DP's noise (and its Poisson sample) comes from OS entropy for a ``remote`` server, always;
     a simulation seeds it with ``config.seed`` (reproducible, simulation only, not private against
     anyone who knows the seed).
+
+    ``data_config`` (a ``remote`` server's own data's class names and input shape, from
+    ``insitu.data.files.agreement.agreement_config``) travels with every task, so a client whose data differs
+    refuses it by name instead of training on labels that mean other classes.
     """
     name = config.strategy
     if name not in STRATEGY_NAMES:
@@ -558,6 +647,7 @@ def make_strategy(config: SimulationConfig, evaluate_fn: CentralEvaluator | None
     if remote:
         base = {"local_epochs": config.local_epochs, "batch_size": config.batch_size,
                 "lr": config.lr, "momentum": config.momentum, "optimizer": config.optimizer}
+        base.update(data_config or {})
     fit_config: Any = base
     if config.lr_schedule != "constant":
         fit_config = lr_config(make_schedule(config.lr_schedule, config.lr, decay=config.lr_decay,

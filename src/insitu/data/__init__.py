@@ -1,4 +1,5 @@
-"""insitu.data: datasets held as tensors, and partitioners that split them among clients."""
+"""insitu.data: datasets held as tensors, your own files read into them (``load_data``), and partitioners that
+split them among clients."""
 
 from insitu.data.datasets import (
     DATASET_NAMES,
@@ -9,6 +10,7 @@ from insitu.data.datasets import (
     download_idx,
     load_dataset,
 )
+from insitu.data.files import DATA_FORMATS, DataSpec, LoadedData, load_data
 from insitu.data.partition import (
     PARTITION_NAMES,
     PartitionError,
@@ -24,8 +26,11 @@ from insitu.data.partition import (
 
 __all__ = [
     "DATASET_NAMES",
+    "DATA_FORMATS",
     "PARTITION_NAMES",
+    "DataSpec",
     "DatasetNotFoundError",
+    "LoadedData",
     "PartitionError",
     "TensorDataset",
     "UnknownDatasetError",
@@ -35,6 +40,7 @@ __all__ = [
     "format_histogram",
     "iid",
     "label_histogram",
+    "load_data",
     "load_dataset",
     "partition",
     "quantity_skew",

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from insitu.client.api import Client
 from insitu.config import setting
 from insitu.data import PARTITION_NAMES
+from insitu.data.files import DATA_FORMATS, IMAGE_MODES
 from insitu.models import MODEL_NAMES
 from insitu.net import payload, security
 from insitu.net.proto import federation_pb2 as pb
@@ -106,7 +107,27 @@ class ClientSettings:
     partition_seed: int = setting(0, section="data", help="Seed of the partition (same on every client).")
     train_limit: int = setting(0, section="data", help="Use only the first N examples of the dataset before "
                                "partitioning (0 = all).")
-    csv: Path | None = setting(None, section="data", help="Train on this CSV file instead of a named dataset.")
+    data: Path | None = setting(None, section="data", help="Train on this machine's own data instead of a named "
+                                "dataset: a folder of images (one subfolder per class), a .csv, .parquet or .npz "
+                                "file, or a Hugging Face save_to_disk folder (docs/data.md).")
+    data_format: str = setting("", section="data", choices=("", *DATA_FORMATS), help="Format of --data (default: "
+                               "from the suffix or the folder's layout).")
+    test_data: Path | None = setting(None, section="data", help="--data: a local test file or folder (else train/ "
+                                     "and test/ subfolders or a 'split' column; without one the client only trains).")
+    feature_columns: str = setting("", section="data", help="--data tables: the feature columns, comma-separated "
+                                   "(default: every numeric column but the label).")
+    exclude_columns: str = setting("", section="data", help="--data tables: columns left out of the features.")
+    classes: str = setting("", section="data", help="--data: the federation's class names in label order, "
+                           "comma-separated (default: sorted names found here; the server's list must match).")
+    image_size: str = setting("", section="data", help="--data images: resize to SIZE or HEIGHTxWIDTH.")
+    image_mode: str = setting("", section="data", choices=IMAGE_MODES, help="--data images: grayscale or rgb "
+                              "(default: grayscale when every image is).")
+    normalize: str = setting("auto", section="data", help="--data: auto (this client's own mean/std), none, or "
+                             "MEAN[,MEAN..]/STD[,STD..] (give the server's values for identical preprocessing).")
+    x_key: str = setting("x", section="data", help="--data .npz: the inputs' array.")
+    y_key: str = setting("y", section="data", help="--data .npz: the labels' array.")
+    csv: Path | None = setting(None, section="data", help="Train on this CSV file instead of a named dataset (the "
+                               "older form of --data FILE.csv).")
     label_column: str = setting("label", section="data", help="CSV column holding the class label.")
     num_classes: int | None = setting(None, section="data", help="Classes in the CSV labels (default: largest "
                                       "label + 1; set it on every party).")
@@ -128,6 +149,8 @@ class ClientSettings:
         if not self.client_id:
             raise ValueError("give this client's id: --client-id ID, or client_id in the settings file's [client] "
                              "table (as in the server's allow-list)")
+        if self.data is not None and self.csv is not None:
+            raise ValueError("give --data or --csv, not both (--data FILE.csv reads a CSV too)")
         if self.num_partitions < 1:
             raise ValueError(f"--num-partitions must be >= 1, got {self.num_partitions}")
         if not 0 < self.poll_wait_s <= MAX_WAIT_S:
