@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from insitu.cli.presets import load_settings_file, resolve_config
 from insitu.cli.progress import RoundPrinter
 from insitu.config import canonical_keys, from_mapping
 from insitu.config.cli import with_settings
+from insitu.dashboard.cli import run_dashboard
 from insitu.net.client import ClientSettings
 from insitu.net.server import ServerSettings
 from insitu.simulation import SimulationConfig
@@ -78,6 +80,8 @@ DEPLOYED_SETTINGS = (
     "dp_adaptive_clip", "dp_accountant", "dp_record_client_metrics", "dp_mode", "dp_min_contributors",
     "secure_aggregation", "secagg_bound", "test_limit",
     "mode", "concurrency", "buffer_size", "staleness_exponent", "max_staleness",
+    "data", "data_format", "test_data", "label_column", "feature_columns", "exclude_columns", "classes", "image_size",
+    "image_mode", "normalize", "x_key", "y_key",
 )
 # How a simulation ran its clients (not what it computed): a run's config.json holds them, and a server ignores them.
 EXECUTION_SETTINGS = ("engine", "workers", "ray_address", "cohort_batching", "device")
@@ -91,6 +95,9 @@ SERVER_HELP = {
     "local_epochs": "Local epochs sent to clients.",
     "seed": "Seed for the initial model, sampling and client shuffles (DP noise and sampling always use OS entropy).",
     "test_limit": "Evaluate on the first N test examples only (0 = all).",
+    "data": "Evaluate on your own data (its test split: train/ and test/ subfolders, a 'split' column or --test-data; "
+            "else all of it); its shape and classes set the model, and clients must have the same classes.",
+    "label_column": "Column holding the class label (--data and --csv tables).",
 }
 
 
@@ -102,7 +109,6 @@ def server(
     config_file: Path | None = typer.Option(None, "--config", "-c", help="Settings file (flags override it): "
                                             "simulation keys as for simulate, server keys under \\[server]."),
     csv: Path | None = typer.Option(None, help="Evaluate on this CSV test file (clients train on their own CSVs)."),
-    label_column: str = typer.Option("label", help="CSV column holding the class label."),
     num_classes: int | None = typer.Option(None, help="Classes in the CSV labels (default: largest label + 1; set it on every party)."),
     certs: Path | None = typer.Option(None, help="Folder from `insitu keygen` (server.pem, server.key, ca.pem, allowed_clients.json)."),
     allow: Path | None = typer.Option(None, help="Allow-list of client keys (default: CERTS/allowed_clients.json)."),
@@ -110,6 +116,18 @@ def server(
     max_update_mb: int | None = typer.Option(None, help="Largest accepted update, in MiB (instead of --max-update-bytes)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Where history, model and plot go."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log client events."),
+    dashboard: bool = typer.Option(False, "--dashboard", help="Serve a live dashboard: rounds, connected clients, "
+                                   "tasks in flight, drops and rejections with reasons (pip install "
+                                   "'insitu[dashboard]'); its address is printed."),
+    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="Port of --dashboard (0 = any free port)."),
+    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="Address of --dashboard (default: "
+                                       "this machine only; another shows who takes part to whoever reaches it)."),
+    tensorboard: Path | None = typer.Option(None, "--tensorboard", help="Also log each round's metrics as "
+                                            "TensorBoard scalars into DIR (pip install 'insitu[tensorboard]')."),
+    mlflow: bool = typer.Option(False, "--mlflow", help="Also log each round's metrics and the settings to an "
+                                "MLflow run: at $MLFLOW_TRACKING_URI, --mlflow-uri, else a file store "
+                                "OUTPUT/mlruns (pip install 'insitu[mlflow]')."),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="MLflow tracking URI (implies --mlflow)."),
 ) -> None:
     """Run a federation server: wait for clients, run the rounds, persist each one.
 
@@ -133,12 +151,25 @@ def server(
         if "min_fit_clients" not in {**file_values, **settings}:  # every client; under central DP 1 (every
             config.min_fit_clients = 1 if config.dp_clip > 0 else config.num_clients  # sampled round is released)
         config.validate()
-        test = load_csv(csv, label_column, num_classes) if csv is not None else load_dataset(config.dataset, "test", config.data_dir)
+        data_config, data_info = None, None
+        if config.data and csv is not None:
+            raise ValueError("give --data or --csv, not both (--data FILE.csv reads a CSV too)")
+        if config.data:  # the server's own data: its test split, else all of it, is what it evaluates on
+            from insitu.data.files import DataSpec, load_data
+            from insitu.data.files.agreement import agreement_config
+
+            loaded = load_data(config.data, DataSpec.from_settings(config), role="test")
+            test, data_config = loaded.test, agreement_config(loaded.classes, loaded.test.input_shape)
+            data_info = loaded.describe()
+        elif csv is not None:
+            test = load_csv(csv, config.label_column, num_classes)
+        else:
+            test = load_dataset(config.dataset, "test", config.data_dir)
         if config.test_limit:
             test = test.subset(np.arange(min(config.test_limit, len(test))))
         torch.manual_seed(config.seed)
         net = build_model(config.model, test.input_shape, test.num_classes)
-        strategy = make_strategy(config, central_evaluator(net, test), remote=True)
+        strategy = make_strategy(config, central_evaluator(net, test), remote=True, data_config=data_config)
         fedbuff = make_fedbuff(config)  # None: synchronous rounds
         if fedbuff is not None:
             check_async_strategy(strategy, Parameters.from_module(net))
@@ -169,8 +200,19 @@ def server(
         console.print(f"[bold]insitu server[/] on {server_config.address}: {config.model}, {config.rounds} rounds, "
                       f"waiting for {config.num_clients} clients; state in {server_config.store_path}")
         printer = RoundPrinter(console, config.rounds, show_clock=fedbuff is not None)
-        result = serve(strategy, Parameters.from_module(net), num_rounds=config.rounds, settings=server_config,
-                       seed=config.seed, on_round=lambda record, _p, _s: printer(record), fedbuff=fedbuff)
+        from dataclasses import asdict
+
+        from insitu.tracking import trackers
+        try:
+            tracked = trackers(tensorboard=tensorboard, mlflow=mlflow, mlflow_uri=mlflow_uri, run_dir=out,
+                               run_name=out.name, params=asdict(config))
+        except ImportError as error:
+            raise ValueError(str(error)) from None
+        with run_dashboard(config, dashboard, dashboard_port, dashboard_host, mode="server") as live, tracked:
+            result = serve(strategy, Parameters.from_module(net), num_rounds=config.rounds, settings=server_config,
+                           seed=config.seed, on_round=tracked.also(live.also(lambda record, _p, _s: printer(record))),
+                           fedbuff=fedbuff, on_start=live.watch)
+            live.finish(result.history)
     except KeyboardInterrupt:
         err_console.print("[bold]interrupted[/]: completed rounds are saved; continue with --resume")
         raise typer.Exit(code=130) from None
@@ -178,6 +220,9 @@ def server(
         raise fail(str(error)) from None
     result.parameters.to_module(net)
     paths = write_outputs(out, config, net, result.history)
+    if data_info is not None:  # --data: the classes and input shape the clients were held to
+        paths["data"] = out / "data.json"
+        paths["data"].write_text(json.dumps(data_info, indent=2))
     final = result.history.final_accuracy
     console.print(f"[bold green]Done[/]: {len(result.history.rounds)} rounds"
                   + (f", final accuracy {100 * final:.2f}%" if final is not None else "") + f". Outputs in {out}:")
@@ -197,8 +242,17 @@ def client(
                                             "client keys under \\[client] (else at the top level; a file "
                                             "shared with the server keeps its simulation keys under \\[simulate])."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Log progress."),
+    flower_client: str | None = typer.Option(None, "--flower-client", help="Serve a Flower NumPyClient instead: "
+                                             "MODULE:FACTORY or path/to/file.py:FACTORY, where FACTORY(client_id) "
+                                             "(if it has a required parameter; the id is an int when it is a number) or "
+                                             "FACTORY() returns the client. It brings its own data and model, so "
+                                             "the data options and --model do not apply (docs/flower-migration.md)."),
 ) -> None:
     """Join a federation with this machine's own data and train when the server asks."""
+    if flower_client is not None:
+        _serve_flower_client(flower_client, config_file, client_settings, verbose)
+        return
+    from insitu.client.api import Client
     from insitu.client.state import DiskState
     from insitu.client.torch_client import TorchClient
     from insitu.data import load_dataset
@@ -217,7 +271,15 @@ def client(
         client_id, csv, model, key = str(settings.client_id), settings.csv, settings.model, settings.key
         num_partitions, partition_id = settings.num_partitions, settings.partition_id
         test: TensorDataset | None
-        if csv is not None:
+        classes: tuple[str, ...] | None = None
+        if settings.data is not None:  # this machine's own files: all of it trains (an explicit test split tests)
+            from insitu.data.files import DataSpec, load_data
+
+            loaded = load_data(settings.data, DataSpec.from_settings(settings), role="train")
+            train, classes, indices, test_indices = loaded.train, loaded.classes, None, None
+            test = loaded.test if len(loaded.test) else None
+            fallback = "mlp"
+        elif csv is not None:
             train, test, indices, test_indices = load_csv(csv, settings.label_column, settings.num_classes), None, None, None
             fallback = "mlp"
         else:
@@ -233,7 +295,7 @@ def client(
             fallback = resolve_config(None, {"dataset": settings.dataset}).model
         state = DiskState(settings.state_dir or Path(".insitu-client") / client_id)
 
-        def build(server_model: str) -> TorchClient:
+        def build(server_model: str) -> Client:
             """The local client, built once the server has said which architecture it trains."""
             if model and server_model and model != server_model:
                 raise ConnectionRefused(f"--model {model} does not match the server, which trains {server_model}: "
@@ -246,7 +308,12 @@ def client(
             except ValueError as error:
                 raise ConnectionRefused(f"cannot build the server's model {name!r} for this data: {error}") from None
             console.print(f"model {name}" + (" (told by the server)" if server_model and not model else ""))
-            return TorchClient(net, train, test, train_indices=indices, test_indices=test_indices, state=state)
+            local = TorchClient(net, train, test, train_indices=indices, test_indices=test_indices, state=state)
+            if classes is None:
+                return local
+            from insitu.data.files.agreement import ClassCheckedClient
+
+            return ClassCheckedClient(local, classes, train.input_shape)
 
         tls = None
         if settings.certs is not None and not settings.insecure:
@@ -256,7 +323,10 @@ def client(
         elif not settings.insecure:
             raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
         size = len(indices) if indices is not None else len(train)
-        where = f"partition {partition_id} of {num_partitions}" if csv is None else str(csv)
+        where = str(settings.data) if settings.data is not None else (
+            f"partition {partition_id} of {num_partitions}" if csv is None else str(csv))
+        if classes is not None:
+            where += f"; classes {', '.join(classes)}"
         console.print(f"[bold]insitu client[/] {client_id}: {size} training examples ({where}), connecting to "
                       f"{settings.address}")
         failed: list[bool] = []
@@ -274,6 +344,36 @@ def client(
     if tasks and len(failed) == tasks:
         err_console.print(f"[bold red]error:[/] all {tasks} tasks failed on this client (the reasons are in the log "
                           "above; e.g. its data does not fit the server's model)")
+        raise typer.Exit(code=1)
+    console.print(f"Done: {tasks} tasks completed" + (f", {len(failed)} of them failed." if failed else "."))
+
+
+def _serve_flower_client(spec: str, config_file: Path | None, client_settings: dict[str, Any], verbose: bool) -> None:
+    """``insitu client --flower-client``: serve a Flower NumPyClient (it brings its data and model)."""
+    from insitu.flower import FlowerClientError
+    from insitu.flower.start import serve_flower_cli
+    from insitu.net import security
+    from insitu.net.client import ConnectionRefused
+
+    setup_logging(verbose)
+    failed: list[bool] = []
+    try:
+        file_values, source = _read_client_file(config_file) if config_file else ({}, "client settings")
+        given = {**file_values, **client_settings}
+        settings = from_mapping(ClientSettings, given, source)
+        settings.validate()
+        console.print(f"[bold]insitu client[/] {settings.client_id}: Flower client {spec}, connecting to "
+                      f"{settings.address}")
+        tasks = serve_flower_cli(spec, settings, given, on_task=lambda ok: None if ok else failed.append(True))
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(code=130) from None
+    except (ConnectionRefused, ValueError, TypeError, FileNotFoundError, TimeoutError, FlowerClientError,
+            security.SecurityError) as error:
+        raise fail(str(error)) from None
+    if tasks and len(failed) == tasks:
+        err_console.print(f"[bold red]error:[/] all {tasks} tasks failed on this client (the reasons are in the log "
+                          "above; e.g. its model does not fit the server's --model)")
         raise typer.Exit(code=1)
     console.print(f"Done: {tasks} tasks completed" + (f", {len(failed)} of them failed." if failed else "."))
 

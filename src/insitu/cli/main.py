@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from insitu.cli.outputs import write_outputs
 from insitu.cli.presets import resolve_config
 from insitu.cli.progress import RoundPrinter, progress_bar
 from insitu.config.cli import with_settings
+from insitu.dashboard.cli import run_dashboard
 from insitu.simulation import SimulationConfig
 
 app = typer.Typer(
@@ -28,6 +30,19 @@ def simulate(
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Where to write history, model and plot."),
     show_partition: bool = typer.Option(False, help="Print the per-client label histogram before training."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
+    dashboard: bool = typer.Option(False, "--dashboard", help="Serve a live dashboard of the run (needs "
+                                   "pip install 'insitu[dashboard]'); its address is printed."),
+    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="Port of --dashboard (0 = any free port)."),
+    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="Address of --dashboard (default: "
+                                       "this machine only; another shows who takes part to whoever reaches it)."),
+    dashboard_wait: bool = typer.Option(False, "--dashboard-wait", help="With --dashboard: start the first round "
+                                        "only once a browser has opened the dashboard."),
+    tensorboard: Path | None = typer.Option(None, "--tensorboard", help="Also log each round's metrics as "
+                                            "TensorBoard scalars into DIR (pip install 'insitu[tensorboard]')."),
+    mlflow: bool = typer.Option(False, "--mlflow", help="Also log each round's metrics and the settings to an "
+                                "MLflow run: at $MLFLOW_TRACKING_URI, --mlflow-uri, else a file store "
+                                "OUTPUT/mlruns (pip install 'insitu[mlflow]')."),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="MLflow tracking URI (implies --mlflow)."),
 ) -> None:
     """Run a federated simulation. With no arguments: a demo on the bundled digits dataset.
 
@@ -47,9 +62,10 @@ def simulate(
     out = output_dir or _default_output_dir()
     generated = config.dataset == "synthetic"  # each client's data is made when it is drawn
     console.print(
-        f"[bold]insitu simulate[/]  {config.dataset} ({'generated per client' if generated else len(experiment.train)} "
+        f"[bold]insitu simulate[/]  {config.data or config.dataset} ({'generated per client' if generated else len(experiment.train)} "
         f"train / {len(experiment.test)} test), "
-        f"{config.model}, {config.num_clients} clients ({config.partition}), {config.strategy}, "
+        f"{config.model}, {config.num_clients} clients "
+        f"({'by ' + config.partition_by if config.partition_by else config.partition}), {config.strategy}, "
         f"{config.rounds} {'FedBuff steps' if experiment.fedbuff else 'rounds'} x {config.local_epochs} epoch(s), "
         f"batch {config.batch_size}, lr {config.lr}, seed {config.seed}"
     )
@@ -60,9 +76,23 @@ def simulate(
 
     printer = RoundPrinter(console, config.rounds, show_clock=experiment.systems is not None)
     per_round = experiment.fedbuff.buffer_size if experiment.fedbuff else experiment.strategy.num_fit_clients(config.num_clients)
-    with progress_bar(console, total=config.rounds * per_round) as bar:
-        result = experiment.run(on_round=lambda record, _p, _s: printer(record), engine=bar.wrap(experiment.engine()))
+    from dataclasses import asdict
+
+    from insitu.tracking import trackers
+    try:
+        tracked = trackers(tensorboard=tensorboard, mlflow=mlflow, mlflow_uri=mlflow_uri, run_dir=out,
+                           run_name=out.name, params=asdict(config))
+    except ImportError as error:
+        raise fail(str(error)) from None
+    with run_dashboard(config, dashboard, dashboard_port, dashboard_host, dashboard_wait) as live, tracked:
+        with progress_bar(console, total=config.rounds * per_round) as bar:
+            result = experiment.run(on_round=tracked.also(live.also(lambda record, _p, _s: printer(record))),
+                                    engine=bar.wrap(experiment.engine()))
+        live.finish(result.history)
     paths = write_outputs(out, config, experiment.model, result.history)
+    if experiment.data_info is not None:  # --data: its classes and, with --partition-by, client -> group
+        paths["data"] = out / "data.json"
+        paths["data"].write_text(json.dumps(experiment.data_info, indent=2))
     final = result.history.final_accuracy
     summary = f"final accuracy {100 * final:.2f}%" if final is not None else "no accuracy recorded"
     console.print(f"[bold green]Done[/]: {summary}. Outputs in [bold]{out}[/]:")
@@ -133,6 +163,13 @@ app.command("client")(deploy.client)
 from insitu.cli import experiment as experiment_cli
 
 app.command("experiment")(experiment_cli.experiment)
+
+
+from insitu.dashboard.cli import dashboard as dashboard_command
+from insitu.report.cli import report as report_command
+
+app.command("dashboard")(dashboard_command)
+app.command("report")(report_command)
 
 
 def _default_output_dir() -> Path:

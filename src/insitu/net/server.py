@@ -11,7 +11,7 @@ import ctypes
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,8 +297,13 @@ class FederationServer:
 
 
 def serve(strategy: Strategy, initial_parameters: Parameters, *, num_rounds: int, settings: ServerSettings,
-          seed: int = 0, on_round: RoundCallback | None = None, fedbuff: FedBuff | None = None) -> RunResult:
-    """Start a server, run the federation to the end (rounds, or FedBuff's steps), tell the clients, stop."""
+          seed: int = 0, on_round: RoundCallback | None = None, fedbuff: FedBuff | None = None,
+          on_start: Callable[[FederationServer], None] | None = None) -> RunResult:
+    """Start a server, run the federation to the end (rounds, or FedBuff's steps), tell the clients, stop.
+
+    ``on_start(server)`` runs once it listens, before the first round (the dashboard watches its pool)."""
     with FederationServer(settings) as server:
+        if on_start is not None:
+            on_start(server)
         return server.run(strategy, initial_parameters, num_rounds=num_rounds, seed=seed, on_round=on_round,
                           fedbuff=fedbuff)
