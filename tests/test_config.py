@@ -5,6 +5,7 @@ ServerSettings and ClientSettings, then the commands as users call them."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def test_generated_options_refuse_bad_input_naming_the_flag():
     bad_pair = runner.invoke(toy_app([]), ["--option", "f"])
     assert bad_pair.exit_code == 2 and "expected KEY=VALUE, got 'f'" in bad_pair.output
     typo = runner.invoke(toy_app([]), ["--stepz", "3"])
-    assert typo.exit_code == 2 and "No such option: --stepz" in typo.output and "--steps" in typo.output
+    assert typo.exit_code == 2 and _no_such_option("--stepz", typo.output) and "--steps" in typo.output
 
 
 def test_help_groups_the_flags_by_section_and_shows_choices_and_defaults():
@@ -275,7 +276,7 @@ def test_client_refuses_an_unknown_key_a_bad_value_or_no_client_id_naming_the_va
     poll = runner.invoke(app, ["client", "--insecure", "--client-id", "0", "--poll-wait", "0"], env={"COLUMNS": "200"})
     assert poll.exit_code == 2 and "--poll-wait must be in (0, 30]" in " ".join(poll.output.split())
     flag = runner.invoke(app, ["client", "--client-id", "0", "--adress", "x"], env={"COLUMNS": "200"})
-    assert flag.exit_code == 2 and "No such option: --adress" in flag.output
+    assert flag.exit_code == 2 and _no_such_option("--adress", flag.output)
 
 
 def test_a_runs_config_json_is_read_back_unchanged(tmp_path):
@@ -300,7 +301,7 @@ def test_toml_tables_aliases_and_unknown_keys(tmp_path):
 def test_simulate_refuses_an_unknown_flag_or_key_naming_the_valid_ones(tmp_path):
     runner = CliRunner()
     flag = runner.invoke(app, ["simulate", "--clints", "3"], env={"COLUMNS": "200"})
-    assert flag.exit_code == 2 and "No such option: --clints" in flag.output and "--clients" in flag.output
+    assert flag.exit_code == 2 and _no_such_option("--clints", flag.output) and "--clients" in flag.output
     bad = tmp_path / "bad.toml"
     bad.write_text("rounds = 2\nlocal_epoch = 1\n")
     key = runner.invoke(app, ["simulate", "--config", str(bad)], env={"COLUMNS": "200"})
@@ -334,3 +335,9 @@ def test_a_server_refuses_simulation_settings_it_cannot_honour_unless_they_are_a
     refused = runner.invoke(app, [*args, "--config", str(toml), "-o", str(tmp_path / "b")], env={"COLUMNS": "200"})
     text = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "attack, partition describe simulated clients" in text
+
+
+def _no_such_option(flag: str, output: str) -> bool:
+    """Click's refusal of an unknown flag, in either wording (``No such option: --x``, or ``No such option
+    '--x'`` as the click/typer that flwr 1.42 pins prints it)."""
+    return re.search(rf"No such option:? '?{re.escape(flag)}\b", output) is not None

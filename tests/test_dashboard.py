@@ -4,6 +4,7 @@ headless Chromium, a live `insitu simulate --dashboard` run, `insitu dashboard R
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -21,7 +22,9 @@ from insitu.dashboard.feed import DashboardFeed
 from insitu.report.summary import failure_kind
 from insitu.run.history import Evaluation, History, RoundRecord
 
-DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+# Each test run takes its screenshots beside the run it checks; INSITU_SCREENSHOTS=docs/img refreshes the
+# pictures in the docs (a plain test run leaves the working tree as it found it).
+SCREENSHOTS = Path(os.environ["INSITU_SCREENSHOTS"]).resolve() if os.environ.get("INSITU_SCREENSHOTS") else None
 HOSTILE = '<img src=x onerror=alert(1)>'
 HOSTILE_REASON = '"><script>window.__pwned = 1</script><svg onload=alert(2)>'
 DP_CONFIG = {"rounds": 2, "strategy": "fedavg", "dataset": "digits", "model": "mlp", "num_clients": 3,
@@ -290,7 +293,7 @@ def live_run(browser, tmp_path_factory) -> LiveRun:  # noqa: F811
         run = LiveRun(root / "run", address, status, table_rows(browser, "rounds"), table_rows(browser, "clients"),
                       table_rows(browser, "failures"), browser.find_element("id", "fig-clock").is_displayed(),
                       browser.find_element("id", "fairness").text, resource_urls(browser), alert_text(browser))
-        screenshot(browser, DOCS_IMG / "dashboard.png")
+        screenshot(browser, (SCREENSHOTS or root) / "dashboard.png")
         return run
     finally:
         if proc.poll() is None:
@@ -384,7 +387,7 @@ def test_report_of_the_live_run_renders_offline(live_run, browser):  # noqa: F81
     assert shown == expected_round_cells(history)
     assert resource_urls(browser) == []
     assert browser.execute_script("return document.querySelectorAll('svg path').length") >= 4  # the charts drew
-    screenshot(browser, DOCS_IMG / "report.png")
+    screenshot(browser, (SCREENSHOTS or live_run.out) / "report.png")
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def test_missing_packages_name_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_pa
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, History]:
     """`insitu simulate` for 3 small rounds with --tensorboard and --mlflow, whichever is installed (central DP,
-    so epsilon is logged). mlflow-skinny is not in the test extra (a 1-2 minute install): its test skips."""
+    so epsilon is logged). Both are in the test extra, so under CI neither test skips (conftest fails a skip)."""
     tracking = [["--tensorboard", "TB"]] if find_spec("tensorboard") else []
     tracking += [["--mlflow"]] if find_spec("mlflow") else []
     if not tracking:
