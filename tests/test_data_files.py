@@ -140,6 +140,22 @@ def test_groups_are_the_first_level_folders_in_sorted_order(tmp_path):
         load_data(tmp_path, DataSpec(partition_by="hospital"))
 
 
+def test_each_group_folder_may_hold_its_own_train_and_test_split(tmp_path):
+    """One folder per hospital, as deployed clients read it (ROOT/<group>/{train,test}/<class>): the groups are
+    the hospitals, each one's test/ images are test rows of its own group, and a group without test/ trains on all."""
+    for group, train_n, test_n in (("h1", 2, 1), ("h2", 1, 1), ("h3", 1, 0)):
+        for cls in ("normal", "sick"):
+            for i in range(train_n):
+                gray(tmp_path / group / ("train" if test_n else "") / cls / f"{i}.png", 5)
+            for i in range(test_n):
+                gray(tmp_path / group / "test" / cls / f"{i}.png", 9)
+    data = load_data(tmp_path, DataSpec(partition_by="folder", normalize="none"))
+    assert data.group_names == ("h1", "h2", "h3") and data.classes == ("normal", "sick")
+    assert [len(p) for p in data.group_parts()] == [4, 2, 2]
+    assert [len(p) for p in data.group_parts(test=True)] == [2, 2, 0]
+    assert data.test.x.max().item() == pytest.approx(9 / 255) and data.train.x.max().item() == pytest.approx(5 / 255)
+
+
 def test_auto_normalization_uses_the_training_rows_per_channel(tmp_path):
     for name, value in (("a/0.png", 0), ("a/1.png", 102), ("b/0.png", 204)):
         gray(tmp_path / name, value)

@@ -114,45 +114,57 @@ def _class_folders(folder: Path, what: str) -> list[Path]:
     return classes
 
 
+def _splits(folder: Path) -> list[tuple[Path, bool]] | None:
+    """(split folder, is test) when ``folder``'s subfolders are only train/ and test/ (val/ ignored), else None."""
+    names = {p.name for p in _subdirs(folder)}
+    if not (names & SPLIT_FOLDERS.keys()) or not names <= SPLIT_FOLDERS.keys() | IGNORED_SPLITS:
+        return None
+    if names & IGNORED_SPLITS:
+        log.warning("%s: using train/ and test/; %s ignored (a validation split is not used)", folder,
+                    ", ".join(sorted(names & IGNORED_SPLITS)))
+    return [(folder / n, SPLIT_FOLDERS[n]) for n in sorted(names & SPLIT_FOLDERS.keys(), reverse=True)]
+
+
 def read_image_folder(root: Path, spec: DataSpec) -> Raw:
     """Read ROOT/<class>/*.png|jpg|...; when ROOT's subfolders are only train/, test/ (and val/, ignored) they are
-    the splits; with ``partition_by = "folder"`` the next level is the group: ROOT/[train/]<group>/<class>/image."""
+    the splits; with ``partition_by = "folder"`` the next level is the group: ROOT/[train/]<group>/<class>/image,
+    or, with each group's own split, ROOT/<group>/[train|test]/<class>/image (the layout of one folder per
+    hospital that deployed clients read)."""
     if not root.is_dir():
         raise FileNotFoundError(f"no image folder at {root}")
     if spec.partition_by and spec.partition_by != GROUP_BY_FOLDER:
         raise ValueError(f"an image folder is partitioned by its first-level folders (ROOT/<group>/<class>/image): "
                          f"pass --partition-by {GROUP_BY_FOLDER}, not {spec.partition_by!r}")
-    names = {p.name for p in _subdirs(root)}
-    split_layout = bool(names & SPLIT_FOLDERS.keys()) and names <= SPLIT_FOLDERS.keys() | IGNORED_SPLITS
-    splits = [(root / n, SPLIT_FOLDERS[n]) for n in sorted(names & SPLIT_FOLDERS.keys(), reverse=True)] \
-        if split_layout else [(root, False)]
-    if split_layout and names & IGNORED_SPLITS:
-        log.warning("%s: using train/ and test/; %s ignored (a validation split is not used)", root,
-                    ", ".join(sorted(names & IGNORED_SPLITS)))
+    splits = _splits(root)
+    split_layout = splits is not None
     items: list[tuple[str, Path | bytes]] = []
     labels: list[str] = []
     groups: list[str] = []
     flags: list[bool] = []
-    for folder, is_test in splits:
+    per_group_splits = False
+    for folder, is_test in splits or [(root, False)]:
         group_dirs = _subdirs(folder) if spec.partition_by else [folder]
         if not group_dirs:
             raise ValueError(f"{folder} has no group subfolders: with --partition-by folder the layout is "
                              f"{folder}/<group>/<class>/image.png")
         for group_dir in group_dirs:
-            for class_dir in _class_folders(group_dir, "a group folder" if spec.partition_by else "an image folder"):
-                files = _image_files(class_dir)
-                if not files:
-                    raise ValueError(f"class folder {class_dir} has no images (looked for "
-                                     f"{', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder")
-                for file in files:
-                    items.append((str(file.relative_to(root)), file))
-                    labels.append(class_dir.name)
-                    groups.append(group_dir.name)
-                    flags.append(is_test)
+            group_splits = _splits(group_dir) if spec.partition_by and not split_layout else None
+            per_group_splits = per_group_splits or group_splits is not None
+            for class_root, test_flag in group_splits or [(group_dir, is_test)]:
+                for class_dir in _class_folders(class_root, "a group folder" if spec.partition_by else "an image folder"):
+                    files = _image_files(class_dir)
+                    if not files:
+                        raise ValueError(f"class folder {class_dir} has no images (looked for "
+                                         f"{', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder")
+                    for file in files:
+                        items.append((str(file.relative_to(root)), file))
+                        labels.append(class_dir.name)
+                        groups.append(group_dir.name)
+                        flags.append(test_flag)
     x, ok, skipped = decode_images(items, spec, str(root))
     keep = np.flatnonzero(ok)
     label_array = np.asarray(labels, dtype=str)
     return Raw(x, label_array[keep], str(root),
                groups=np.asarray(groups, dtype=str)[keep] if spec.partition_by else None,
-               is_test=np.asarray(flags, dtype=bool)[keep] if split_layout else None,
+               is_test=np.asarray(flags, dtype=bool)[keep] if split_layout or per_group_splits else None,
                classes=tuple(sorted(set(labels))), skipped=skipped)
