@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from insitu.cli.outputs import load_state_dict
+from insitu.cli.outputs import infer_model_name, load_state_dict
+from insitu.models import MODEL_NAMES, build_model
 
 
 def test_load_state_dict_round_trip(tmp_path) -> None:
@@ -42,3 +43,11 @@ def test_load_state_dict_refuses_non_dict(tmp_path) -> None:
         load_state_dict(path)
     with pytest.raises(FileNotFoundError):
         load_state_dict(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_registered_architecture_is_recognised_from_its_saved_state(name) -> None:
+    """`insitu evaluate model.pt` needs no --model for any architecture insitu trains."""
+    shape = (1, 28, 28) if name not in ("resnet18", "resnet18-bn") else (1, 16, 16)
+    state = build_model(name, shape, 10).state_dict()
+    assert infer_model_name(state) == name

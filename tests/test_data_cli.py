@@ -72,7 +72,12 @@ def test_simulate_on_an_image_folder(tmp_path):
     assert data["classes"] == ["cat", "dog"] and data["input_shape"] == [1, 8, 8]
     assert (data["train_examples"], data["test_examples"]) == (16, 6) and data["skipped"] == ["train/cat/broken.png"]
     history = json.loads((tmp_path / "out" / "history.json").read_text())
-    assert history["rounds"][-1]["centralized"]["metrics"]["accuracy"] >= 5 / 6  # dark vs bright: easy
+    final = history["rounds"][-1]["centralized"]["metrics"]["accuracy"]
+    assert final >= 5 / 6  # dark vs bright: easy
+    # the saved model scores the same on the run's own test split, read and preprocessed as the run did
+    scored = run(tmp_path, "evaluate", "out/model.pt", "--config", "out/config.json")
+    assert scored.returncode == 0, scored.stdout + scored.stderr
+    assert f"simple-cnn on images test (6 examples): accuracy {100 * final:.2f}%" in " ".join(scored.stdout.split())
 
 
 @pytest.mark.slow  # four processes (~60 s on a loaded 2-core machine); the class check has unit tests

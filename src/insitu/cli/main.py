@@ -109,25 +109,46 @@ def evaluate(
     model_path: Path = typer.Argument(..., help="A saved state_dict (e.g. model.pt written by simulate)."),
     dataset: str = typer.Option("digits", help="Dataset whose test split to score on."),
     data_dir: str | None = typer.Option(None, help="Folder with the MNIST/Fashion-MNIST IDX files."),
+    data: Path | None = typer.Option(None, "--data", help="Score on your own files instead (an image folder, a "
+                                     ".csv/.parquet/.npz file or a Hugging Face folder: docs/data.md), default "
+                                     "options; give the run's --config to read them as the run did."),
+    run_config: Path | None = typer.Option(None, "--config", "-c", help="A run's config.json: score on that run's "
+                                           "data, read and preprocessed as the run did (dataset or --data with its "
+                                           "options, test split, model)."),
     model: str | None = typer.Option(None, help="Architecture; inferred from the saved keys if omitted."),
     split: str = typer.Option("test", help="test | train."),
 ) -> None:
     """Report the accuracy of a saved global model on a dataset's test set."""
     from insitu.cli.outputs import infer_model_name, load_state_dict
     from insitu.client.torch_client import evaluate_model
-    from insitu.data import load_dataset
+    from insitu.data import TensorDataset, load_dataset
+    from insitu.data.files import DataSpec, load_data
     from insitu.models import build_model
 
     try:
+        if split not in ("test", "train"):
+            raise ValueError(f"--split must be test or train, got {split!r}")
         state = load_state_dict(model_path)
-        name = model or infer_model_name(state)
-        data = load_dataset(dataset, split, data_dir)
-        net = build_model(name, data.input_shape, data.num_classes)
+        settings = resolve_config(run_config, {}) if run_config is not None else None
+        files = data or (Path(settings.data) if settings is not None and settings.data else None)
+        scored: TensorDataset
+        if files is not None:
+            loaded = load_data(files, DataSpec.from_settings(settings) if settings is not None else DataSpec())
+            scored, where = (loaded.test if split == "test" else loaded.train), str(files)
+            if len(scored) == 0:
+                raise ValueError(f"{files} has no {split} rows (no test/ folder, 'split' column or held-out share): "
+                                 "pass --split train, or give the run's --config")
+        else:
+            if settings is not None:
+                dataset, data_dir = settings.dataset, settings.data_dir or data_dir
+            scored, where = load_dataset(dataset, split, data_dir), dataset
+        name = model or (settings.model if settings is not None else None) or infer_model_name(state)
+        net = build_model(name, scored.input_shape, scored.num_classes)
         net.load_state_dict(state)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         raise fail(str(error)) from None
-    loss, accuracy, n = evaluate_model(net, data)
-    console.print(f"{model_path}: {name} on {dataset} {split} ({n} examples): accuracy {100 * accuracy:.2f}%  loss {loss:.4f}")
+    loss, accuracy, n = evaluate_model(net, scored)
+    console.print(f"{model_path}: {name} on {where} {split} ({n} examples): accuracy {100 * accuracy:.2f}%  loss {loss:.4f}")
 
 
 @app.command("partition")

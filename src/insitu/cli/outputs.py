@@ -75,8 +75,12 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def infer_model_name(state: dict[str, torch.Tensor]) -> str:
-    """Recognise a reference architecture from its state_dict keys."""
+    """Recognise a reference architecture from its state_dict keys (and, where names are shared, shapes)."""
     keys = set(state)
+    if "layer4.1.conv2.weight" in keys and "conv1.weight" in keys:  # a ResNet-18: width from the stem's filters
+        if "bn1.running_mean" in keys:
+            return "resnet18-bn"
+        return "resnet18-w16" if state["conv1.weight"].shape[0] == 16 else "resnet18"
     if "conv1.weight" in keys and "conv2.weight" in keys:
         return "simple-cnn"
     if "fc3.weight" in keys:
@@ -84,5 +88,6 @@ def infer_model_name(state: dict[str, torch.Tensor]) -> str:
     if keys == {"linear.weight", "linear.bias"}:
         return "logreg"
     if keys == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}:
-        return "mlp"
-    raise ValueError("cannot tell the architecture from the saved keys; pass --model (simple-cnn | 2nn | logreg | mlp)")
+        return "simple-net" if state["fc1.weight"].shape[0] == 128 else "mlp"  # the tutorials' SimpleNet: 128 wide
+    raise ValueError("cannot tell the architecture from the saved keys; pass --model "
+                     "(simple-cnn | 2nn | logreg | mlp | simple-net | resnet18 | resnet18-bn | resnet18-w16)")
