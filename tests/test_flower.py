@@ -7,6 +7,9 @@ own ``to_client()``); otherwise insitu.flwr's base class, which needs nothing bu
 
 from __future__ import annotations
 
+import random
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -82,11 +85,67 @@ def test_fit_maps_the_list_positionally_onto_the_servers_names_and_passes_the_sc
 def test_the_task_seed_seeds_torch_so_shuffling_clients_repeat():
     draws = []
     client = Scripted(reply=lambda params: (draws.append(torch.rand(1).item()) or params, 1, {}))
-    adapter = NumPyClientAdapter(client)
+    adapter = adapt_client_fn(lambda cid: client)("0")  # simulation: the adapter seeds the global generators
+    assert isinstance(adapter, NumPyClientAdapter) and adapter.seed_globals
     adapter.fit(GLOBAL, {"seed": 3})
     adapter.fit(GLOBAL, {"seed": 3})
     adapter.fit(GLOBAL, {"seed": 4})
     assert draws[0] == draws[1] != draws[2]
+
+
+def _rng_states() -> tuple:
+    return torch.get_rng_state().clone(), np.random.get_state(), random.getstate()
+
+
+def test_a_deployed_flower_client_keeps_its_global_generators_away_from_the_servers_seed(captured):
+    """The server chooses the task seed: a deployed client must not have torch/numpy/random seeded by it (its own
+    noise drawn from them would be known to the server); fit and evaluate leave the generators' state alone."""
+    import insitu.flwr as fl
+
+    fl.client.start_numpy_client(server_address="localhost:8080", client=Scripted())
+    (build, _), _ = captured[-1]
+    adapter = build("simple-net")
+    assert not adapter.seed_globals and not NumPyClientAdapter(Scripted()).seed_globals  # off by default too
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    before = _rng_states()
+    adapter.fit(GLOBAL, {"seed": 7})
+    adapter.evaluate(GLOBAL, {"seed": 7})
+    after = _rng_states()
+    assert torch.equal(before[0], after[0])
+    assert before[1][0] == after[1][0] and np.array_equal(before[1][1], after[1][1]) and before[1][2:] == after[1][2:]
+    assert before[2] == after[2]
+    seeded = NumPyClientAdapter(Scripted(), seed_globals=True)
+    seeded.fit(GLOBAL, {"seed": 7})
+    assert not torch.equal(before[0], torch.get_rng_state())  # the check above can fail
+
+
+def test_a_flower_client_on_fitins_messages_is_refused_even_without_get_properties():
+    class FitInsClient:  # flwr.client.Client's shape: one message argument per method
+        def get_parameters(self, ins):
+            return None
+
+        def fit(self, ins):
+            return None
+
+        def evaluate(self, ins):
+            return None
+
+    with pytest.raises(TypeError, match="Flower Client working on FitIns/FitRes messages"):
+        unwrap(FitInsClient())
+    with pytest.raises(TypeError, match="Flower Client working on FitIns/FitRes messages"):
+        adapt_client_fn(lambda cid: FitInsClient())("0")
+    if FLWR:
+        from flwr.client import Client as FlowerClient
+
+        class Real(FlowerClient):
+            def fit(self, ins):
+                return None
+
+        with pytest.raises(TypeError, match="FitIns/FitRes"):
+            unwrap(Real())
+    assert unwrap(Scripted()) is not None  # a NumPyClient's fit(parameters, config) passes
 
 
 @pytest.mark.parametrize(("reply", "message"), [
@@ -394,3 +453,24 @@ def test_flower_client_factories_get_the_id_only_when_they_need_it(tmp_path, mon
         load_factory("fac")
     with pytest.raises(ValueError, match="cannot import 'missing_mod'"):
         load_factory("missing_mod:make")
+
+
+def test_a_flower_client_file_never_replaces_a_loaded_module_nor_shadows_later_imports(tmp_path):
+    import json
+
+    from insitu.flower.start import load_factory
+
+    (tmp_path / "json.py").write_text("import helper_mod\n\ndef make():\n    return helper_mod.VALUE\n")
+    (tmp_path / "helper_mod.py").write_text("VALUE = 'from the folder'\n")
+    folder = str(tmp_path.resolve())
+    try:
+        factory = load_factory(f"{tmp_path / 'json.py'}:make")
+        assert factory() == "from the folder"  # sibling imports work while the file loads
+        assert sys.modules["json"] is json  # the stdlib module stays
+        assert sys.modules["_insitu_flower_client_json"].make is factory
+        assert folder not in sys.path[:-1] and sys.path[-1] == folder  # searched last from now on
+    finally:
+        for name in ("_insitu_flower_client_json", "helper_mod"):
+            sys.modules.pop(name, None)
+        while folder in sys.path:
+            sys.path.remove(folder)

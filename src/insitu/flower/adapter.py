@@ -63,10 +63,10 @@ def unwrap(obj: object) -> NumPyClientLike:
     """
     inner = getattr(obj, "numpy_client", None)
     candidate = inner if inner is not None else obj
-    if isinstance(candidate, NumPyClientLike):
-        return candidate
     kind = type(obj).__name__
-    if callable(getattr(obj, "get_properties", None)):
+    if isinstance(candidate, NumPyClientLike) and not _fit_takes_one_argument(candidate):
+        return candidate
+    if callable(getattr(obj, "get_properties", None)) or _fit_takes_one_argument(candidate):
         raise TypeError(f"{kind} is a Flower Client working on FitIns/FitRes messages; insitu runs Flower "
                         "NumPyClients (get_parameters, fit and evaluate on lists of numpy arrays): subclass "
                         "NumPyClient instead, or write an insitu Client (insitu.client.api)")
@@ -74,30 +74,51 @@ def unwrap(obj: object) -> NumPyClientLike:
     raise TypeError(f"{kind} is not a Flower NumPyClient: it lacks {', '.join(missing)}")
 
 
+def _fit_takes_one_argument(client: object) -> bool:
+    """Whether ``client.fit`` takes a single argument (Flower's ``Client.fit(ins: FitIns)``) rather than a
+    NumPyClient's ``fit(parameters, config)``; False when the signature cannot be read or takes ``*args``."""
+    try:
+        parameters = list(inspect.signature(getattr(client, "fit")).parameters.values())  # noqa: B009
+    except (TypeError, ValueError, AttributeError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 1
+
+
 class NumPyClientAdapter:
     """An insitu ``Client`` that runs a Flower ``NumPyClient``.
 
     ``fit``/``evaluate`` hand the client the global parameters as a list of fresh arrays (in the
     server's order) and the task's scalar settings as Flower's ``config`` dict (``local_epochs``,
-    ``lr``, ``batch_size``, ... as the server sends them, plus ``seed``). Before calling the client,
+    ``lr``, ``batch_size``, ... as the server sends them, plus ``seed``).
+
+    ``seed_globals`` (simulation only: :class:`FlowerClientFn` sets it): before calling the client,
     torch's, numpy's and Python's global generators are seeded with the task's ``seed``, so a
-    simulation of clients that shuffle with them (``DataLoader(shuffle=True)``) is reproducible.
+    simulation of clients that shuffle with them (``DataLoader(shuffle=True)``) is reproducible. Off by
+    default, and always off for deployed clients (:mod:`insitu.flower.start`): there the seed comes from
+    the server, which would then know every number the client draws from those generators, its own
+    privacy noise included (protective randomness never comes from the server's seed).
 
     ``precheck`` (deployment): before the first task, compare the client's own ``get_parameters({})``
     with the server's arrays, so a client built for another architecture gets an error naming the
     server's ``--model`` rather than torch's ``load_state_dict`` message.
     """
 
-    def __init__(self, client: object, *, precheck: bool = False, server_model: str = "") -> None:
+    def __init__(self, client: object, *, precheck: bool = False, server_model: str = "",
+                 seed_globals: bool = False) -> None:
         self.client = unwrap(client)
         self.precheck = precheck
         self.server_model = server_model
+        self.seed_globals = seed_globals
 
     def fit(self, parameters: Parameters, config: Config) -> FitResult:
         """Train with the Flower client; its returned arrays are checked against ``parameters``' specs."""
         self._check_architecture(parameters)
         flower_config = _flower_config(config)
-        _seed(config)
+        if self.seed_globals:
+            _seed(config)
         returned = self.client.fit(_to_ndarrays(parameters), flower_config)
         arrays, num_examples, metrics = _triple(returned, "fit", "(parameters, num_examples, metrics)")
         new = to_parameters(arrays, parameters.specs, what="fit")
@@ -106,7 +127,8 @@ class NumPyClientAdapter:
     def evaluate(self, parameters: Parameters, config: Config) -> EvalResult:
         """Evaluate with the Flower client: ``(loss, num_examples, metrics)`` checked and converted."""
         self._check_architecture(parameters)
-        _seed(config)
+        if self.seed_globals:
+            _seed(config)
         returned = self.client.evaluate(_to_ndarrays(parameters), _flower_config(config))
         loss, num_examples, metrics = _triple(returned, "evaluate", "(loss, num_examples, metrics)")
         if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
@@ -236,7 +258,7 @@ class FlowerClientFn:
                 and callable(getattr(made, "evaluate", None)) and callable(getattr(made, "fit", None)):
             return cast(Client, made)  # an insitu Client: the cheap path (no Protocol isinstance per client)
         if is_flower_client(made):
-            return NumPyClientAdapter(made)
+            return NumPyClientAdapter(made, seed_globals=True)  # simulation: same seed, same result
         if isinstance(made, Client):
             return made
         raise TypeError(f"client_fn({cid!r}) returned {type(made).__name__}, which is neither an insitu Client "

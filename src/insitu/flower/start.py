@@ -19,11 +19,12 @@ client's signing key.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,8 +106,9 @@ def start_numpy_client(
     name = given_id or f"flower-{socket.gethostname()}-{os.getpid()}"
 
     def build(server_model: str) -> NumPyClientAdapter:
-        """The adapter, checked against the server's arrays before the first task."""
-        return NumPyClientAdapter(numpy_client, precheck=True, server_model=server_model)
+        """The adapter, checked against the server's arrays before the first task; the server's task seed
+        never seeds this process's global generators (the client's own noise must stay unknown to it)."""
+        return NumPyClientAdapter(numpy_client, precheck=True, server_model=server_model, seed_globals=False)
 
     log.info("serving Flower client %s to %s as %s", type(numpy_client).__name__, server_address, name)
     connect(build, server_address, client_id=name, signing_key=key, tls=tls,
@@ -120,8 +122,13 @@ def start_client(*, server_address: str, client: object, **kwargs: Any) -> None:
 
 
 def load_factory(spec: str) -> Any:
-    """The object named by ``module:attribute`` (or ``path/to/file.py:attribute``); the current directory is
-    searched first, as ``python client.py`` would."""
+    """The object named by ``module:attribute`` (or ``path/to/file.py:attribute``); the current directory (or
+    the file's folder) is searched first while the module is imported, as ``python client.py`` would.
+
+    A file is registered under a private module name (``_insitu_flower_client_<stem>``), so a ``json.py`` or
+    ``insitu.py`` never replaces a loaded module; afterwards the folder added to ``sys.path`` moves to its
+    end, so later imports find installed modules first (and the file's own lazy sibling imports still work).
+    """
     import importlib
     import importlib.util
     import sys
@@ -134,18 +141,19 @@ def load_factory(spec: str) -> Any:
         path = Path(module_name)
         if not path.is_file():
             raise FileNotFoundError(f"--flower-client: {path} not found")
-        sys.path.insert(0, str(path.resolve().parent))
-        spec_ = importlib.util.spec_from_file_location(path.stem, path)
+        private = f"_insitu_flower_client_{path.stem}"
+        spec_ = importlib.util.spec_from_file_location(private, path)
         if spec_ is None or spec_.loader is None:
             raise ValueError(f"--flower-client: cannot import {path}")
         module = importlib.util.module_from_spec(spec_)
-        sys.modules[path.stem] = module
-        spec_.loader.exec_module(module)
+        sys.modules[private] = module
+        with _searched_first(str(path.resolve().parent)):
+            spec_.loader.exec_module(module)
     else:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
+        folder = None if "" in sys.path or os.getcwd() in sys.path else os.getcwd()
         try:
-            module = importlib.import_module(module_name)
+            with _searched_first(folder):
+                module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
             raise ValueError(f"--flower-client {spec!r}: cannot import {module_name!r} ({error}); run from the folder "
                              "that holds it, or give path/to/file.py:FACTORY") from None
@@ -153,6 +161,24 @@ def load_factory(spec: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise ValueError(f"--flower-client {spec!r}: {module_name} has no {attribute!r}") from None
+
+
+@contextlib.contextmanager
+def _searched_first(folder: str | None) -> Iterator[None]:
+    """``folder`` at the front of ``sys.path`` while the block runs, then at its end (never shadowing installed
+    or standard modules later); nothing when ``folder`` is None or already on the path."""
+    import sys
+
+    if folder is None or folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.append(folder)
 
 
 def make_client(factory: Any, client_id: str) -> object:
@@ -206,7 +232,7 @@ def serve_flower_cli(spec: str, settings: ClientSettings, given: Iterable[str],
         raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
 
     def build(server_model: str) -> NumPyClientAdapter:
-        return NumPyClientAdapter(numpy_client, precheck=True, server_model=server_model)
+        return NumPyClientAdapter(numpy_client, precheck=True, server_model=server_model, seed_globals=False)
 
     return connect(build, settings.address, client_id=client_id, signing_key=key, tls=tls,
                    give_up_after_s=settings.give_up_after_s, poll_wait_s=settings.poll_wait_s, on_task=on_task,
