@@ -97,3 +97,83 @@ def test_mlflow_metrics_and_params_equal_history(tracked_run: tuple[Path, Histor
     for name in ("accuracy", "loss", "fit/epsilon", "federated/accuracy", "participation/results"):
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
         assert logged == pytest.approx({r.round: round_scalars(r)[name] for r in history.rounds}), name
+
+
+HOSTILE_NAMES = ["f1@k", "../../etc/x", "a//b/", "/lead", "./x/.", "..", "", "x" * 300, "f1_k", "naïve:σ", "tab\tand\nline"]
+
+
+def _mlflow_accepts(name: str) -> bool:
+    validation = pytest.importorskip("mlflow.utils.validation")
+    try:
+        validation._validate_metric_name(name)
+    except Exception:  # noqa: BLE001 - MlflowException
+        return False
+    return len(name) <= validation.MAX_ENTITY_KEY_LENGTH
+
+
+def test_client_named_metrics_become_names_every_tracker_accepts_and_stay_distinct() -> None:
+    assert not _mlflow_accepts("fit/f1@k") and not _mlflow_accepts("fit/a//b/")  # what reached MLflow before
+    record = RoundRecord(round=1, selected=["a"], num_results=1,
+                         fit_metrics={name: float(i) for i, name in enumerate(HOSTILE_NAMES)},
+                         federated=Evaluation(0.5, {"f1@k": 0.25}, 10))
+    scalars = round_scalars(record)
+    fit = {name: value for name, value in scalars.items() if name.startswith("fit")}  # "fit/" + "" is "fit"
+    assert len(fit) == len(HOSTILE_NAMES) and sorted(fit.values()) == [float(i) for i in range(len(HOSTILE_NAMES))]
+    assert fit["fit/f1_k"] == 0.0 and fit["fit/f1_k_2"] == 8.0  # the first keeps the name; the second is told apart
+    assert fit["fit/a/b"] == 2.0 and fit["fit/lead"] == 3.0 and scalars["federated/f1_k"] == 0.25
+    assert all(_mlflow_accepts(name) for name in scalars), [n for n in scalars if not _mlflow_accepts(n)]
+
+
+def test_mlflow_logs_over_a_thousand_hostile_metrics_and_leaves_the_environment_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    from insitu.tracking import MLflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    metrics = {f"m@{i}": float(i) for i in range(1100)} | {name: 1.0 for name in HOSTILE_NAMES}
+    with MLflowTracker(default_dir=tmp_path) as tracker:
+        assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # allowed for building the store only
+        tracker(RoundRecord(round=1, selected=["a"], num_results=1, fit_metrics=metrics))
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for reading the file store back
+        logged = tracker._client.get_run(tracker.run_id).data.metrics
+    assert len(logged) == len(metrics) + 3  # and the three participation counts
+    assert logged["fit/m_1099"] == 1099.0 and logged["fit/f1_k"] == 1.0
+
+
+class Raising:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, record: RoundRecord, _parameters: object = None, _state: object = None) -> None:
+        self.calls += 1
+        raise RuntimeError("tracking server gone")
+
+    def __exit__(self, *_exc: object) -> None:
+        raise RuntimeError("cannot close")
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+        self.closed = False
+
+    def __call__(self, record: RoundRecord, _parameters: object = None, _state: object = None) -> None:
+        self.rounds.append(record.round)
+
+    def __exit__(self, *_exc: object) -> None:
+        self.closed = True
+
+
+def test_a_tracker_that_raises_is_reported_once_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    from insitu.tracking import Trackers
+
+    raising, recording = Raising(), Recording()
+    seen: list[int] = []
+    with caplog.at_level("WARNING", logger="insitu.tracking"), Trackers([raising, recording]) as both:  # type: ignore[list-item]
+        observer = both.also(lambda record, _p, _s: seen.append(record.round))
+        for round_ in (1, 2, 3):
+            observer(RoundRecord(round=round_, selected=["a"]), None, None)
+    assert seen == recording.rounds == [1, 2, 3] and raising.calls == 3 and recording.closed
+    warnings = [r.getMessage() for r in caplog.records if r.name == "insitu.tracking"]
+    assert len(warnings) == 1 and "tracking server gone" in warnings[0] and "Raising" in warnings[0]
