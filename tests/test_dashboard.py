@@ -461,3 +461,35 @@ def test_a_run_that_raises_is_shown_as_failed_and_the_server_stops(capsys):
     with run_dashboard({"rounds": 3}, False, 0) as off:  # off: nothing is served, callbacks pass through
         callback = lambda record, _p, _s: None
         assert off.also(callback) is callback and off.feed is None
+
+
+def test_a_nan_in_config_json_still_gives_valid_json(tmp_path):
+    from insitu.dashboard.app import DashboardServer
+
+    config = json.loads('{"rounds": NaN, "dp_clip": Infinity, "lr": NaN}')  # json.loads accepts these
+    feed = fed(hand_history(), config)
+    server = DashboardServer(feed, "127.0.0.1", 0).start()
+    try:
+        status, _, body = get(server.url + "api/state")
+    finally:
+        server.stop(grace_s=0)
+    assert status == 200
+    state = json.loads(body)
+    assert state["num_rounds"] is None and len(state["rounds"]) == 2
+    assert state["rounds"][1]["epsilon"] is None  # an infinite dp_clip is no server DP
+    json.dumps(feed.snapshot(), allow_nan=False)
+
+
+def test_dashboard_command_turns_a_malformed_history_into_a_clean_failure(tmp_path):
+    from typer.testing import CliRunner
+
+    from insitu.cli.main import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    history = hand_history().to_dict()
+    history["rounds"][0]["failures"] = ["not a dict"]
+    (run / "history.json").write_text(json.dumps(history))
+    result = CliRunner().invoke(app, ["dashboard", str(run), "--port", "0"])
+    assert result.exit_code != 0 and not isinstance(result.exception, AttributeError), result.output
+    assert "history.json" in " ".join(result.output.split())

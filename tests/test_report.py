@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from browser import alert_text, browser, resource_urls, table_rows, wait_until  # noqa: F401 (fixture)
-from test_dashboard import DP_CONFIG, HOSTILE, HOSTILE_REASON, hand_history
+from test_dashboard import DP_CONFIG, HOSTILE, HOSTILE_REASON, fed, hand_history
 from typer.testing import CliRunner
 
 from insitu.cli.main import app
@@ -89,3 +89,54 @@ def test_hostile_report_in_the_browser(tmp_path, browser):  # noqa: F811
     assert browser.find_element("id", "title").text == "fedavg on digits (mlp, 3 clients)"
     assert [row[2] for row in table_rows(browser, "rounds")] == ["80.00%", "85.00%"]
     assert resource_urls(browser) == []
+
+
+def test_a_clients_epsilon_never_shows_as_privacy_spent_without_server_dp():
+    """Without server-side DP a round's fit metrics are the clients' average: a client reporting `epsilon` or
+    `clip_norm` must not give the report (or the dashboard: the same rows) an ε column, chart or card."""
+    from insitu.report.summary import run_view
+
+    history = hand_history()  # its fit metrics hold epsilon 0.5 and 0.9, as a lying client could send
+    for record in history.rounds:
+        record.fit_metrics["clip_norm"] = 3.0
+    view = run_view(history, {"rounds": 2})
+    assert [(r["epsilon"], r["clip_norm"]) for r in view["rounds"]] == [(None, None), (None, None)]
+    assert view["privacy"] is None
+    html = render_report(history, {"rounds": 2})
+    assert "Privacy spent" not in html and "ε spent" not in html and '<td class="num eps">–</td>' in html
+    assert '<td class="num eps">0.900</td>' not in html
+    with_dp = run_view(history, DP_CONFIG)  # the server's own accounting is shown
+    assert [(r["epsilon"], r["clip_norm"]) for r in with_dp["rounds"]] == [(0.5, 3.0), (0.9, 3.0)]
+    snap = fed(history, {"rounds": 2}).snapshot()
+    assert [r["epsilon"] for r in snap["rounds"]] == [None, None] and snap["privacy"] is None
+
+
+def test_huge_client_reasons_are_cut_everywhere_they_are_copied():
+    from insitu.report.summary import MAX_REASON_CHARS, run_view
+
+    reason = "parameters do not match: " + "x" * 200_000
+    view = run_view(hand_history(reason=reason), DP_CONFIG)
+    shown = view["rounds"][1]["failures"][0]["reason"]
+    assert len(shown) == MAX_REASON_CHARS and shown.endswith("…") and shown.startswith("parameters do not match: xx")
+    assert view["rounds"][1]["failure_counts"]["rejected"] == 1  # still classified by the whole reason
+    (client0,) = [c for c in view["clients"] if c["client"] == "0"]
+    assert len(client0["last_problem"]) < MAX_REASON_CHARS + 40 and client0["last_problem"].endswith("…")
+    feed = fed(hand_history(reason=reason))
+    feed.client_event("rejected", "0", reason)
+    snap = feed.snapshot()
+    assert len(snap["events"][0]["detail"]) == MAX_REASON_CHARS and len(json.dumps(snap)) < 20_000
+    assert len(render_report(hand_history(reason=reason), DP_CONFIG)) < 40_000
+
+
+def test_a_planted_report_symlink_is_replaced_and_its_target_left_alone(tmp_path):
+    from insitu.report.html import write_report
+
+    run = write_run(tmp_path)
+    target = tmp_path / "bashrc"
+    target.write_text("export PATH=/usr/bin\n")
+    (run / "report.html").symlink_to(target)
+    path = write_report(run)
+    assert path == run / "report.html" and not path.is_symlink() and "<!doctype html>" in path.read_text()
+    assert target.read_text() == "export PATH=/usr/bin\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "history.json", "report.html"]  # no temp left
+    assert (path.stat().st_mode & 0o777) == 0o644

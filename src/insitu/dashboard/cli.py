@@ -105,9 +105,12 @@ def dashboard(
 
     try:
         history, config = load_run(run_dir)
+        feed = feed_from_history(history, config)
     except (ValueError, FileNotFoundError) as error:
         raise fail(str(error)) from None
-    feed = feed_from_history(history, config)
+    except (TypeError, KeyError, AttributeError) as error:  # a history.json whose rounds hold the wrong types
+        raise fail(f"{run_dir / 'history.json'} holds values insitu cannot show ({type(error).__name__}: "
+                   f"{error}): give the folder a run wrote") from None
     server = start_dashboard(feed, port, host)
     console.print(f"{len(history.rounds)} rounds from {run_dir}; Ctrl-C to stop")
     try:

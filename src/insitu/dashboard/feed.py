@@ -16,12 +16,15 @@ from typing import Any, Protocol
 from insitu.params import Parameters
 from insitu.report.summary import (
     ClientTally,
+    clipped,
     config_items,
     default_title,
     evaluation_dict,
     fairness_of,
+    plain,
     privacy_summary,
     round_row,
+    server_dp,
 )
 from insitu.run.history import History, RoundRecord
 from insitu.strategies.strategy import ServerState
@@ -47,6 +50,7 @@ class DashboardFeed:
         self.config = dict(config)
         self.mode = mode
         self.title = title or default_title(self.config)
+        self._dp = server_dp(self.config)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._rows: list[dict[str, Any]] = []
@@ -71,7 +75,7 @@ class DashboardFeed:
                  _state: ServerState | None = None) -> None:
         """The loop's ``on_round`` callback: add the round's row and its clients (cheap, never blocks long)."""
         fair = fairness_of(record)
-        row = round_row(record, fair)
+        row = round_row(record, fair, dp=self._dp)
         with self._changed:
             self._rows.append(row)
             self._tally.add(record)
@@ -82,8 +86,8 @@ class DashboardFeed:
     def client_event(self, event: str, client_id: str, detail: str) -> None:
         """A server pool listener: a client joined, left (and why) or had an update rejected (and why)."""
         with self._changed:
-            self._events.append({"time": time.time(), "event": str(event), "client": str(client_id),
-                                 "detail": str(detail)})
+            self._events.append({"time": time.time(), "event": clipped(str(event), 50),
+                                 "client": clipped(str(client_id)), "detail": clipped(str(detail))})
             self._bump()
 
     def attach_pool(self, pool: LivePool) -> None:
@@ -126,8 +130,8 @@ class DashboardFeed:
         with self._lock:
             rows = self._rows[since:]
             if self._cache_version != self.version:  # computed once per change, however many pages watch
-                self._cache = {
-                    "title": self.title, "mode": self.mode, "num_rounds": self.config.get("rounds"),
+                self._cache = {  # plain(): a NaN in config.json must not make the page's JSON invalid
+                    "title": self.title, "mode": self.mode, "num_rounds": plain(self.config.get("rounds")),
                     "initial": self._initial, "clients": self._tally.rows(), "num_clients_seen": len(self._tally.clients),
                     "fairness": self._fairness, "privacy": privacy_summary(self.config, self._rows),
                     "config": self._config_items, "events": list(self._events), "stopped": self._stopped,

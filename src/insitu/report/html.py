@@ -7,7 +7,10 @@ string from the run (client ids and rejection reasons come from clients) is HTML
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
@@ -179,7 +182,8 @@ def render_report(history: History, config: dict[str, Any], title: str = "", sou
 
     fairness = view["fairness"]
     if fairness:
-        fair_html = (f'<p id="fairness">Round {fairness["round"]}, {fairness["clients"]} client(s) evaluated: mean '
+        fair_html = (f'<p id="fairness">Round {escape(str(fairness["round"]))}, {escape(str(fairness["clients"]))} '
+                     f'client(s) evaluated: mean '
                      f'{_pct(fairness["mean"])}, worst 10% {_pct(fairness["worst10"])}, std {_pct(fairness["std"])}</p>')
     else:
         fair_html = '<p id="fairness" class="muted">No per-client evaluation ran (fraction_evaluate = 0, or withheld under DP).</p>'
@@ -207,7 +211,7 @@ def render_report(history: History, config: dict[str, Any], title: str = "", sou
                    (str(r["failure_counts"]["dropped"]), "num"), (str(r["failure_counts"]["rejected"]), "num"),
                    (_num(r["timings"].get("total_s"), 2), "num"), (_num(r["timings"].get("clock_s"), 1), "num")]
                   for r in rounds]
-    round_attrs = [f' data-round="{r["round"]}"' + ("" if r["status"] == "ok" else ' class="failed"') for r in rounds]
+    round_attrs = [f' data-round="{escape(str(r["round"]))}"' + ("" if r["status"] == "ok" else ' class="failed"') for r in rounds]
     clients = view["clients"]
     client_rows = [[(c["client"], "client"), (str(c["selected"]), "num"), (str(c["finished"]), "num"),
                     (str(c["failed"]), "num"), (str(c["dropped"]), "num"), (str(c["rejected"]), "num"),
@@ -245,8 +249,21 @@ def render_report(history: History, config: dict[str, Any], title: str = "", sou
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Read ``run_dir``'s history.json and config.json and write the report (default RUN_DIR/report.html)."""
+    """Read ``run_dir``'s history.json and config.json and write the report (default RUN_DIR/report.html).
+
+    The report is written to a new file beside ``path`` and renamed over it, so a ``report.html`` planted as a
+    symlink (a run folder from someone else) is replaced, never followed into the file it points at."""
     history, config = load_run(run_dir)
     path = out or run_dir / "report.html"
-    path.write_text(render_report(history, config, source=str(run_dir)), encoding="utf-8")
+    html = render_report(history, config, source=str(run_dir))
+    fd, temporary = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(html)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the report from the team sharing the folder
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     return path

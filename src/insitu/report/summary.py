@@ -20,6 +20,7 @@ from insitu.run.history import Evaluation, History, RoundRecord
 
 MAX_FAILURES_PER_ROUND = 50  # a round's failures shown in full up to this many (the count is always exact)
 MAX_CLIENT_ROWS = 1000  # the per-client table's rows (the most active clients first beyond this)
+MAX_REASON_CHARS = 500  # a failure reason's characters kept (clients write them: they can be huge)
 # Reasons a task failed without the client's result ever being judged: the systems model or the network.
 DROP_MARKERS = ("ClientDroppedOut", "StragglerDropped", "ClientDroppedError", "RoundDeadlineError", "WorkerLost")
 
@@ -30,6 +31,30 @@ def finite(value: object) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+def clipped(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, ending in an ellipsis when cut (reasons come from clients and are
+    copied into every round row, the client table and each page's feed)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def server_dp(config: Mapping[str, Any]) -> bool:
+    """Whether the run's server applies DP (central or distributed: ``dp_clip`` > 0), so that a round's
+    ``epsilon`` and ``clip_norm`` are the server's accounting; without it they could only be a client's metrics."""
+    clip = finite(config.get("dp_clip"))
+    return clip is not None and clip > 0
+
+
+def plain(value: Any) -> Any:
+    """``value`` (dicts, lists, numbers) with NaN and infinity as None, as strict JSON needs."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def failure_kind(reason: str) -> str:
@@ -62,11 +87,16 @@ def evaluation_dict(ev: Evaluation | None) -> dict[str, Any] | None:
     return {"loss": finite(ev.loss), "accuracy": finite(ev.accuracy), "examples": ev.num_examples}
 
 
-def round_row(record: RoundRecord, fair: dict[str, Any] | None | bool = False) -> dict[str, Any]:
+def round_row(record: RoundRecord, fair: dict[str, Any] | None | bool = False, *,
+              dp: bool = False) -> dict[str, Any]:
     """One round as the dashboard and report show it: headline numbers, counts, failures, timings, fairness
-    (``fair``: the round's :func:`fairness_of` when the caller has it already)."""
-    failures = [{"client": str(f.get("client", "")), "stage": str(f.get("stage", "")),
-                 "reason": str(f.get("reason", "")), "kind": failure_kind(str(f.get("reason", "")))}
+    (``fair``: the round's :func:`fairness_of` when the caller has it already).
+
+    ``dp``: the server applies DP (:func:`server_dp` of the run's config). Only then are the fit metrics'
+    ``epsilon`` and ``clip_norm`` shown: without it a round's fit metrics are the clients' average, and a
+    client reporting ``epsilon`` would make a run without DP look private. Reasons are cut to 500 characters."""
+    failures = [{"client": clipped(str(f.get("client", ""))), "stage": clipped(str(f.get("stage", ""))),
+                 "reason": clipped(str(f.get("reason", ""))), "kind": failure_kind(str(f.get("reason", "")))}
                 for f in record.failures[:MAX_FAILURES_PER_ROUND]]
     if fair is False:
         fair = fairness_of(record)
@@ -76,7 +106,8 @@ def round_row(record: RoundRecord, fair: dict[str, Any] | None | bool = False) -
         "round": record.round, "status": record.status, "error": record.error,
         "loss": finite(record.loss), "accuracy": finite(record.accuracy),
         "centralized": evaluation_dict(record.centralized), "federated": evaluation_dict(record.federated),
-        "epsilon": finite(record.fit_metrics.get("epsilon")), "clip_norm": finite(record.fit_metrics.get("clip_norm")),
+        "epsilon": finite(record.fit_metrics.get("epsilon")) if dp else None,
+        "clip_norm": finite(record.fit_metrics.get("clip_norm")) if dp else None,
         "staleness": finite(record.fit_metrics.get("staleness_mean")),
         "selected": len(record.selected), "results": record.num_results,
         "num_failures": len(record.failures), "failures": failures,
@@ -122,7 +153,7 @@ class ClientTally:
             stats = self.clients.setdefault(cid, ClientStats())
             kind = failure_kind(reason)
             setattr(stats, kind, getattr(stats, kind) + 1)
-            stats.last_problem = f"round {record.round}, {stage}: {reason}"
+            stats.last_problem = f"round {record.round}, {clipped(stage, 50)}: {clipped(reason)}"
             stats.last_round = max(stats.last_round, record.round)
             if stage != "evaluate":
                 fit_problems.add(cid)
@@ -187,9 +218,10 @@ def run_view(history: History, config: Mapping[str, Any], *, title: str = "", mo
     tally = ClientTally()
     for record in history.rounds:
         tally.add(record)
-    rows = [round_row(r) for r in history.rounds]
+    dp = server_dp(config)
+    rows = [round_row(r, dp=dp) for r in history.rounds]
     latest = next((f for f in (fairness_of(r) for r in reversed(history.rounds)) if f is not None), None)
-    return {"title": title or default_title(config), "mode": mode, "num_rounds": config.get("rounds"),
+    return {"title": title or default_title(config), "mode": mode, "num_rounds": plain(config.get("rounds")),
             "initial": evaluation_dict(history.initial), "rounds": rows, "clients": tally.rows(),
             "num_clients_seen": len(tally.clients), "fairness": latest, "privacy": privacy_summary(config, rows),
             "config": config_items(config), "stopped": history.stopped, "done": done, "live": None}
