@@ -437,3 +437,131 @@ def test_simple_cnn_trains_on_an_rgb_folder_of_another_size(tmp_path):
     experiment, result = run_simulation(config)
     assert experiment.train.input_shape == (3, 12, 10) and (len(experiment.train), len(experiment.test)) == (8, 4)
     assert [r.status for r in result.history.rounds] == ["ok"]
+
+
+# --------------------------------------------------------------------------- hostile or broken files
+
+
+def test_the_data_extras_require_pillow_and_pyarrow_without_known_cves():
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra in ("data", "test", "dev"):
+        pins = {m.group(1).lower(): tuple(int(p) for p in m.group(2).split("."))
+                for m in (re.fullmatch(r"(pillow|pyarrow)>=([\d.]+)", r, re.IGNORECASE) for r in extras[extra]) if m}
+        # Pillow < 10.3 bundles a libwebp with CVE-2023-4863; pyarrow 14.0.0 unpickles extension types (CVE-2023-47248)
+        assert pins["pillow"] >= (10, 3) and pins["pyarrow"] >= (15,), (extra, pins)
+
+
+def _write_hf(folder, table, data_files=None):
+    """A save_to_disk-like folder written with pyarrow alone: one Arrow stream and its state.json."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    files = [{"filename": "data-00000-of-00001.arrow"}] if data_files is None else data_files
+    (folder / "state.json").write_text(json.dumps({"_data_files": files}))
+    return folder
+
+
+def test_an_arrow_file_that_fails_full_validation_is_refused_by_name(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    offsets = pa.py_buffer(np.array([0, 1, 2], dtype=np.int32).tobytes())
+    labels = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"\xff\xfe")])  # not UTF-8
+    folder = _write_hf(tmp_path / "ds", pa.table({"x": [[1.0], [2.0]], "label": labels}))
+    with pytest.raises(ValueError, match=r"data-00000-of-00001\.arrow is not a readable, valid Arrow file: .*UTF8"):
+        load_data(folder, NONE)
+
+
+def test_hugging_face_state_entries_that_are_not_objects_are_a_clear_error(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    folder = _write_hf(tmp_path / "ds", pa.table({"x": [[1.0]], "label": [0]}),
+                       data_files=["data-00000-of-00001.arrow"])
+    with pytest.raises(ValueError, match=r"state\.json: _data_files must be a list of objects with a \"filename\""):
+        load_data(folder, NONE)
+
+
+def test_hugging_face_list_columns_must_be_even_and_finite(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    ragged = _write_hf(tmp_path / "ragged", pa.table({"x": [[1.0, 2.0], [3.0]], "label": [0, 1]}))
+    with pytest.raises(ValueError, match=r"column 'x' must hold a list of numbers of the same length in every row"):
+        load_data(ragged, NONE)
+    overflow = _write_hf(tmp_path / "overflow", pa.table({"x": [[1.0, 2.0], [3.0, 1e39]], "label": [0, 1]}))
+    with pytest.raises(ValueError, match=r"feature column\(s\) 'x' hold infinite values.* in 1 row\(s\) \(2\)"):
+        load_data(overflow, NONE)
+
+
+def test_an_image_over_the_pixel_cap_is_skipped_before_decoding_with_the_reason(tmp_path, monkeypatch):
+    import struct
+    import warnings
+    import zlib
+
+    from insitu.data.files import images
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    gray(tmp_path / "a" / "ok.png", 1)
+    gray(tmp_path / "b" / "ok.png", 2)
+    # a 10000 x 10000 header (100 M pixels: Pillow only warns below 2 x 89.5 M) with no pixel data at all
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, 8, 0, 0, 0, 0))
+    (tmp_path / "b" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning is not left to repeat the skip
+        data = load_data(tmp_path, NONE, role="train")
+    assert len(data.train) == 2
+    assert data.skipped == ["b/bomb.png (10000x10000 = 100000000 pixels, over the 89478485-pixel limit)"]
+    monkeypatch.setattr(images, "MAX_PIXELS", 15)  # the cap, not the decoder, refuses a 4 x 4 image
+    (tmp_path / "b" / "bomb.png").unlink()
+    with pytest.raises(ValueError, match=r"no readable images .*\(2 unreadable\)"):
+        load_data(tmp_path, NONE, role="train")
+
+
+def test_grayscale_images_beside_color_ones_become_rgb_in_auto_mode(tmp_path):
+    gray(tmp_path / "a" / "0.png", 51)
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((4, 4, 3), (255, 0, 102), dtype=np.uint8)).save(tmp_path / "b" / "0.png")
+    data = load_data(tmp_path, NONE, role="train")
+    assert data.train.input_shape == (3, 4, 4)
+    assert data.train.x[:, :, 0, 0].flatten().tolist() == pytest.approx([0.2, 0.2, 0.2, 1.0, 0.0, 0.4])
+
+
+def test_an_implausible_integer_label_is_refused_instead_of_making_a_billion_classes(tmp_path):
+    path = write_csv(tmp_path / "t.csv", "x,label\n1,0\n2,1\n3,1000000000\n")
+    with pytest.raises(ValueError, match=r"largest integer label is 1000000000.*3 distinct.*--classes / --num-classes"):
+        load_data(path, NONE)
+    data = load_data(write_csv(tmp_path / "ok.csv", "x,label\n1,0\n2,999\n"), NONE)  # 1000 classes: still allowed
+    assert len(data.classes) == 1000 and data.train.y.tolist() == [0, 999]
+
+
+def test_infinite_and_float32_overflowing_features_name_the_columns_and_rows(tmp_path):
+    path = write_csv(tmp_path / "t.csv", "a,b,c,ok,label\n1,inf,1,1,0\n2,2,1e39,1,1\n3,3,3,1,0\n1e999,4,4,1,1\n")
+    with pytest.raises(ValueError, match=r"feature column\(s\) 'a', 'b', 'c' hold infinite values.* in 3 row\(s\) "
+                                         r"\(1, 2, 4\)"):
+        load_data(path, NONE)
+    for bad in ("nan/1", "0/inf", "1e39/1", "0/1e39", "0,1/1,-inf"):
+        with pytest.raises(ValueError, match="each std > 0"):
+            parse_normalize(bad)
+
+
+def test_an_excluded_parquet_id_column_beyond_2_53_does_not_stop_the_read(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": pa.array([2**53 + 1, 2**62], pa.int64()), "x": [1.0, 2.0], "label": [0, 1]}),
+                   tmp_path / "t.parquet")
+    data = load_data(tmp_path / "t.parquet", DataSpec(normalize="none", test_fraction=0, exclude_columns=("id",)))
+    assert data.train.x.tolist() == [[1.0], [2.0]]
+    with pytest.raises(ValueError, match=r"column\(s\) id are not numeric \(e.g. id = '9007199254740993'\)"):
+        load_data(tmp_path / "t.parquet", NONE)
+
+
+def test_a_csv_field_over_the_csv_module_limit_names_the_file_and_line(tmp_path):
+    path = write_csv(tmp_path / "t.csv", "x,label\n1,0\n" + "2," + "a" * 131_073 + "\n")
+    with pytest.raises(ValueError, match=rf"{path.name}:3: not readable as CSV \(field larger than field limit"):
+        load_data(path, NONE)

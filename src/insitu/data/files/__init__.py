@@ -155,11 +155,12 @@ def parse_normalize(text: str) -> tuple[np.ndarray, np.ndarray] | str:
     if text.count("/") != 1:
         raise ValueError(problem)
     try:
-        mean, std = (np.asarray([float(v) for v in side.split(",")], dtype=np.float32) for side in text.split("/"))
+        with np.errstate(over="ignore"):  # 1e39 -> inf, refused below
+            mean, std = (np.asarray([float(v) for v in side.split(",")], dtype=np.float32) for side in text.split("/"))
     except ValueError:
         raise ValueError(problem) from None
-    if mean.shape != std.shape or not (std > 0).all():
-        raise ValueError(problem + " with as many stds as means, each > 0")
+    if mean.shape != std.shape or not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(problem + " with as many stds as means, every value a finite float32 and each std > 0")
     return mean, std
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu.data.files.raw import MissingDependencyError, Raw
-from insitu.data.files.tables import arrow_columns, columns_to_raw
+from insitu.data.files.tables import arrow_columns, columns_to_raw, refuse_non_finite
 
 if TYPE_CHECKING:
     from insitu.data.files import DataSpec
@@ -36,6 +36,8 @@ def read_hf(root: Path, spec: DataSpec) -> Raw:
     """A saved Dataset, or a DatasetDict whose "train" split trains and whose "test" split (if any) tests."""
     if (root / "dataset_dict.json").is_file():
         splits = _json(root / "dataset_dict.json").get("splits", [])
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise ValueError(f"{root / 'dataset_dict.json'}: \"splits\" must be a list of split names")
         if TRAIN_SPLIT not in splits:
             raise ValueError(f"{root} is a DatasetDict without a {TRAIN_SPLIT!r} split (splits: {', '.join(splits)}): "
                              f"point --data at one split's folder, e.g. {root}/{splits[0] if splits else 'NAME'}")
@@ -55,7 +57,12 @@ def _read_split(folder: Path, spec: DataSpec) -> Raw:
     state, info = folder / "state.json", folder / "dataset_info.json"
     if not state.is_file():
         raise ValueError(f"{folder} has no state.json: it is not a folder written by Dataset.save_to_disk")
-    files = [entry.get("filename", "") for entry in _json(state).get("_data_files", [])]
+    entries = _json(state).get("_data_files", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("filename"), str)
+                                                for e in entries):
+        raise ValueError(f"{state}: _data_files must be a list of objects with a \"filename\" string, as "
+                         "Dataset.save_to_disk writes it")
+    files = [entry["filename"] for entry in entries]
     if not files:
         raise ValueError(f"{state} lists no data files")
     tables = []
@@ -64,9 +71,11 @@ def _read_split(folder: Path, spec: DataSpec) -> Raw:
             raise ValueError(f"{state}: data file {name!r} is not a plain file name")
         try:
             with pa.memory_map(str(folder / name)) as source:
-                tables.append(pa.ipc.open_stream(source).read_all())
+                part = pa.ipc.open_stream(source).read_all()
+                part.validate(full=True)  # offsets, UTF-8, dictionary indices: a crafted file is refused, not read
+            tables.append(part)
         except (OSError, pa.ArrowException) as error:
-            raise ValueError(f"{folder / name} is not a readable Arrow file: {error}") from None
+            raise ValueError(f"{folder / name} is not a readable, valid Arrow file: {error}") from None
     table = pa.concat_tables(tables)
     features = _json(info).get("features", {}) if info.is_file() else {}
     if not isinstance(features, dict):
@@ -77,7 +86,13 @@ def _read_split(folder: Path, spec: DataSpec) -> Raw:
         raw = _image_split(table, images[0] if spec.x_key not in images else spec.x_key, folder, spec)
     elif spec.x_key in table.column_names:  # an array column (list of numbers per row)
         labels = _label_column(table, spec, folder)
-        x = np.asarray(table.column(spec.x_key).to_pylist(), dtype=np.float32)
+        try:
+            with np.errstate(over="ignore"):  # 1e39 -> inf, refused by name below
+                x = np.asarray(table.column(spec.x_key).to_pylist(), dtype=np.float32)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{folder}: column {spec.x_key!r} must hold a list of numbers of the same length in every "
+                             f"row (no missing values): {error}") from None
+        refuse_non_finite(x, [spec.x_key], str(folder))
         raw = Raw(x, labels, str(folder), groups=_groups(table, spec, folder))
     else:
         drop = [n for n in table.column_names if n in images]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,9 @@ SHOWN_SKIPPED = 10
 #: Subfolders that make ROOT a split layout (ROOT/train/<class>/..., ROOT/test/<class>/...): name -> is test.
 SPLIT_FOLDERS = {"train": False, "test": True}
 IGNORED_SPLITS = frozenset({"val", "valid", "validation"})
+#: The most pixels (width x height) an image may have: Pillow's default MAX_IMAGE_PIXELS, above which it only warns
+#: (and raises at twice that). Larger images are skipped before decoding: one would need gigabytes of memory.
+MAX_PIXELS = 89_478_485
 
 
 def pillow() -> Any:
@@ -41,41 +45,73 @@ def decode_images(items: list[tuple[str, Path | bytes]], spec: DataSpec, where: 
     """Decode ``(name, file or bytes)`` items into float32 N x C x H x W in [0, 1].
 
     Returns the array, a boolean mask of the items that decoded and the names of those that did not (logged
-    once, not raised: one corrupt scan should not stop a hospital). Images are converted to ``spec.image_mode``
-    (default: grayscale when every image is, else RGB) and resized to ``spec.image_size``; without a size they
-    must all have the same one.
+    once, not raised: one corrupt scan should not stop a hospital); an image over :data:`MAX_PIXELS` is skipped
+    before it is decoded, its size in the name. Images are converted to ``spec.image_mode`` (default: grayscale
+    when every image is, else RGB) and resized to ``spec.image_size`` as each is decoded, so only the result is
+    kept; without a size they must all have the same one.
     """
     image_module = pillow()
-    bad = (OSError, ValueError, SyntaxError, image_module.DecompressionBombError)
-    images, ok, skipped = [], np.zeros(len(items), dtype=bool), []
+    bad = (OSError, ValueError, SyntaxError)
+    too_large = (TooLargeError, image_module.DecompressionBombError)  # skipped with the reason
+    fixed = {"grayscale": "L", "rgb": "RGB"}.get(spec.image_mode)
+    pixels: list[np.ndarray] = []
+    gray: list[bool] = []  # per decoded image: its own mode is grayscale (decoded as "L" while the mode is auto)
+    sizes: dict[tuple[int, int], str] = {}
+    ok, skipped = np.zeros(len(items), dtype=bool), []
     for i, (name, source) in enumerate(items):
         try:
-            with image_module.open(source if isinstance(source, Path) else io.BytesIO(source)) as handle:
-                handle.load()
-                images.append(handle.copy())
-            ok[i] = True
+            array, is_gray, size = _decode(image_module, source, fixed, spec.image_size)
+        except too_large as error:
+            skipped.append(f"{name} ({error})")
+            continue
         except bad:
             skipped.append(name)
+            continue
+        pixels.append(array)
+        gray.append(is_gray)
+        sizes.setdefault(size, name)
+        ok[i] = True
     if skipped:
         shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (", ..." if len(skipped) > SHOWN_SKIPPED else "")
         log.warning("skipped %d unreadable image%s under %s: %s", len(skipped), "" if len(skipped) == 1 else "s",
                     where, shown)
-    if not images:
+    if not pixels:
         raise ValueError(f"no readable images under {where} ({len(skipped)} unreadable)")
-    mode = {"grayscale": "L", "rgb": "RGB"}.get(spec.image_mode) or (
-        "L" if all(im.mode in GRAYSCALE_MODES for im in images) else "RGB")
-    names = [name for (name, _), good in zip(items, ok) if good]
-    if spec.image_size is None:
-        sizes = {im.size: name for im, name in zip(images, names)}
-        if len(sizes) > 1:
-            (w1, h1), first = next(iter(sizes.items()))
-            (w2, h2), second = list(sizes.items())[1]
-            raise ValueError(f"images under {where} differ in size ({h1}x{w1} in {first}, {h2}x{w2} in {second}): "
-                             f"pass --image-size {h1} (or HEIGHTxWIDTH) to resize them all")
-    stacked = np.stack([_pixels(image_module, im, mode, spec.image_size) for im in images])
+    if spec.image_size is None and len(sizes) > 1:
+        (w1, h1), first = next(iter(sizes.items()))
+        (w2, h2), second = list(sizes.items())[1]
+        raise ValueError(f"images under {where} differ in size ({h1}x{w1} in {first}, {h2}x{w2} in {second}): "
+                         f"pass --image-size {h1} (or HEIGHTxWIDTH) to resize them all")
+    if fixed is None and not all(gray):  # auto mode, some in color: the grayscale ones again, as RGB
+        decoded = [item for item, good in zip(items, ok) if good]
+        for j, is_gray in enumerate(gray):
+            if is_gray:
+                pixels[j] = _decode(image_module, decoded[j][1], "RGB", spec.image_size)[0]
+    stacked = np.stack(pixels)
+    del pixels
     if stacked.ndim == 3:
         return np.ascontiguousarray(stacked[:, None, :, :]), ok, skipped
     return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)), ok, skipped
+
+
+class TooLargeError(ValueError):
+    """An image whose width x height exceeds :data:`MAX_PIXELS` (checked from its header, before decoding)."""
+
+
+def _decode(image_module: Any, source: Path | bytes, mode: str | None, size: tuple[int, int] | None
+            ) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """One image as :func:`_pixels` makes it (``mode`` None: "L" if the image is grayscale, else "RGB"), whether
+    its own mode is grayscale, and its original (width, height); the pixel count is checked before decoding."""
+    with warnings.catch_warnings():  # over the cap is refused below, so Pillow's own warning would only repeat it
+        warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
+        handle = image_module.open(source if isinstance(source, Path) else io.BytesIO(source))
+    with handle:
+        width, height = handle.size
+        if width * height > MAX_PIXELS:
+            raise TooLargeError(f"{width}x{height} = {width * height} pixels, over the {MAX_PIXELS}-pixel limit")
+        handle.load()
+        is_gray = handle.mode in GRAYSCALE_MODES
+        return _pixels(image_module, handle, mode or ("L" if is_gray else "RGB"), size), is_gray, (width, height)
 
 
 def _pixels(image_module: Any, image: Any, mode: str, size: tuple[int, int] | None) -> np.ndarray:

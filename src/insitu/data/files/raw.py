@@ -12,6 +12,11 @@ from insitu.data.datasets import _stratified_split
 if TYPE_CHECKING:
     from insitu.data.files import DataSpec
 
+#: Integer labels 0..max make max + 1 classes only up to max(MIN_CLASS_CAP, CLASS_CAP_FACTOR x the distinct labels);
+#: beyond that a stray label (1000000000) would build a model of a billion outputs, so it is an error instead.
+MIN_CLASS_CAP = 1000
+CLASS_CAP_FACTOR = 10
+
 
 class MissingDependencyError(ImportError, ValueError):
     """An optional package a format needs is not installed; a ValueError too, so the CLI prints the message
@@ -67,7 +72,7 @@ def _as_names(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 def classes_of(raw: Raw, spec: DataSpec) -> tuple[str, ...]:
     """The class names in label order: the given list, else the source's, else 0..K-1 for integer labels
-    (K = num_classes or the largest + 1), else the sorted label names."""
+    (K = num_classes or the largest + 1, refused when implausibly large), else the sorted label names."""
     if np.issubdtype(raw.labels.dtype, np.integer) and len(raw.labels) and int(raw.labels.min()) < 0:
         raise ValueError(f"{raw.source}: integer labels must be >= 0, found {int(raw.labels.min())}")
     if spec.classes:
@@ -80,6 +85,10 @@ def classes_of(raw: Raw, spec: DataSpec) -> tuple[str, ...]:
             if k > spec.num_classes:
                 raise ValueError(f"{raw.source}: label {k - 1} is out of range for {spec.num_classes} classes")
             k = spec.num_classes
+        elif k > max(MIN_CLASS_CAP, CLASS_CAP_FACTOR * len(np.unique(raw.labels))):
+            raise ValueError(f"{raw.source}: the largest integer label is {k - 1}, which would make {k} classes for "
+                             f"{len(np.unique(raw.labels))} distinct label value(s): check the label column (a stray "
+                             "value or an ID column?), or give the classes with --classes / --num-classes")
         return tuple(str(i) for i in range(k))
     return tuple(sorted(set(raw.labels.astype(str).tolist())))
 

@@ -34,19 +34,22 @@ def read_csv_columns(path: Path) -> Columns:
         raise FileNotFoundError(f"no CSV file at {path}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path} is empty; expected a header row then one row per example")
-        if len(set(header)) != len(header):
-            twice = sorted({h for h in header if header.count(h) > 1})
-            raise ValueError(f"{path}: column name(s) {', '.join(twice)} appear more than once in the header")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{line_no}: {len(row)} values, the header has {len(header)}")
-            rows.append(row)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise ValueError(f"{path} is empty; expected a header row then one row per example")
+            if len(set(header)) != len(header):
+                twice = sorted({h for h in header if header.count(h) > 1})
+                raise ValueError(f"{path}: column name(s) {', '.join(twice)} appear more than once in the header")
+            rows = []
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line_no}: {len(row)} values, the header has {len(header)}")
+                rows.append(row)
+        except csv.Error as error:  # a field over csv.field_size_limit(), a NUL byte: a user's file, not a bug
+            raise ValueError(f"{path}:{reader.line_num}: not readable as CSV ({error}); is it a CSV file?") from None
     if not rows:
         raise ValueError(f"{path} has a header but no examples")
     return {name: _typed([row[i] for row in rows]) for i, name in enumerate(header)}
@@ -76,14 +79,18 @@ def read_parquet(path: Path) -> Columns:
 
 
 def arrow_columns(table: Any, source: str) -> Columns:
-    """A pyarrow Table's columns in the :data:`Columns` form (nested types are refused by name)."""
+    """A pyarrow Table's columns in the :data:`Columns` form (nested types are refused by name; integers a float64
+    cannot hold exactly become text, so an excluded ID column does not stop the read)."""
     import pyarrow as pa
 
     out: Columns = {}
     for name, column in zip(table.column_names, table.columns):
         kind = column.type
         if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
-            out[name] = column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            try:
+                out[name] = column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            except pa.ArrowInvalid:  # integers beyond 2**53 (IDs): exact as text, refused by name if used as features
+                out[name] = np.asarray([None if v is None else str(v) for v in column.to_pylist()], dtype=object)
         elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
             out[name] = np.asarray([None if v is None else str(v) for v in column.to_pylist()], dtype=object)
         else:
@@ -149,8 +156,25 @@ def columns_to_raw(columns: Columns, spec: DataSpec, source: str) -> Raw:
         detail = "; ".join(f"{c!r}: {int(m.sum())} row(s) ({_rows(m)})" for c, m in gaps)
         raise ValueError(f"{source}: missing values in feature column(s) {detail}: fill them in (e.g. with the "
                          f"column mean), drop those rows, or exclude the column(s) with --exclude-columns")
-    x = np.stack([columns[c] for c in features], axis=1).astype(np.float32)
+    with np.errstate(over="ignore"):  # 1e39 -> inf, refused by name below
+        x = np.stack([columns[c] for c in features], axis=1).astype(np.float32)
+    refuse_non_finite(x, features, source)
     return Raw(x, _labels(label), source, groups=groups, is_test=is_test)
+
+
+def refuse_non_finite(x: np.ndarray, names: list[str], source: str) -> None:
+    """Raise a ValueError naming the feature column(s) of ``x`` (N x len(names), or any N x ... for one name) that
+    hold inf, NaN or a value beyond float32's range (1e39 becomes inf), with the row count and the first rows."""
+    if x.size == 0:
+        return
+    bad = ~np.isfinite(x.reshape(len(x), len(names), -1))
+    if not bad.any():
+        return
+    columns = [name for name, hit in zip(names, bad.any(axis=(0, 2))) if hit]
+    rows = bad.any(axis=(1, 2))
+    raise ValueError(f"{source}: feature column(s) {', '.join(map(repr, columns))} hold infinite values, NaN or numbers "
+                     f"beyond float32's range (about 3.4e38) in {int(rows.sum())} row(s) ({_rows(rows)}): fix or drop "
+                     "those rows, or exclude the column(s) with --exclude-columns")
 
 
 def _cell_text(value: Any) -> str:
