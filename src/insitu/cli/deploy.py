@@ -261,7 +261,7 @@ def client(
     from insitu.data.tabular import load_csv
     from insitu.models import build_model
     from insitu.net import security
-    from insitu.net.client import ClientTLS, ConnectionRefused, connect
+    from insitu.net.client import ConnectionRefused, connect
 
     setup_logging(verbose)
     try:
@@ -315,13 +315,7 @@ def client(
 
             return ClassCheckedClient(local, classes, train.input_shape)
 
-        tls = None
-        if settings.certs is not None and not settings.insecure:
-            files = security.ClientFiles.in_dir(settings.certs)
-            tls = ClientTLS(files.ca_cert, files.tls_cert, files.tls_key)
-            key = key or files.signing_key
-        elif not settings.insecure:
-            raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
+        tls, key = settings.credentials()
         size = len(indices) if indices is not None else len(train)
         where = str(settings.data) if settings.data is not None else (
             f"partition {partition_id} of {num_partitions}" if csv is None else str(csv))

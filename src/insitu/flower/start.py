@@ -213,8 +213,7 @@ def serve_flower_cli(spec: str, settings: ClientSettings, given: Iterable[str],
     """``insitu client --flower-client SPEC``: build the Flower client from ``SPEC`` and serve it with the
     command's network and security settings. ``given`` are the settings the user set (flags and file);
     data and model settings among them are refused. Returns the number of tasks done."""
-    from insitu.net import security
-    from insitu.net.client import ClientTLS, connect
+    from insitu.net.client import connect
 
     wrong = sorted(name for name in given if name in NOT_FOR_FLOWER)
     if wrong:
@@ -223,13 +222,7 @@ def serve_flower_cli(spec: str, settings: ClientSettings, given: Iterable[str],
                          "its own model (start the server with the --model that fits it); remove them")
     client_id = str(settings.client_id)
     numpy_client = unwrap(make_client(load_factory(spec), client_id))
-    tls, key = None, settings.key
-    if settings.certs is not None and not settings.insecure:
-        files = security.ClientFiles.in_dir(settings.certs)
-        tls = ClientTLS(files.ca_cert, files.tls_cert, files.tls_key)
-        key = key or files.signing_key
-    elif not settings.insecure:
-        raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
+    tls, key = settings.credentials()
 
     def build(server_model: str) -> NumPyClientAdapter:
         return NumPyClientAdapter(numpy_client, precheck=True, server_model=server_model, seed_globals=False)

@@ -159,6 +159,16 @@ class ClientSettings:
         if self.give_up_after_s < 0:
             raise ValueError(f"--give-up-after must be >= 0 seconds, got {self.give_up_after_s}")
 
+    def credentials(self) -> tuple[ClientTLS | None, Path | None]:
+        """(TLS files, signing key) from --certs (the key: --key, else the folder's), or (None, --key) with
+        --insecure; neither is a ValueError naming the fix."""
+        if self.insecure:
+            return None, self.key
+        if self.certs is None:
+            raise ValueError("give this client's --certs folder (from `insitu keygen`), or --insecure")
+        files = security.ClientFiles.in_dir(self.certs)
+        return ClientTLS(files.ca_cert, files.tls_cert, files.tls_key), self.key or files.signing_key
+
 
 ClientFactory = Callable[[str], Client]
 """Builds the local client once the server has said which architecture it trains (its model name,
