@@ -51,3 +51,14 @@ def test_every_registered_architecture_is_recognised_from_its_saved_state(name) 
     shape = (1, 28, 28) if name not in ("resnet18", "resnet18-bn") else (1, 16, 16)
     state = build_model(name, shape, 10).state_dict()
     assert infer_model_name(state) == name
+
+
+def test_the_round_line_shows_epsilon_only_when_the_run_accounts_privacy() -> None:
+    """Without DP a fit metric named epsilon is whatever a client reported: the progress line leaves it out."""
+    from insitu.cli.progress import format_round
+    from insitu.report.summary import accounts_privacy
+    from insitu.run.history import RoundRecord
+
+    record = RoundRecord(round=1, fit_metrics={"epsilon": 0.01})
+    assert "epsilon 0.01" in format_round(record, 5, show_epsilon=accounts_privacy({"dp_clip": 1.0}))
+    assert "epsilon" not in format_round(record, 5, show_epsilon=accounts_privacy({"dp_clip": 0.0}))

@@ -107,6 +107,9 @@ def test_a_clients_epsilon_never_shows_as_privacy_spent_without_server_dp():
     assert '<td class="num eps">0.900</td>' not in html
     with_dp = run_view(history, DP_CONFIG)  # the server's own accounting is shown
     assert [(r["epsilon"], r["clip_norm"]) for r in with_dp["rounds"]] == [(0.5, 3.0), (0.9, 3.0)]
+    local_dp = run_view(history, {"rounds": 2, "local_dp_noise": 1.0, "local_dp_clip": 1.0})
+    assert [r["epsilon"] for r in local_dp["rounds"]] == [0.5, 0.9]  # local DP: the clients' own accountants
+    assert local_dp["privacy"]["local"]["noise_multiplier"] == 1.0
     snap = fed(history, {"rounds": 2}).snapshot()
     assert [r["epsilon"] for r in snap["rounds"]] == [None, None] and snap["privacy"] is None
 

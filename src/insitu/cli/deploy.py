@@ -199,7 +199,10 @@ def server(
                                 store_path=server_config.store_path or out / "server.db")
         console.print(f"[bold]insitu server[/] on {server_config.address}: {config.model}, {config.rounds} rounds, "
                       f"waiting for {config.num_clients} clients; state in {server_config.store_path}")
-        printer = RoundPrinter(console, config.rounds, show_clock=fedbuff is not None)
+        from insitu.report.summary import accounts_privacy
+
+        printer = RoundPrinter(console, config.rounds, show_clock=fedbuff is not None,
+                               show_epsilon=accounts_privacy(vars(config)))
         from dataclasses import asdict
 
         from insitu.tracking import trackers

@@ -74,7 +74,10 @@ def simulate(
     elif show_partition:
         console.print(format_histogram(experiment.train_parts, experiment.train.labels_numpy(), experiment.train.num_classes))
 
-    printer = RoundPrinter(console, config.rounds, show_clock=experiment.systems is not None)
+    from insitu.report.summary import accounts_privacy
+
+    printer = RoundPrinter(console, config.rounds, show_clock=experiment.systems is not None,
+                           show_epsilon=accounts_privacy(vars(config)))
     per_round = experiment.fedbuff.buffer_size if experiment.fedbuff else experiment.strategy.num_fit_clients(config.num_clients)
     from dataclasses import asdict
 

@@ -21,11 +21,12 @@ from insitu.params import Parameters
 from insitu.run.history import RoundRecord
 
 
-def format_round(record: RoundRecord, num_rounds: int, show_clock: bool = False) -> str:
+def format_round(record: RoundRecord, num_rounds: int, show_clock: bool = False, show_epsilon: bool = True) -> str:
     """``Round 3/5  loss 0.081  accuracy 97.4%  (10 clients, 1.2 s)``, or why the round failed.
 
     ``show_clock`` adds the engine's clock (simulated seconds under a systems model) and, for FedBuff's
-    server steps, the buffer's mean staleness."""
+    server steps, the buffer's mean staleness. ``show_epsilon``: the run accounts privacy, so a fit metric named
+    ``epsilon`` is an accountant's (without DP it could only be what a client chose to report)."""
     head = f"Round {record.round}/{num_rounds}"
     seconds = record.timings.get("total_s", 0.0)
     if record.status != "ok":
@@ -35,7 +36,7 @@ def format_round(record: RoundRecord, num_rounds: int, show_clock: bool = False)
         parts.append(f"loss {record.loss:.3f}")
     if record.accuracy is not None:
         parts.append(f"accuracy {100 * record.accuracy:.1f}%")
-    if "epsilon" in record.fit_metrics:
+    if show_epsilon and "epsilon" in record.fit_metrics:
         parts.append(f"epsilon {record.fit_metrics['epsilon']:.2f}")
     if show_clock and "clock_s" in record.timings:
         parts.append(f"clock {record.timings['clock_s']:.1f} s")
@@ -55,14 +56,15 @@ def format_round(record: RoundRecord, num_rounds: int, show_clock: bool = False)
 class RoundPrinter:
     """Prints each finished round above the progress bar."""
 
-    def __init__(self, console: Console, num_rounds: int, show_clock: bool = False) -> None:
+    def __init__(self, console: Console, num_rounds: int, show_clock: bool = False, show_epsilon: bool = True) -> None:
         self.console = console
         self.num_rounds = num_rounds
         self.show_clock = show_clock
+        self.show_epsilon = show_epsilon
 
     def __call__(self, record: RoundRecord) -> None:
         style = "" if record.status == "ok" else "bold red"
-        self.console.print(format_round(record, self.num_rounds, self.show_clock), style=style, highlight=False)
+        self.console.print(format_round(record, self.num_rounds, self.show_clock, self.show_epsilon), style=style, highlight=False)
 
 
 class _CountingEngine:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from insitu.params import Parameters
 from insitu.report.summary import (
     ClientTally,
+    accounts_privacy,
     clipped,
     config_items,
     default_title,
@@ -24,7 +25,6 @@ from insitu.report.summary import (
     plain,
     privacy_summary,
     round_row,
-    server_dp,
 )
 from insitu.run.history import History, RoundRecord
 from insitu.strategies.strategy import ServerState
@@ -50,7 +50,7 @@ class DashboardFeed:
         self.config = dict(config)
         self.mode = mode
         self.title = title or default_title(self.config)
-        self._dp = server_dp(self.config)
+        self._dp = accounts_privacy(self.config)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._rows: list[dict[str, Any]] = []

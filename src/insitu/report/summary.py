@@ -39,11 +39,12 @@ def clipped(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def server_dp(config: Mapping[str, Any]) -> bool:
-    """Whether the run's server applies DP (central or distributed: ``dp_clip`` > 0), so that a round's
-    ``epsilon`` and ``clip_norm`` are the server's accounting; without it they could only be a client's metrics."""
-    clip = finite(config.get("dp_clip"))
-    return clip is not None and clip > 0
+def accounts_privacy(config: Mapping[str, Any]) -> bool:
+    """Whether the run's ``epsilon`` is an accountant's: the server's under central or distributed DP
+    (``dp_clip`` > 0), or under local DP (``local_dp_noise`` > 0) the clients' own (insitu's client in a
+    simulation). Without either, a round's ``epsilon`` or ``clip_norm`` could only be a client's metric."""
+    clip, local = finite(config.get("dp_clip")), finite(config.get("local_dp_noise"))
+    return (clip is not None and clip > 0) or (local is not None and local > 0)
 
 
 def plain(value: Any) -> Any:
@@ -92,8 +93,8 @@ def round_row(record: RoundRecord, fair: dict[str, Any] | None | bool = False, *
     """One round as the dashboard and report show it: headline numbers, counts, failures, timings, fairness
     (``fair``: the round's :func:`fairness_of` when the caller has it already).
 
-    ``dp``: the server applies DP (:func:`server_dp` of the run's config). Only then are the fit metrics'
-    ``epsilon`` and ``clip_norm`` shown: without it a round's fit metrics are the clients' average, and a
+    ``dp``: the run accounts privacy (:func:`accounts_privacy` of its config). Only then are the fit metrics'
+    ``epsilon`` and ``clip_norm`` shown: without DP a round's fit metrics are the clients' average, and a
     client reporting ``epsilon`` would make a run without DP look private. Reasons are cut to 500 characters."""
     failures = [{"client": clipped(str(f.get("client", ""))), "stage": clipped(str(f.get("stage", ""))),
                  "reason": clipped(str(f.get("reason", ""))), "kind": failure_kind(str(f.get("reason", "")))}
@@ -218,7 +219,7 @@ def run_view(history: History, config: Mapping[str, Any], *, title: str = "", mo
     tally = ClientTally()
     for record in history.rounds:
         tally.add(record)
-    dp = server_dp(config)
+    dp = accounts_privacy(config)
     rows = [round_row(r, dp=dp) for r in history.rounds]
     latest = next((f for f in (fairness_of(r) for r in reversed(history.rounds)) if f is not None), None)
     return {"title": title or default_title(config), "mode": mode, "num_rounds": plain(config.get("rounds")),
