@@ -11,7 +11,17 @@ import numpy as np
 import torch
 import typer
 
-from insitu.cli.common import console, err_console, fail, setup_logging
+from insitu.cli.common import (
+    DASHBOARD_HOST_OPTION,
+    DASHBOARD_PORT_OPTION,
+    MLFLOW_OPTION,
+    MLFLOW_URI_OPTION,
+    TENSORBOARD_OPTION,
+    console,
+    err_console,
+    fail,
+    setup_logging,
+)
 from insitu.cli.outputs import write_outputs
 from insitu.cli.presets import load_settings_file, resolve_config
 from insitu.cli.progress import RoundPrinter
@@ -119,15 +129,11 @@ def server(
     dashboard: bool = typer.Option(False, "--dashboard", help="Serve a live dashboard: rounds, connected clients, "
                                    "tasks in flight, drops and rejections with reasons (pip install "
                                    "'insitu[dashboard]'); its address is printed."),
-    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="Port of --dashboard (0 = any free port)."),
-    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="Address of --dashboard (default: "
-                                       "this machine only; another shows who takes part to whoever reaches it)."),
-    tensorboard: Path | None = typer.Option(None, "--tensorboard", help="Also log each round's metrics as "
-                                            "TensorBoard scalars into DIR (pip install 'insitu[tensorboard]')."),
-    mlflow: bool = typer.Option(False, "--mlflow", help="Also log each round's metrics and the settings to an "
-                                "MLflow run: at $MLFLOW_TRACKING_URI, --mlflow-uri, else a file store "
-                                "OUTPUT/mlruns (pip install 'insitu[mlflow]')."),
-    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="MLflow tracking URI (implies --mlflow)."),
+    dashboard_port: int = DASHBOARD_PORT_OPTION,
+    dashboard_host: str = DASHBOARD_HOST_OPTION,
+    tensorboard: Path | None = TENSORBOARD_OPTION,
+    mlflow: bool = MLFLOW_OPTION,
+    mlflow_uri: str | None = MLFLOW_URI_OPTION,
 ) -> None:
     """Run a federation server: wait for clients, run the rounds, persist each one.
 
@@ -338,11 +344,7 @@ def client(
         raise fail(str(error)) from None
     except (ValueError, FileNotFoundError, TimeoutError, security.SecurityError) as error:
         raise fail(str(error)) from None
-    if tasks and len(failed) == tasks:
-        err_console.print(f"[bold red]error:[/] all {tasks} tasks failed on this client (the reasons are in the log "
-                          "above; e.g. its data does not fit the server's model)")
-        raise typer.Exit(code=1)
-    console.print(f"Done: {tasks} tasks completed" + (f", {len(failed)} of them failed." if failed else "."))
+    _report_tasks(tasks, len(failed), "its data does not fit the server's model")
 
 
 def _serve_flower_client(spec: str, config_file: Path | None, client_settings: dict[str, Any], verbose: bool) -> None:
@@ -368,11 +370,16 @@ def _serve_flower_client(spec: str, config_file: Path | None, client_settings: d
     except (ConnectionRefused, ValueError, TypeError, FileNotFoundError, TimeoutError, FlowerClientError,
             security.SecurityError) as error:
         raise fail(str(error)) from None
-    if tasks and len(failed) == tasks:
+    _report_tasks(tasks, len(failed), "its model does not fit the server's --model")
+
+
+def _report_tasks(tasks: int, failed: int, likely_cause: str) -> None:
+    """A client's last line; exit 1 when every task it was given failed (``likely_cause``: the usual reason)."""
+    if tasks and failed == tasks:
         err_console.print(f"[bold red]error:[/] all {tasks} tasks failed on this client (the reasons are in the log "
-                          "above; e.g. its model does not fit the server's --model)")
+                          f"above; e.g. {likely_cause})")
         raise typer.Exit(code=1)
-    console.print(f"Done: {tasks} tasks completed" + (f", {len(failed)} of them failed." if failed else "."))
+    console.print(f"Done: {tasks} tasks completed" + (f", {failed} of them failed." if failed else "."))
 
 
 def _read_server_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,7 +8,17 @@ from typing import Any
 
 import typer
 
-from insitu.cli.common import console, err_console, fail, setup_logging
+from insitu.cli.common import (
+    DASHBOARD_HOST_OPTION,
+    DASHBOARD_PORT_OPTION,
+    MLFLOW_OPTION,
+    MLFLOW_URI_OPTION,
+    TENSORBOARD_OPTION,
+    console,
+    err_console,
+    fail,
+    setup_logging,
+)
 from insitu.cli.outputs import write_outputs
 from insitu.cli.presets import resolve_config
 from insitu.cli.progress import RoundPrinter, progress_bar
@@ -32,17 +42,13 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more."),
     dashboard: bool = typer.Option(False, "--dashboard", help="Serve a live dashboard of the run (needs "
                                    "pip install 'insitu[dashboard]'); its address is printed."),
-    dashboard_port: int = typer.Option(8050, "--dashboard-port", help="Port of --dashboard (0 = any free port)."),
-    dashboard_host: str = typer.Option("127.0.0.1", "--dashboard-host", help="Address of --dashboard (default: "
-                                       "this machine only; another shows who takes part to whoever reaches it)."),
+    dashboard_port: int = DASHBOARD_PORT_OPTION,
+    dashboard_host: str = DASHBOARD_HOST_OPTION,
     dashboard_wait: bool = typer.Option(False, "--dashboard-wait", help="With --dashboard: start the first round "
                                         "only once a browser has opened the dashboard."),
-    tensorboard: Path | None = typer.Option(None, "--tensorboard", help="Also log each round's metrics as "
-                                            "TensorBoard scalars into DIR (pip install 'insitu[tensorboard]')."),
-    mlflow: bool = typer.Option(False, "--mlflow", help="Also log each round's metrics and the settings to an "
-                                "MLflow run: at $MLFLOW_TRACKING_URI, --mlflow-uri, else a file store "
-                                "OUTPUT/mlruns (pip install 'insitu[mlflow]')."),
-    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="MLflow tracking URI (implies --mlflow)."),
+    tensorboard: Path | None = TENSORBOARD_OPTION,
+    mlflow: bool = MLFLOW_OPTION,
+    mlflow_uri: str | None = MLFLOW_URI_OPTION,
 ) -> None:
     """Run a federated simulation. With no arguments: a demo on the bundled digits dataset.
 
