@@ -22,6 +22,17 @@ from insitu.dashboard.feed import DashboardFeed
 from insitu.report.summary import failure_kind
 from insitu.run.history import Evaluation, History, RoundRecord
 
+
+def printed_address(proc: subprocess.Popen, log_path: Path, command: str) -> str:
+    """The dashboard URL ``command`` prints to its log (it must keep running until it does)."""
+    def url() -> str | None:
+        assert proc.poll() is None, f"{command} exited early:\n{log_path.read_text()}"
+        found = re.search(r"Dashboard: (http://127\.0\.0\.1:\d+/)", log_path.read_text())
+        return found.group(1) if found else None
+
+    return wait_until(url, 120, f"{command} to print the dashboard's address")
+
+
 # Each test run takes its screenshots beside the run it checks; INSITU_SCREENSHOTS=docs/img refreshes the
 # pictures in the docs (a plain test run leaves the working tree as it found it).
 SCREENSHOTS = Path(os.environ["INSITU_SCREENSHOTS"]).resolve() if os.environ.get("INSITU_SCREENSHOTS") else None
@@ -279,12 +290,7 @@ def live_run(browser, tmp_path_factory) -> LiveRun:  # noqa: F811
                                  "0", "--dashboard-wait", "-o", str(root / "run")],
                                 stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=root)
     try:
-        def url() -> str | None:
-            assert proc.poll() is None, f"simulate exited early:\n{log_path.read_text()}"
-            found = re.search(r"Dashboard: (http://127\.0\.0\.1:\d+/)", log_path.read_text())
-            return found.group(1) if found else None
-
-        address = wait_until(url, 120, "simulate to print the dashboard's address")
+        address = printed_address(proc, log_path, "simulate")
         browser.get(address)
         wait_until(lambda: browser.find_elements("css selector", "#rounds tr[data-round='3']"), 120, "round 3 on the page")
         status = browser.find_element("id", "status").text
@@ -350,12 +356,7 @@ def test_dashboard_of_a_finished_run_dir(live_run, browser):  # noqa: F811
     try:
         log_path = live_run.out.parent / "dashboard.log"
 
-        def url() -> str | None:
-            assert proc.poll() is None, f"insitu dashboard exited:\n{log_path.read_text()}"
-            found = re.search(r"Dashboard: (http://127\.0\.0\.1:\d+/)", log_path.read_text())
-            return found.group(1) if found else None
-
-        address = wait_until(url, 120, "insitu dashboard to print its address")
+        address = printed_address(proc, log_path, "insitu dashboard")
         browser.get(address)
         wait_until(lambda: "finished: 4 round(s)" in browser.find_element("id", "status").text, 30, "the finished run")
         history = json.loads((live_run.out / "history.json").read_text())
